@@ -1,0 +1,118 @@
+//! The contract between the operator and `crac-agent`, the program that runs inside every
+//! app container. The operator sets these environment variables on the container; the agent
+//! reads them (flags override them). When the agent exits it writes one [`AgentSummary`] as
+//! JSON to the container's termination message path, and the operator reads it back from the
+//! pod status. While it runs, the agent serves an [`ActivityReport`] on its activity port.
+
+use serde::{Deserialize, Serialize};
+
+/// Directory that holds this app's images, one sub-directory per checkpoint id.
+pub const ENV_IMAGE_DIR: &str = "CRAC_IMAGE_DIR";
+/// Full checkpoint id the agent writes (checkpoint mode) or restores (restore mode).
+pub const ENV_CHECKPOINT_ID: &str = "CRAC_CHECKPOINT_ID";
+/// `crac` or `criu`.
+pub const ENV_ENGINE: &str = "CRAC_ENGINE";
+/// How to tell the app is ready: `http://127.0.0.1:8080/path` or `tcp://127.0.0.1:8080`.
+pub const ENV_READINESS: &str = "CRAC_READINESS";
+/// Warm-up requests as JSON: `[{"path":"/","count":200}]`.
+pub const ENV_WARMUP: &str = "CRAC_WARMUP";
+/// How many images to keep in the app's directory after a successful checkpoint.
+pub const ENV_RETAIN: &str = "CRAC_RETAIN";
+/// `ColdStart` or `Fail`: what restore does when the image cannot be restored.
+pub const ENV_FALLBACK: &str = "CRAC_FALLBACK";
+/// Deadline for the whole checkpoint, in seconds.
+pub const ENV_TIMEOUT_SECONDS: &str = "CRAC_TIMEOUT_SECONDS";
+/// TCP port the app serves on; activity is measured on it.
+pub const ENV_APP_PORT: &str = "CRAC_APP_PORT";
+/// Port of the agent's activity endpoint.
+pub const ENV_ACTIVITY_PORT: &str = "CRAC_ACTIVITY_PORT";
+/// Where the summary goes (Kubernetes' default termination message path).
+pub const ENV_TERMINATION_LOG: &str = "CRAC_TERMINATION_LOG";
+
+/// Default activity port (the app's own ports are the user's; this one is ours).
+pub const DEFAULT_ACTIVITY_PORT: u16 = 9901;
+/// Path of the activity endpoint.
+pub const ACTIVITY_PATH: &str = "/activity";
+/// Kubernetes' default termination message path.
+pub const DEFAULT_TERMINATION_LOG: &str = "/dev/termination-log";
+/// Where the init container installs the agent binary inside every app container.
+pub const AGENT_BIN_DIR: &str = "/crac-agent";
+/// The installed agent's path.
+pub const AGENT_BIN: &str = "/crac-agent/crac-agent";
+/// Where the checkpoint volume is mounted.
+pub const IMAGE_MOUNT: &str = "/crac";
+/// File in a published image directory describing it.
+pub const METADATA_FILE: &str = "metadata.json";
+
+/// What the agent did, as the operator sees it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Outcome {
+    /// Checkpoint mode: an image was written, verified and published.
+    Checkpointed,
+    /// Restore mode: the JVM was restored from an image.
+    Restored,
+    /// Restore mode: the image could not be used and the JVM was started cold.
+    ColdStarted,
+    /// Plain run mode, or the JVM exited after a restore or a cold start.
+    Exited,
+    /// Something went wrong; `reason` and `message` say what.
+    Failed,
+}
+
+/// One line of JSON the agent writes to the termination message path when it exits.
+/// Termination messages are capped at 4 KiB, so `message` is kept to one short line.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSummary {
+    pub outcome: Option<Outcome>,
+    /// A stable CamelCase reason, e.g. `ReadinessTimeout`, `OpenFiles`, `ImageCorrupt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// One human line saying what happened and what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+    /// `java -version` of the JVM that was checkpointed, e.g. `17.0.15`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jdk: Option<String>,
+    /// Total bytes of the published image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_bytes: Option<u64>,
+    /// Start of the JVM until it answered its readiness check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<u64>,
+    /// Time spent sending warm-up requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_ms: Option<u64>,
+    /// Time to dump and publish the image, or to restore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_ms: Option<u64>,
+    /// Exit code of the JVM, when it ran and exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+/// What `GET /activity` on the agent's activity port returns.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivityReport {
+    /// How the JVM in this pod started: `restored`, `coldStarted` or `running` (plain run).
+    pub mode: String,
+    /// Checkpoint id this pod restored from, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_id: Option<String>,
+    /// Connections currently established on the app's port, from the kernel's socket tables.
+    pub open_connections: u32,
+    /// RFC 3339 time of the last observed traffic (a connection open, or bytes moving).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_time: Option<String>,
+    /// Milliseconds the restore (or the cold start) took to the app's readiness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ms: Option<u64>,
+}

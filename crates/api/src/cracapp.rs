@@ -1,0 +1,495 @@
+//! The `CracApp` resource: a JVM application that runs from a checkpoint.
+//!
+//! Doc comments on fields become the CRD's descriptions (and `docs/reference.md`), so they are
+//! written for users. Validation lives in the schema (patterns, ranges) and in CEL rules, so
+//! the API server refuses a malformed object with a message naming the field.
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Name of the container in `spec.template` that runs the JVM.
+pub const APP_CONTAINER: &str = "app";
+
+/// A JVM application that starts by restoring a checkpoint instead of booting cold.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "crac.dev",
+    version = "v1alpha1",
+    kind = "CracApp",
+    plural = "cracapps",
+    shortname = "crac",
+    category = "all",
+    namespaced,
+    status = "CracAppStatus",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(
+        name = "Checkpoint",
+        type_ = "date",
+        json_path = ".status.checkpoint.createdAt",
+        description = "Age of the image the pods restore from"
+    ),
+    printcolumn(name = "Last Activity", type_ = "date", json_path = ".status.lastActivityTime"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Checkpoint ID",
+        type_ = "string",
+        json_path = ".status.checkpoint.id",
+        priority = 1
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CracAppSpec {
+    /// The pods to run. Exactly one container must be named `app`: it runs the JVM, and its
+    /// `command` (plus `args`) is the cold-start command the agent wraps. Its `readinessProbe`
+    /// (httpGet or tcpSocket) tells the agent when the JVM is ready to be checkpointed.
+    #[x_kube(
+        validation = Rule::new("self.spec.containers.exists_one(c, c.name == 'app')")
+            .message("spec.template.spec.containers must have exactly one container named 'app'")
+            .reason(Reason::FieldValueRequired),
+        validation = Rule::new("self.spec.containers.all(c, c.name != 'app' || (has(c.command) && size(c.command) > 0))")
+            .message("the 'app' container must set command: the agent needs the JVM's start command (the image entrypoint cannot be read from the cluster)")
+            .reason(Reason::FieldValueRequired)
+    )]
+    #[schemars(schema_with = "pod_template_schema")]
+    pub template: PodTemplateSpec,
+
+    /// Pods to run while the app is awake. Served as the scale subresource, so `kubectl scale`
+    /// and HorizontalPodAutoscalers work. Sleeping never changes it: it is the awake size.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// How the checkpoint image is made and kept.
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+
+    /// How pods restore from the image.
+    #[serde(default)]
+    pub restore: RestoreSpec,
+
+    /// Scale the app to zero when idle and wake it on the first request. Fields left unset
+    /// take the defaults of a matching CracScalePolicy; fields set here always win.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero: Option<ScaleToZeroSpec>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// The pod template schema of Kubernetes, with a bound on the number of containers so the
+/// API server can cost the CEL rules that look for the `app` container.
+fn pod_template_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<PodTemplateSpec>();
+    let containers = schema
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("spec"))
+        .and_then(|s| s.get_mut("properties"))
+        .and_then(|p| p.get_mut("containers"));
+    if let Some(serde_json::Value::Object(containers)) = containers {
+        containers.insert("maxItems".into(), 64.into());
+        if let Some(serde_json::Value::Object(items)) = containers.get_mut("items")
+            && let Some(serde_json::Value::Object(props)) = items.get_mut("properties")
+            && let Some(serde_json::Value::Object(name)) = props.get_mut("name")
+        {
+            name.insert("maxLength".into(), 63.into());
+        }
+    }
+    schema
+}
+
+/// Which checkpoint engine the agent drives.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// A CRaC JDK (`-XX:CRaCCheckpointTo`, `jcmd JDK.checkpoint`). The app takes part in the
+    /// checkpoint through `org.crac` resources (closing files and sockets first).
+    #[default]
+    Crac,
+    /// Any JDK: the agent checkpoints the JVM's process tree with CRIU itself. The image must
+    /// contain CRIU.
+    Criu,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Crac => "crac",
+            Engine::Criu => "criu",
+        }
+    }
+}
+
+/// How the checkpoint image is made and kept.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSpec {
+    /// `crac` (a CRaC JDK) or `criu` (any JDK, CRIU in the image).
+    #[serde(default)]
+    pub engine: Engine,
+
+    /// Requests sent to the app after it is ready and before the checkpoint, so the image holds
+    /// a warm JVM (loaded classes, JIT-compiled code, filled caches).
+    #[serde(default)]
+    pub warmup: WarmupSpec,
+
+    /// The volume that holds the images.
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    /// Images kept per app. The newest is the one pods restore from; older ones let a rollback
+    /// restore without a new checkpoint.
+    #[serde(default = "default_retain")]
+    #[schemars(range(min = 1, max = 20))]
+    pub retain: i32,
+
+    /// Deadline for one checkpoint attempt (start, readiness, warm-up and dump), as a
+    /// duration such as `10m`.
+    #[serde(default = "default_checkpoint_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('30s') && duration(self) <= duration('6h')")
+        .message("must be between 30s and 6h"))]
+    pub timeout: String,
+}
+
+fn default_retain() -> i32 {
+    2
+}
+
+fn default_checkpoint_timeout() -> String {
+    "10m".into()
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            engine: Engine::default(),
+            warmup: WarmupSpec::default(),
+            storage: StorageSpec::default(),
+            retain: default_retain(),
+            timeout: default_checkpoint_timeout(),
+        }
+    }
+}
+
+/// Warm-up traffic sent before the checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmupSpec {
+    /// Requests to send, in order.
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub requests: Vec<WarmupRequest>,
+}
+
+/// One warm-up request, repeated `count` times against the app's own port.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmupRequest {
+    /// Path and query, starting with `/`.
+    #[schemars(regex(pattern = r"^/"), length(max = 2048))]
+    pub path: String,
+    /// How many times to send it.
+    #[serde(default = "default_warmup_count")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub count: u32,
+}
+
+fn default_warmup_count() -> u32 {
+    1
+}
+
+/// The PersistentVolumeClaim that holds the images.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.existingClaim) || !has(self.storageClassName)")
+    .message("set either existingClaim (a volume you manage) or storageClassName (a volume the operator creates), not both")
+    .field_path(".existingClaim"))]
+pub struct StorageSpec {
+    /// Size of the volume the operator creates. An image is roughly the JVM's resident memory.
+    #[serde(default = "default_storage_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    #[x_kube(validation = Rule::new("quantity(self).isGreaterThan(quantity('0'))").message("must be greater than zero"))]
+    pub size: String,
+
+    /// Storage class of the volume the operator creates; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+
+    /// Access modes of the volume the operator creates. `ReadWriteMany` lets restore pods on
+    /// any node mount the images; `ReadWriteOnce` keeps them on the node that wrote them.
+    #[serde(default = "default_access_modes")]
+    #[schemars(length(min = 1, max = 4))]
+    pub access_modes: Vec<AccessMode>,
+
+    /// Use this existing claim (in the app's namespace) instead of creating one. Several apps
+    /// may share it: each keeps its images under its own directory. The operator never
+    /// deletes it, only the app's images on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub existing_claim: Option<String>,
+}
+
+fn default_storage_size() -> String {
+    "2Gi".into()
+}
+
+fn default_access_modes() -> Vec<AccessMode> {
+    vec![AccessMode::ReadWriteOnce]
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        Self {
+            size: default_storage_size(),
+            storage_class_name: None,
+            access_modes: default_access_modes(),
+            existing_claim: None,
+        }
+    }
+}
+
+/// A PersistentVolume access mode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum AccessMode {
+    ReadWriteOnce,
+    ReadWriteMany,
+    ReadWriteOncePod,
+}
+
+impl AccessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessMode::ReadWriteOnce => "ReadWriteOnce",
+            AccessMode::ReadWriteMany => "ReadWriteMany",
+            AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
+        }
+    }
+}
+
+/// What a pod does when its image cannot be restored.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub enum Fallback {
+    /// Start the JVM cold and serve (slower start, still available). The operator counts it.
+    #[default]
+    ColdStart,
+    /// Exit with the reason; the pod restarts and the operator reports it.
+    Fail,
+}
+
+impl Fallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::ColdStart => "ColdStart",
+            Fallback::Fail => "Fail",
+        }
+    }
+}
+
+/// How pods restore from the image.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSpec {
+    /// `ColdStart` (default) or `Fail`.
+    #[serde(default)]
+    pub fallback: Fallback,
+}
+
+/// Scale-to-zero settings. Unset fields take a matching CracScalePolicy's defaults.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleToZeroSpec {
+    /// Put the app to sleep when idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+
+    /// How long without traffic before the app sleeps, such as `15m`. At least `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('30s')").message("must be at least 30s"))]
+    pub idle_after: Option<String>,
+
+    /// How long a request may wait for the app to wake before it gets 503 with Retry-After.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('10m')")
+        .message("must be between 1s and 10m"))]
+    pub wake_timeout: Option<String>,
+}
+
+/// Where an app is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Phase {
+    /// Accepted; nothing runs yet (waiting for the volume, say).
+    Pending,
+    /// The first checkpoint is being taken; no image to restore yet.
+    Checkpointing,
+    /// Pods are restoring (rolling out, or waking from zero).
+    Restoring,
+    /// Every wanted pod is ready.
+    Ready,
+    /// Asleep: no pods; the first request wakes the app.
+    ScaledToZero,
+    /// Cannot proceed without a change; the conditions say why.
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Checkpointing => "Checkpointing",
+            Phase::Restoring => "Restoring",
+            Phase::Ready => "Ready",
+            Phase::ScaledToZero => "ScaledToZero",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// Whether the Service sends traffic to the app's pods or to the activator.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum ServingMode {
+    /// The Service's endpoints are the app's ready pods; nothing sits in the path.
+    Pods,
+    /// The Service's endpoints are the activator, which holds requests and wakes the app.
+    Activator,
+}
+
+/// Observed state, written by the operator (and `wakeRequestedAt` by the activator).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CracAppStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `CheckpointReady`, `Available`, `ScaledToZero` and `Degraded`, each with a reason and
+    /// a message saying what to do.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// The image the pods restore from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointStatus>,
+
+    /// A checkpoint being taken for the current spec while the pods keep serving the
+    /// previous image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_checkpoint: Option<PendingCheckpoint>,
+
+    /// Pods that exist now (zero while asleep).
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// Label selector of the pods, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+
+    /// Where the Service sends traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_mode: Option<ServingMode>,
+
+    /// The activator ports assigned to this app, one per Service port: while the app sleeps
+    /// the Service's endpoints are `<activator pod>:<activatorPort>`, which tells the
+    /// activator which app a connection is for, whether the caller used the Service's DNS
+    /// name or its ClusterIP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub activator_ports: Vec<ActivatorPort>,
+
+    /// The last time a pod of the app saw traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_time: Option<Time>,
+
+    /// The last wake from zero and what it cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_wake: Option<WakeStatus>,
+
+    /// Set by the activator when a request arrives for a sleeping app; the operator wakes the
+    /// app when this is newer than the time it went to sleep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_requested_at: Option<Time>,
+
+    /// When the app last went to sleep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slept_at: Option<Time>,
+
+    /// Restore pods that fell back to a cold start since the image was published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_starts: Option<i32>,
+}
+
+/// A published checkpoint image.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointStatus {
+    /// Hash of everything that shapes the JVM's memory (image, command, env, engine, ...).
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// How long the checkpoint Job took, start to published image, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    /// The JDK that was checkpointed; restore needs the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jdk: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<Engine>,
+}
+
+/// A checkpoint in progress, or failing and waiting to be retried.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingCheckpoint {
+    pub id: String,
+    /// Checkpoint Jobs that failed for this id so far.
+    #[serde(default)]
+    pub failures: i32,
+    /// When the last attempt failed; the next waits an exponential backoff from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+}
+
+/// An activator port assigned to one of the app's Service ports.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivatorPort {
+    /// Service port name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Port the app's container listens on.
+    pub target_port: i32,
+    /// Port the activator listens on for this app.
+    pub activator_port: i32,
+}
+
+/// The last wake from zero.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WakeStatus {
+    /// When the wake was requested.
+    pub at: Time,
+    /// From the wake request to the first ready pod, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<i64>,
+}

@@ -1,0 +1,16 @@
+//! Label and annotation keys. Every component uses these constants, never literals.
+
+/// The API group of every crac-operator resource.
+pub const GROUP: &str = "crac.dev";
+/// Names the CracApp an object belongs to (on Jobs, Deployments, pods, PVCs, slices).
+pub const APP: &str = "crac.dev/app";
+/// The checkpoint id (shortened) a Job writes or a restore pod restores from.
+pub const CHECKPOINT_ID: &str = "crac.dev/checkpoint-id";
+/// What an object is for: `checkpoint`, `restore` or `images`.
+pub const COMPONENT: &str = "app.kubernetes.io/component";
+/// Standard "managed by" label, set to [`MANAGER`].
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The field manager and `managed-by` value of the operator.
+pub const MANAGER: &str = "crac-operator";
+/// Full checkpoint id on a Job (labels cap at 63 characters, ids are 64).
+pub const CHECKPOINT_ID_ANNOTATION: &str = "crac.dev/checkpoint-id";

@@ -1,0 +1,9 @@
+//! Types shared by every crac-operator component: the `CracApp` resource, the label and
+//! annotation keys, and the contract between the operator and the in-pod agent.
+
+pub mod agent;
+pub mod cracapp;
+pub mod duration;
+pub mod labels;
+
+pub use cracapp::{CracApp, CracAppSpec, CracAppStatus};

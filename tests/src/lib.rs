@@ -1,0 +1,1 @@
+//! Support code for integration tests against the real control plane.
