@@ -1,0 +1,365 @@
+//! Engine `criu`: the agent dumps the JVM's process tree with CRIU and restores it.
+//!
+//! The agent is the JVM's parent and is never dumped: `criu dump -t <jvm pid>` takes the JVM
+//! (a session leader holding only /dev/null and two pipes) and nothing of ours. Restore runs
+//! `criu restore --restore-detached --restore-sibling`, so the JVM comes back as the agent's
+//! own child, and hands CRIU new pipes for the JVM's stdout and stderr with `--inherit-fd`.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::error::{Failure, reason};
+use crate::image::StdioPipe;
+use crate::jvm::{self, Tail};
+use crate::supervisor::Supervisor;
+
+pub const DUMP_LOG: &str = "dump.log";
+pub const RESTORE_LOG: &str = "restore.log";
+
+/// `criu dump` arguments for the tree rooted at `pid`, written to `dir`.
+pub fn dump_args(pid: i32, dir: &Path) -> Vec<String> {
+    vec![
+        "dump".into(),
+        "--tree".into(),
+        pid.to_string(),
+        "--images-dir".into(),
+        dir.to_string_lossy().into_owned(),
+        "--log-file".into(),
+        DUMP_LOG.into(),
+        "-v3".into(),
+    ]
+}
+
+/// `criu restore` arguments. `stdio` are the JVM's output pipes at dump time: the new ones are
+/// CRIU's own fds 1 and 2 (fd 2 only when the JVM had two distinct pipes).
+pub fn restore_args(images: &Path, work: &Path, stdio: &[StdioPipe]) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "restore".into(),
+        "--images-dir".into(),
+        images.to_string_lossy().into_owned(),
+        "--work-dir".into(),
+        work.to_string_lossy().into_owned(),
+        "--log-file".into(),
+        RESTORE_LOG.into(),
+        "-v3".into(),
+        "--restore-detached".into(),
+        "--restore-sibling".into(),
+        "--pidfile".into(),
+        "restored.pid".into(),
+    ];
+    let mut seen = Vec::new();
+    for p in stdio {
+        if seen.contains(&p.inode) {
+            continue;
+        }
+        seen.push(p.inode);
+        v.push("--inherit-fd".into());
+        v.push(format!("fd[{}]:pipe:[{}]", p.fd, p.inode));
+    }
+    v
+}
+
+/// Turns CRIU's log into a reason and a line for the user. `restoring` picks the default.
+pub fn classify_log(log: &str, restoring: bool) -> Failure {
+    let first_error = log
+        .lines()
+        .find(|l| l.contains("Error (") || l.starts_with("Error"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|| {
+            log.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        });
+    let has = |s: &str| log.contains(s);
+    let (r, hint) = if has("Connected TCP socket") || has("--tcp-established") {
+        (
+            reason::OPEN_SOCKETS,
+            "the JVM holds an established TCP connection (database pool, client, debugger): close it before the checkpoint or use engine crac with a Resource that closes it",
+        )
+    } else if has("Can't lookup mount") || has("is not in the dumped") || has("Can't dump mount") {
+        (
+            reason::OPEN_FILES,
+            "the JVM holds a file from outside its container's mounts (an inherited descriptor or a host path)",
+        )
+    } else if has("unix socket") && has("external") || has("External socket") {
+        (
+            reason::OPEN_SOCKETS,
+            "the JVM is connected to a unix socket outside its process tree",
+        )
+    } else if has("has bad size") || has("File validation failed") || has("build-id") {
+        (
+            reason::FILE_CHANGED,
+            "a file the JVM had open changed since the checkpoint (another container image or JDK): checkpoint again",
+        )
+    } else if restoring
+        && (has("Can't open file") || has("No such file or directory") && has("open"))
+    {
+        (
+            reason::FILE_CHANGED,
+            "a file the JVM had open at checkpoint is missing here: restore needs the same container image",
+        )
+    } else if restoring
+        && (has("File exists")
+            || has("do not match expected")
+            || has("set_tid")
+            || has("PID") && has("busy"))
+    {
+        (
+            reason::PID_CONFLICT,
+            "a PID the JVM had at checkpoint is taken: run the agent as the container's first process (PID 1)",
+        )
+    } else if has("Operation not permitted") || has("Permission denied") || has("CAP_") {
+        (
+            reason::PERMISSION_DENIED,
+            "CRIU lacks privileges: the container needs CAP_CHECKPOINT_RESTORE and CAP_SYS_PTRACE (and CAP_SYS_ADMIN to dump) and an unconfined seccomp profile",
+        )
+    } else if restoring {
+        (
+            reason::CRIU_RESTORE_FAILED,
+            "see the CRIU log in the container's output",
+        )
+    } else {
+        (
+            reason::CRIU_DUMP_FAILED,
+            "see the CRIU log in the container's output",
+        )
+    };
+    let msg = if first_error.is_empty() {
+        hint.to_string()
+    } else {
+        format!("{hint}; criu: {first_error}")
+    };
+    Failure::new(r, msg)
+}
+
+/// `criu --version` → `4.2.1`. Fails with `CriuMissing` when criu cannot run.
+pub fn version(sup: &Supervisor, criu: &str) -> Result<String, Failure> {
+    let mut cmd = Command::new(criu);
+    cmd.arg("--version");
+    let missing = |why: String| {
+        Failure::new(
+            reason::CRIU_MISSING,
+            format!(
+                "cannot run {criu:?} ({why}): engine criu needs CRIU >= 4.2 in the app image, or set CRAC_CRIU"
+            ),
+        )
+    };
+    match sup.run_capture(cmd, Duration::from_secs(10)) {
+        Ok((status, out)) if status.as_exit_code() == 0 => {
+            Ok(parse_version(&out).unwrap_or_else(|| out.trim().to_string()))
+        }
+        Ok((status, out)) => Err(missing(format!("{status}: {}", out.trim()))),
+        Err(e) => Err(missing(e.to_string())),
+    }
+}
+
+pub fn parse_version(out: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))
+        .map(|v| v.trim().to_string())
+}
+
+/// Dumps the tree of `pid` into `dir` (CRIU kills it afterwards).
+pub fn dump(
+    sup: &Supervisor,
+    criu: &str,
+    pid: i32,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let mut cmd = Command::new(criu);
+    cmd.args(dump_args(pid, dir));
+    let result = sup.run_capture(cmd, timeout);
+    let log = std::fs::read_to_string(dir.join(DUMP_LOG)).unwrap_or_default();
+    match result {
+        Ok((status, _))
+            if status.as_exit_code() == 0
+                && dir.join("inventory.img").exists()
+                && dir.join(format!("core-{pid}.img")).exists() =>
+        {
+            Ok(())
+        }
+        Ok((status, out)) => {
+            print_log_tail("dump", &log, &out);
+            let mut f = classify_log(&format!("{log}\n{out}"), false);
+            f.message = format!("criu dump failed ({status}): {}", f.message);
+            Err(f)
+        }
+        Err(e) => Err(Failure::new(
+            reason::CHECKPOINT_TIMEOUT,
+            format!("criu dump: {e}"),
+        )),
+    }
+}
+
+fn print_log_tail(what: &str, log: &str, out: &str) {
+    let lines: Vec<&str> = log.lines().collect();
+    let from = lines.len().saturating_sub(40);
+    eprintln!("crac-agent: criu {what} failed; last lines of its log:");
+    for l in &lines[from..] {
+        eprintln!("  {l}");
+    }
+    if !out.trim().is_empty() {
+        eprintln!("crac-agent: criu said: {}", out.trim());
+    }
+}
+
+/// Restores the image in `images`; returns the restored JVM's pid (now our child) and the
+/// tail of its output.
+pub fn restore(
+    sup: &Supervisor,
+    criu: &str,
+    images: &Path,
+    stdio: &[StdioPipe],
+    timeout: Duration,
+) -> Result<(i32, Tail), Failure> {
+    let fail = |m: String| Failure::new(reason::CRIU_RESTORE_FAILED, m);
+    let work = std::env::temp_dir().join(format!(
+        "crac-agent-restore-{}",
+        crate::image::unique_suffix()
+    ));
+    std::fs::create_dir_all(&work)
+        .map_err(|e| fail(format!("cannot create {}: {e}", work.display())))?;
+    let pipes = jvm::output_pipes().map_err(|e| fail(format!("cannot create pipes: {e}")))?;
+    let mut cmd = Command::new(criu);
+    cmd.args(restore_args(images, &work, stdio))
+        .stdin(Stdio::null())
+        .stdout(pipes.stdout)
+        .stderr(pipes.stderr);
+    let child = sup.spawn(&mut cmd).map_err(|e| {
+        Failure::new(
+            reason::CRIU_MISSING,
+            format!("cannot run {criu:?}: {e}: engine criu needs CRIU in the app image"),
+        )
+    })?;
+    drop(cmd);
+    let criu_pid = child.id() as i32;
+    let status = sup.wait(criu_pid, Some(timeout), false);
+    let log = std::fs::read_to_string(work.join(RESTORE_LOG)).unwrap_or_default();
+    let pid = std::fs::read_to_string(work.join("restored.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    let result = match (status, pid) {
+        (Some(s), Some(pid)) if s.as_exit_code() == 0 => Ok((pid, pipes.tail)),
+        (Some(s), _) => {
+            print_log_tail("restore", &log, "");
+            let mut f = classify_log(&log, true);
+            f.message = format!("criu restore failed ({s}): {}", f.message);
+            Err(f)
+        }
+        (None, _) => {
+            let _ = crate::sys::kill(criu_pid, libc::SIGKILL);
+            Err(Failure::new(
+                reason::RESTORE_TIMEOUT,
+                format!("criu restore took longer than {}s", timeout.as_secs()),
+            ))
+        }
+    };
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        eprintln!("crac-agent: criu restore log kept in {}", work.display());
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_dump_and_restore_commands() {
+        assert_eq!(
+            dump_args(201, Path::new("/crac/.tmp-x")).join(" "),
+            "dump --tree 201 --images-dir /crac/.tmp-x --log-file dump.log -v3"
+        );
+        let pipes = [
+            StdioPipe { fd: 1, inode: 11 },
+            StdioPipe { fd: 2, inode: 12 },
+        ];
+        let args = restore_args(Path::new("/crac/abc"), Path::new("/tmp/w"), &pipes).join(" ");
+        assert!(args.starts_with("restore --images-dir /crac/abc --work-dir /tmp/w"));
+        assert!(args.contains("--restore-detached --restore-sibling"));
+        assert!(
+            args.ends_with("--inherit-fd fd[1]:pipe:[11] --inherit-fd fd[2]:pipe:[12]"),
+            "{args}"
+        );
+        // stdout and stderr on one pipe: one --inherit-fd.
+        let same = [
+            StdioPipe { fd: 1, inode: 11 },
+            StdioPipe { fd: 2, inode: 11 },
+        ];
+        assert_eq!(
+            restore_args(Path::new("/i"), Path::new("/w"), &same)
+                .iter()
+                .filter(|a| *a == "--inherit-fd")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn classifies_criu_logs() {
+        let c = |log: &str, r: bool| classify_log(log, r).reason;
+        assert_eq!(
+            c(
+                "(00.1) Error (criu/sk-inet.c:199): inet: Connected TCP socket, consider using --tcp-established option.",
+                false
+            ),
+            reason::OPEN_SOCKETS
+        );
+        assert_eq!(
+            c(
+                "Error (criu/files-reg.c:1710): Can't lookup mount=1234 for fd=10 path=/dev/null",
+                false
+            ),
+            reason::OPEN_FILES
+        );
+        assert_eq!(
+            c(
+                "Error (criu/files-reg.c:2150): File usr/lib/jvm/x/libjvm.so has bad size 1 (expect 2)",
+                true
+            ),
+            reason::FILE_CHANGED
+        );
+        assert_eq!(
+            c(
+                "Error (criu/cr-restore.c:1400): Can't fork for 201: File exists",
+                true
+            ),
+            reason::PID_CONFLICT
+        );
+        assert_eq!(
+            c(
+                "Error (criu/ptrace.c:10): Unable to seize 201: Operation not permitted",
+                false
+            ),
+            reason::PERMISSION_DENIED
+        );
+        assert_eq!(
+            c("Error (criu/x.c:1): something odd", false),
+            reason::CRIU_DUMP_FAILED
+        );
+        assert_eq!(
+            c("Error (criu/x.c:1): something odd", true),
+            reason::CRIU_RESTORE_FAILED
+        );
+        let f = classify_log(
+            "(0.1) Warn x\n(0.2) Error (criu/x.c:1): boom\n(0.3) Error (criu/y.c:2): later",
+            true,
+        );
+        assert!(
+            f.message.ends_with("criu: (0.2) Error (criu/x.c:1): boom"),
+            "{}",
+            f.message
+        );
+        assert_eq!(
+            parse_version("Version: 4.2.1\nGitID: v4.2.1\n"),
+            Some("4.2.1".into())
+        );
+    }
+}

@@ -1,0 +1,708 @@
+//! The three modes, top to bottom: checkpoint, restore (with its fallback), run.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use crac_api::agent::{ActivityReport, AgentSummary, Outcome};
+
+use crate::activity::{self, Activity};
+use crate::config::{self, Config, Engine, Fallback};
+use crate::error::{Failure, reason};
+use crate::image::{self, Metadata, Published};
+use crate::jvm::{self, Tail};
+use crate::supervisor::Supervisor;
+use crate::sys::{self, ExitStatus};
+use crate::{crac, criu, probe};
+
+pub struct Ctx {
+    pub cfg: Config,
+    pub sup: Supervisor,
+    /// When the agent started: restore and cold-start times count from here.
+    pub started: Instant,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("crac-agent: {}", msg.as_ref());
+}
+
+impl Ctx {
+    fn summary(&self) -> AgentSummary {
+        AgentSummary {
+            checkpoint_id: self.cfg.checkpoint_id.clone(),
+            engine: Some(self.cfg.engine.as_str().to_string()),
+            ..Default::default()
+        }
+    }
+
+    fn write_summary(&self, s: &AgentSummary) {
+        crate::summary::write(&self.cfg.termination_log, s);
+    }
+
+    fn deadline(&self) -> Instant {
+        self.started + self.cfg.timeout
+    }
+
+    fn image_dir_and_id(&self) -> Result<(PathBuf, String), Failure> {
+        let dir = self
+            .cfg
+            .image_dir
+            .clone()
+            .ok_or_else(|| Failure::config("CRAC_IMAGE_DIR (--image-dir) is required"))?;
+        let id =
+            self.cfg.checkpoint_id.clone().ok_or_else(|| {
+                Failure::config("CRAC_CHECKPOINT_ID (--checkpoint-id) is required")
+            })?;
+        if !config::valid_checkpoint_id(&id) {
+            return Err(Failure::config(format!(
+                "checkpoint id {id:?} must be [A-Za-z0-9._-], not starting with a dot"
+            )));
+        }
+        Ok((dir, id))
+    }
+}
+
+/// On failure paths: stops forwarding signals and kills the JVM's whole process group.
+struct JvmGuard<'a> {
+    sup: &'a Supervisor,
+    pid: i32,
+    armed: bool,
+}
+
+impl Drop for JvmGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.sup.forward_signals_to(None);
+        if !self.sup.has_exited(self.pid) {
+            let _ = sys::kill(-self.pid, libc::SIGKILL);
+            let _ = sys::kill(self.pid, libc::SIGKILL);
+            let _ = self
+                .sup
+                .wait(self.pid, Some(Duration::from_secs(10)), false);
+        }
+    }
+}
+
+/// Removes a temporary image directory unless it was published.
+struct TmpDir(Option<PathBuf>);
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// Why waiting for readiness ended without success.
+fn not_ready(
+    ctx: &Ctx,
+    pid: i32,
+    tail: &Tail,
+    what: &str,
+    last_err: String,
+    restoring: bool,
+) -> Failure {
+    if let Some(sig) = ctx.sup.terminated_by() {
+        return Failure::new(
+            reason::TERMINATED,
+            format!("received signal {sig} while {what}"),
+        );
+    }
+    if ctx.sup.has_exited(pid) {
+        if let Some(f) =
+            crac::classify_output(&tail.text()).filter(|_| ctx.cfg.engine == Engine::Crac)
+        {
+            return f;
+        }
+        let last = tail
+            .text()
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        return Failure::new(
+            reason::JVM_EXITED,
+            format!(
+                "the JVM exited while {what}; its last line: {}",
+                last.chars().take(300).collect::<String>()
+            ),
+        );
+    }
+    let r = if restoring {
+        reason::RESTORE_TIMEOUT
+    } else {
+        reason::READINESS_TIMEOUT
+    };
+    let probe = ctx
+        .cfg
+        .readiness
+        .as_ref()
+        .map(describe_readiness)
+        .unwrap_or_default();
+    Failure::new(
+        r,
+        format!(
+            "the app did not pass its readiness check {probe} within {}s ({last_err}): check the readiness URL, the app's log, or raise the timeout",
+            ctx.cfg.timeout.as_secs()
+        ),
+    )
+}
+
+fn describe_readiness(r: &config::Readiness) -> String {
+    match r {
+        config::Readiness::Http { host, port, path } => format!("http://{host}:{port}{path}"),
+        config::Readiness::Tcp { host, port } => format!("tcp://{host}:{port}"),
+    }
+}
+
+fn wait_ready(ctx: &Ctx, pid: i32, deadline: Instant) -> Result<(), String> {
+    match &ctx.cfg.readiness {
+        Some(r) => probe::wait_ready(r, deadline, || {
+            ctx.sup.has_exited(pid) || ctx.sup.terminated_by().is_some()
+        }),
+        None => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// checkpoint
+
+pub fn checkpoint(ctx: &Ctx) -> i32 {
+    let mut s = ctx.summary();
+    match do_checkpoint(ctx, &mut s) {
+        Ok(()) => {
+            s.outcome = Some(Outcome::Checkpointed);
+            ctx.write_summary(&s);
+            0
+        }
+        Err(f) => {
+            log(format!("checkpoint failed: {f}"));
+            s.outcome = Some(Outcome::Failed);
+            s.reason = Some(f.reason.to_string());
+            s.message = Some(f.message);
+            ctx.write_summary(&s);
+            1
+        }
+    }
+}
+
+fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
+    let cfg = &ctx.cfg;
+    let sup = &ctx.sup;
+    let (image_dir, id) = ctx.image_dir_and_id()?;
+    if cfg.readiness.is_none() {
+        return Err(Failure::config(
+            "a readiness check is required to checkpoint (CRAC_READINESS or CRAC_APP_PORT)",
+        ));
+    }
+    fs::create_dir_all(&image_dir).map_err(|e| {
+        Failure::new(
+            reason::PUBLISH_FAILED,
+            format!("cannot create {}: {e}", image_dir.display()),
+        )
+    })?;
+    let criu_version = match cfg.engine {
+        Engine::Criu => Some(criu::version(sup, &cfg.criu)?),
+        Engine::Crac => None,
+    };
+    let tmp_path = image_dir.join(format!(".tmp-{id}-{}", image::unique_suffix()));
+    fs::create_dir(&tmp_path).map_err(|e| {
+        Failure::new(
+            reason::PUBLISH_FAILED,
+            format!("cannot create {}: {e}", tmp_path.display()),
+        )
+    })?;
+    let mut tmp = TmpDir(Some(tmp_path.clone()));
+
+    let tool_options = std::env::var("JAVA_TOOL_OPTIONS").ok();
+    let (argv, env) = match cfg.engine {
+        // hsperfdata is a file in /tmp mapped by the JVM: a fresh pod has no such file, so
+        // a JVM dumped with it could not be restored there.
+        Engine::Criu => jvm::with_jvm_options(
+            &cfg.command,
+            &["-XX:-UsePerfData".to_string()],
+            tool_options.as_deref(),
+        ),
+        Engine::Crac => crac::checkpoint_command(
+            &cfg.command,
+            &tmp_path,
+            std::env::var("CRAC_CPU_FEATURES").ok().as_deref(),
+            tool_options.as_deref(),
+        ),
+    };
+    let pipes = jvm::output_pipes()
+        .map_err(|e| Failure::new(reason::SPAWN_FAILED, format!("cannot create pipes: {e}")))?;
+    match jvm::raise_last_pid(cfg.min_pid) {
+        Ok(was) if was < cfg.min_pid => {
+            log(format!("raised ns_last_pid from {was} to {}", cfg.min_pid))
+        }
+        Ok(_) => {}
+        Err(e) => log(format!(
+            "cannot raise ns_last_pid ({e}): restore may find the JVM's PIDs taken (grant CAP_CHECKPOINT_RESTORE)"
+        )),
+    }
+    log(format!("starting {}", argv.join(" ")));
+    let t_start = Instant::now();
+    let spawned = jvm::spawn_with(sup, pipes, &argv, env.as_slice()).map_err(|e| {
+        Failure::new(
+            reason::SPAWN_FAILED,
+            format!("cannot start {:?}: {e}", argv[0]),
+        )
+    })?;
+    let pid = spawned.pid;
+    sup.forward_signals_to(Some(pid));
+    let mut guard = JvmGuard {
+        sup,
+        pid,
+        armed: true,
+    };
+    if pid as u32 <= cfg.min_pid && std::process::id() == 1 {
+        log(format!(
+            "warning: the JVM got PID {pid}, not above {}: restore may find it taken",
+            cfg.min_pid
+        ));
+    }
+
+    wait_ready(ctx, pid, ctx.deadline())
+        .map_err(|e| not_ready(ctx, pid, &spawned.tail, "starting", e, false))?;
+    s.ready_ms = Some(ms(t_start.elapsed()));
+    log(format!(
+        "JVM (pid {pid}) ready after {} ms",
+        ms(t_start.elapsed())
+    ));
+
+    let t_warm = Instant::now();
+    if !cfg.warmup.is_empty() {
+        let (host, port) = cfg
+            .readiness
+            .as_ref()
+            .map(|r| r.host_port())
+            .unwrap_or(("127.0.0.1", 0));
+        let port = cfg.app_port.unwrap_or(port);
+        let w = probe::warm_up(host, port, &cfg.warmup, ctx.deadline());
+        log(format!("warm-up: {} requests, {} failed", w.sent, w.failed));
+        if w.failed > 0 && w.failed >= w.sent {
+            return Err(Failure::new(
+                reason::WARMUP_FAILED,
+                format!(
+                    "all {} warm-up requests failed ({}): check the warm-up paths",
+                    w.sent,
+                    w.first_error.unwrap_or_default()
+                ),
+            ));
+        }
+        if w.failed > 0 {
+            s.message = Some(format!(
+                "{} of {} warm-up requests failed ({})",
+                w.failed,
+                w.sent,
+                w.first_error.unwrap_or_default()
+            ));
+        }
+    }
+    s.warmup_ms = Some(ms(t_warm.elapsed()));
+    if let Some(sig) = sup.terminated_by() {
+        return Err(Failure::new(
+            reason::TERMINATED,
+            format!("received signal {sig} before the checkpoint"),
+        ));
+    }
+    if sup.has_exited(pid) {
+        return Err(not_ready(
+            ctx,
+            pid,
+            &spawned.tail,
+            "warming up",
+            String::new(),
+            false,
+        ));
+    }
+
+    // What restore needs to know about this JVM, read before it goes away.
+    let pids = jvm::tree_ids(pid);
+    let stdio_pipes = jvm::stdio_pipes(pid);
+    let (exe, host_files) = jvm::jvm_files(pid);
+    let java_home = exe.as_deref().and_then(jvm::java_home_of);
+    let jdk = java_home.as_deref().and_then(jvm::jdk_version);
+    s.jdk = jdk.clone();
+
+    let t_dump = Instant::now();
+    // Stop forwarding: a SIGTERM now must not hit a JVM half-way through its dump.
+    sup.forward_signals_to(None);
+    let remaining = ctx
+        .deadline()
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(5));
+    match cfg.engine {
+        Engine::Criu => {
+            criu::dump(sup, &cfg.criu, pid, &tmp_path, remaining)?;
+            // CRIU killed the dumped tree.
+            if sup
+                .wait(pid, Some(Duration::from_secs(10)), false)
+                .is_none()
+            {
+                log("the JVM survived its dump; killing it");
+            }
+        }
+        Engine::Crac => crac_checkpoint(
+            ctx,
+            pid,
+            exe.as_deref(),
+            &spawned.tail,
+            &tmp_path,
+            remaining,
+        )?,
+    }
+    guard.armed = false;
+    let dump_ms = ms(t_dump.elapsed());
+    log(format!("dumped in {dump_ms} ms"));
+
+    let files = image::hash_dir(&tmp_path).map_err(|e| {
+        Failure::new(
+            reason::PUBLISH_FAILED,
+            format!("cannot read the new image: {e}"),
+        )
+    })?;
+    if files.is_empty() {
+        return Err(Failure::new(
+            reason::CRIU_DUMP_FAILED,
+            "the checkpoint wrote no files",
+        ));
+    }
+    let total_bytes: u64 = files.values().map(|f| f.size).sum();
+    let host = image::host_info();
+    let now = SystemTime::now();
+    let meta = Metadata {
+        format: image::FORMAT,
+        checkpoint_id: id.clone(),
+        engine: cfg.engine.as_str().into(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        created_at: activity::rfc3339(now),
+        created_unix: now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        arch: host.arch,
+        kernel: image::kernel_release(),
+        cpu_flags: host.cpu_flags.into_iter().collect(),
+        jdk,
+        java_home: java_home.map(|p| p.to_string_lossy().into_owned()),
+        criu_version,
+        root_pid: pid,
+        pids,
+        stdio_pipes,
+        host_files,
+        command: cfg.command.clone(),
+        ready_ms: s.ready_ms.unwrap_or(0),
+        warmup_ms: s.warmup_ms.unwrap_or(0),
+        dump_ms,
+        total_bytes,
+        files,
+    };
+    image::write_metadata(&tmp_path, &meta).map_err(|e| {
+        Failure::new(
+            reason::PUBLISH_FAILED,
+            format!("cannot write metadata: {e}"),
+        )
+    })?;
+    // Verify what we are about to publish, as restore will.
+    let written = fs::read_to_string(tmp_path.join(crac_api::agent::METADATA_FILE))
+        .map_err(|e| Failure::new(reason::PUBLISH_FAILED, e.to_string()))
+        .and_then(|t| image::parse_metadata(&t))?;
+    image::verify_files(&tmp_path, &written)?;
+
+    match image::publish(&image_dir, &tmp_path, &id)? {
+        Published::New => log(format!("published {}", image_dir.join(&id).display())),
+        Published::Replaced => log(format!(
+            "replaced the unused image {}",
+            image_dir.join(&id).display()
+        )),
+        Published::KeptInUse => {
+            log(format!(
+                "{} is in use by a running pod: kept it, discarded the new image",
+                image_dir.join(&id).display()
+            ));
+            s.message = Some("an image with this id is in use by running pods: kept it".into());
+        }
+    }
+    tmp.0 = None;
+    s.checkpoint_ms = Some(ms(t_dump.elapsed()));
+    s.image_bytes = Some(total_bytes);
+
+    let pruned = image::prune(&image_dir, cfg.retain, &id);
+    if !pruned.removed.is_empty() || !pruned.in_use.is_empty() {
+        log(format!(
+            "pruned {:?}; kept in use {:?}",
+            pruned.removed, pruned.in_use
+        ));
+    }
+    Ok(())
+}
+
+fn crac_checkpoint(
+    ctx: &Ctx,
+    pid: i32,
+    java: Option<&Path>,
+    tail: &Tail,
+    image: &Path,
+    remaining: Duration,
+) -> Result<(), Failure> {
+    let argv = crac::jcmd_command(java, pid);
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    let jcmd_out = match ctx.sup.run_capture(cmd, remaining) {
+        Ok((_, out)) => out,
+        Err(e) => {
+            return Err(Failure::new(
+                reason::JCMD_FAILED,
+                format!("{}: {e}", argv.join(" ")),
+            ));
+        }
+    };
+    // The JVM exits once its image is written.
+    let exited = ctx.sup.wait(pid, Some(remaining), false);
+    let text = format!("{jcmd_out}\n{}", tail.text());
+    if let Some(f) = crac::classify_output(&text) {
+        return Err(f);
+    }
+    if exited.is_none() {
+        return Err(Failure::new(
+            reason::CHECKPOINT_TIMEOUT,
+            format!(
+                "the JVM did not finish its checkpoint within {}s",
+                remaining.as_secs()
+            ),
+        ));
+    }
+    let wrote = fs::read_dir(image).map(|d| d.count()).unwrap_or(0);
+    if wrote == 0 {
+        return Err(Failure::new(
+            reason::CRAC_CHECKPOINT_FAILED,
+            format!(
+                "the JVM exited without writing an image; jcmd said: {}",
+                jcmd_out.trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// restore
+
+/// A JVM that is up: restored, cold-started or plainly run.
+struct Running {
+    pid: i32,
+    mode: &'static str,
+    start_ms: u64,
+    _lock: Option<image::ImageLock>,
+}
+
+pub fn restore(ctx: &Ctx) -> i32 {
+    let mut s = ctx.summary();
+    let running = match try_restore(ctx, &mut s) {
+        Ok(r) => {
+            s.outcome = Some(Outcome::Restored);
+            s.restore_ms = Some(r.start_ms);
+            log(format!(
+                "restored (pid {}) and ready {} ms after the agent started",
+                r.pid, r.start_ms
+            ));
+            r
+        }
+        Err(f) => {
+            log(format!("restore failed: {f}"));
+            if let Some(sig) = ctx.sup.terminated_by() {
+                s.outcome = Some(Outcome::Failed);
+                s.reason = Some(reason::TERMINATED.into());
+                s.message = Some(format!("received signal {sig} during restore"));
+                ctx.write_summary(&s);
+                return 128 + sig;
+            }
+            s.reason = Some(f.reason.to_string());
+            match ctx.cfg.fallback {
+                Fallback::Fail => {
+                    s.outcome = Some(Outcome::Failed);
+                    s.message = Some(format!(
+                        "{} (fallback is Fail, so the pod does not start cold)",
+                        f.message
+                    ));
+                    ctx.write_summary(&s);
+                    return 1;
+                }
+                Fallback::ColdStart => {
+                    s.outcome = Some(Outcome::ColdStarted);
+                    s.message = Some(format!(
+                        "restore did not happen, started cold: {}",
+                        f.message
+                    ));
+                    match start_cold(ctx, "coldStarted", &mut s) {
+                        Ok(r) => r,
+                        Err(f) => {
+                            s.outcome = Some(Outcome::Failed);
+                            s.reason = Some(f.reason.to_string());
+                            s.message = Some(f.message);
+                            ctx.write_summary(&s);
+                            return 1;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    supervise(ctx, running, &mut s)
+}
+
+fn try_restore(ctx: &Ctx, s: &mut AgentSummary) -> Result<Running, Failure> {
+    let cfg = &ctx.cfg;
+    let (image_dir, id) = ctx.image_dir_and_id()?;
+    let dir = image_dir.join(&id);
+    let (lock, text) = image::lock_and_read(&dir)?;
+    let meta = image::parse_metadata(&text)?;
+    s.jdk = meta.jdk.clone();
+    s.image_bytes = Some(meta.total_bytes);
+    image::verify_host(&meta, &image::host_info(), &id, cfg.engine.as_str())?;
+    image::verify_host_files(&meta)?;
+    let t_verify = Instant::now();
+    image::verify_files(&dir, &meta)?;
+    log(format!(
+        "image {id} verified ({} bytes, {} ms)",
+        meta.total_bytes,
+        ms(t_verify.elapsed())
+    ));
+
+    let remaining = ctx
+        .deadline()
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(5));
+    let (pid, tail) = match cfg.engine {
+        Engine::Criu => criu::restore(&ctx.sup, &cfg.criu, &dir, &meta.stdio_pipes, remaining)?,
+        Engine::Crac => {
+            let java = crac::java_of(&cfg.command, std::env::var("JAVA_HOME").ok().as_deref());
+            let argv = crac::restore_command(&java, &dir);
+            let sp = jvm::spawn(&ctx.sup, &argv, &[]).map_err(|e| {
+                Failure::new(reason::SPAWN_FAILED, format!("cannot start {java:?}: {e}"))
+            })?;
+            (sp.pid, sp.tail)
+        }
+    };
+    ctx.sup.forward_signals_to(Some(pid));
+    let mut guard = JvmGuard {
+        sup: &ctx.sup,
+        pid,
+        armed: true,
+    };
+    wait_ready(ctx, pid, ctx.deadline()).map_err(|e| {
+        let mut f = not_ready(ctx, pid, &tail, "restoring", e, true);
+        if cfg.engine == Engine::Crac && f.reason == reason::JVM_EXITED {
+            f.reason = reason::CRAC_RESTORE_FAILED;
+        }
+        f
+    })?;
+    guard.armed = false; // keeps forwarding signals to the restored JVM
+    Ok(Running {
+        pid,
+        mode: "restored",
+        start_ms: ms(ctx.started.elapsed()),
+        _lock: Some(lock),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// run and cold start
+
+fn start_cold(ctx: &Ctx, mode: &'static str, s: &mut AgentSummary) -> Result<Running, Failure> {
+    let argv = &ctx.cfg.command;
+    let spawned = jvm::spawn(&ctx.sup, argv, &[]).map_err(|e| {
+        Failure::new(
+            reason::SPAWN_FAILED,
+            format!("cannot start {:?}: {e}", argv[0]),
+        )
+    })?;
+    let pid = spawned.pid;
+    ctx.sup.forward_signals_to(Some(pid));
+    // Readiness only measures the start here: a slow app keeps running.
+    match wait_ready(ctx, pid, ctx.deadline()) {
+        Ok(()) => {
+            let start_ms = ms(ctx.started.elapsed());
+            s.ready_ms = Some(start_ms);
+            log(format!(
+                "JVM (pid {pid}) ready {start_ms} ms after the agent started"
+            ));
+            Ok(Running {
+                pid,
+                mode,
+                start_ms,
+                _lock: None,
+            })
+        }
+        Err(e) => {
+            if !ctx.sup.has_exited(pid) && ctx.sup.terminated_by().is_none() {
+                log(format!(
+                    "the JVM is not ready yet ({e}); leaving it running"
+                ));
+            }
+            Ok(Running {
+                pid,
+                mode,
+                start_ms: 0,
+                _lock: None,
+            })
+        }
+    }
+}
+
+pub fn run(ctx: &Ctx) -> i32 {
+    let mut s = ctx.summary();
+    s.outcome = Some(Outcome::Exited);
+    match start_cold(ctx, "running", &mut s) {
+        Ok(r) => supervise(ctx, r, &mut s),
+        Err(f) => {
+            s.outcome = Some(Outcome::Failed);
+            s.reason = Some(f.reason.to_string());
+            s.message = Some(f.message);
+            ctx.write_summary(&s);
+            1
+        }
+    }
+}
+
+/// Serves activity while the JVM runs, then reports how it ended and returns its exit code.
+fn supervise(ctx: &Ctx, r: Running, s: &mut AgentSummary) -> i32 {
+    let report = ActivityReport {
+        mode: r.mode.to_string(),
+        checkpoint_id: if r.mode == "restored" {
+            ctx.cfg.checkpoint_id.clone()
+        } else {
+            None
+        },
+        open_connections: 0,
+        last_activity_time: None,
+        start_ms: (r.start_ms > 0).then_some(r.start_ms),
+    };
+    if let Err(e) = Activity::start(report, ctx.cfg.app_port, ctx.cfg.activity_port) {
+        log(format!(
+            "activity endpoint on port {} unavailable: {e}",
+            ctx.cfg.activity_port
+        ));
+    }
+    // Written now too, so the operator learns how the pod started even if we are killed.
+    ctx.write_summary(s);
+    let status = ctx
+        .sup
+        .wait(r.pid, None, false)
+        .unwrap_or(ExitStatus::Code(-1));
+    log(format!("JVM (pid {}) ended: {status}", r.pid));
+    s.exit_code = Some(status.as_exit_code());
+    ctx.write_summary(s);
+    status.as_exit_code()
+}

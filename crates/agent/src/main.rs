@@ -1,0 +1,106 @@
+//! `crac-agent`: the program every app container runs. It starts the JVM, checkpoints it when
+//! it is warm (`checkpoint`), restores it (`restore`, falling back to a cold start), or just
+//! runs it (`run`); as PID 1 it forwards signals, reaps children and exits with the JVM's
+//! status, and it writes one JSON summary line to the termination log. See docs/agent.md.
+
+mod activity;
+mod config;
+mod crac;
+mod criu;
+mod error;
+mod flows;
+mod image;
+mod jvm;
+mod probe;
+mod summary;
+mod supervisor;
+mod sys;
+
+use std::path::Path;
+use std::time::Instant;
+
+use crac_api::agent::{AgentSummary, Outcome};
+
+fn main() {
+    let started = Instant::now();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("install") => std::process::exit(install(args.get(1).map(String::as_str))),
+        Some("-h" | "--help" | "help") => {
+            println!("{}", config::USAGE);
+            return;
+        }
+        Some("--version" | "version") => {
+            println!("crac-agent {}", env!("CARGO_PKG_VERSION"));
+            return;
+        }
+        _ => {}
+    }
+    // Nothing we inherited may reach the JVM or CRIU.
+    if let Err(e) = sys::cloexec_from_3() {
+        eprintln!("crac-agent: warning: cannot mark inherited descriptors close-on-exec: {e}");
+    }
+    // Before any other thread exists: signals are taken by the supervisor's thread only.
+    let sup = match supervisor::Supervisor::start() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("crac-agent: cannot set up signal handling: {e}");
+            std::process::exit(2);
+        }
+    };
+    let cfg = match config::parse(&args, |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(f) => {
+            eprintln!("crac-agent: {}", f.message);
+            let path = std::env::var(crac_api::agent::ENV_TERMINATION_LOG)
+                .unwrap_or_else(|_| crac_api::agent::DEFAULT_TERMINATION_LOG.into());
+            summary::write(
+                Path::new(&path),
+                &AgentSummary {
+                    outcome: Some(Outcome::Failed),
+                    reason: Some(f.reason.into()),
+                    message: Some(f.message),
+                    ..Default::default()
+                },
+            );
+            std::process::exit(2);
+        }
+    };
+    let ctx = flows::Ctx { cfg, sup, started };
+    let code = match ctx.cfg.mode {
+        config::Mode::Checkpoint => flows::checkpoint(&ctx),
+        config::Mode::Restore => flows::restore(&ctx),
+        config::Mode::Run => flows::run(&ctx),
+    };
+    eprintln!("crac-agent: {} done, exit {code}", ctx.cfg.mode.as_str());
+    std::process::exit(code);
+}
+
+/// Copies this executable to `dest` (or `dest/crac-agent` when `dest` is a directory) with
+/// mode 0755: the agent image is FROM scratch, so the init container has no `cp`.
+fn install(dest: Option<&str>) -> i32 {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(dest) = dest else {
+        eprintln!("usage: crac-agent install <dest-path>");
+        return 2;
+    };
+    let mut dest = std::path::PathBuf::from(dest);
+    if dest.is_dir() {
+        dest.push("crac-agent");
+    }
+    let tmp = dest.with_extension("tmp");
+    let result = std::fs::copy("/proc/self/exe", &tmp)
+        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
+        .and_then(|_| std::fs::rename(&tmp, &dest));
+    match result {
+        Ok(()) => {
+            eprintln!("crac-agent: installed {}", dest.display());
+            0
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            eprintln!("crac-agent: cannot install to {}: {e}", dest.display());
+            1
+        }
+    }
+}

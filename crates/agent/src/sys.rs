@@ -1,0 +1,199 @@
+//! The few raw syscalls the agent needs that std does not wrap: signal masks and `sigwait`,
+//! `waitpid(-1)`, `kill`, `flock`, `setsid` and fd hygiene in the child before `exec`, and
+//! `PR_SET_CHILD_SUBREAPER`.
+//!
+//! This is the only module allowed `unsafe` (the workspace forbids it elsewhere): every block is
+//! a direct libc call on plain integers or on memory owned by the calling function.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// Signals the agent forwards to the JVM. SIGCHLD is handled, not forwarded.
+pub const FORWARDED_SIGNALS: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// How a child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The exit code a shell would report: the code, or 128 + the signal number.
+    pub fn as_exit_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => write!(f, "signal {s}"),
+        }
+    }
+}
+
+fn signal_set(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+fn handled_signals() -> Vec<i32> {
+    let mut v = FORWARDED_SIGNALS.to_vec();
+    v.push(libc::SIGCHLD);
+    v
+}
+
+/// Blocks the forwarded signals and SIGCHLD in the calling thread (and every thread it spawns
+/// afterwards), so that one thread can take them with [`wait_signal`]. Call before spawning
+/// threads. Children get an empty mask back: std resets it between fork and exec.
+pub fn block_signals() -> io::Result<()> {
+    let set = signal_set(&handled_signals());
+    // SAFETY: valid sigset pointer; the old-mask pointer may be null.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Waits for one of the blocked signals and returns its number.
+pub fn wait_signal() -> io::Result<i32> {
+    let set = signal_set(&handled_signals());
+    let mut sig: libc::c_int = 0;
+    // SAFETY: valid pointers to a sigset and an int owned by this frame.
+    let rc = unsafe { libc::sigwait(&set, &mut sig) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(sig)
+}
+
+/// Reaps one exited child without blocking: `Ok(None)` when none is waiting to be reaped
+/// (or there are no children at all).
+pub fn reap_one() -> io::Result<Option<(i32, ExitStatus)>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: valid pointer to an int owned by this frame.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    if pid < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ECHILD) {
+            return Ok(None);
+        }
+        return Err(err);
+    }
+    let st = if libc::WIFEXITED(status) {
+        ExitStatus::Code(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        ExitStatus::Signal(libc::WTERMSIG(status))
+    } else {
+        // Without WUNTRACED/WCONTINUED only exits are reported; keep the pid anyway.
+        ExitStatus::Code(-1)
+    };
+    Ok(Some((pid, st)))
+}
+
+/// Sends `sig` to `pid`.
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain integers.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether a process with this pid exists (in our PID namespace).
+pub fn process_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Becomes a child subreaper, so processes orphaned below us (CRIU's restored tree, the JVM's
+/// own children) are re-parented to the agent and reaped by it even when it is not PID 1.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Marks every fd from 3 up close-on-exec, so nothing the agent inherited (a runtime's stray
+/// `/dev/null` on fd 10 makes `criu dump` fail with "Can't lookup mount") reaches a child.
+pub fn cloexec_from_3() -> io::Result<()> {
+    // SAFETY: close_range with integer arguments (Linux >= 5.11 for CLOSE_RANGE_CLOEXEC).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes the child of `cmd` a session (and process group) leader holding only fds 0, 1 and 2:
+/// CRIU can then dump its tree without `--shell-job` and without external files.
+pub fn isolate_child(cmd: &mut Command) {
+    // SAFETY: only async-signal-safe calls (setsid, syscall) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let rc = libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+            );
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Takes an advisory lock on `file`: shared or exclusive, blocking or not. Returns `Ok(false)`
+/// when `nonblocking` and another process holds a conflicting lock.
+pub fn flock(file: &impl AsRawFd, exclusive: bool, nonblocking: bool) -> io::Result<bool> {
+    let mut op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    if nonblocking {
+        op |= libc::LOCK_NB;
+    }
+    // SAFETY: flock on an fd borrowed for the duration of the call.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+        let err = io::Error::last_os_error();
+        if nonblocking && err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(false);
+        }
+        return Err(err);
+    }
+    Ok(true)
+}
