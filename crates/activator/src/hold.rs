@@ -1,0 +1,318 @@
+//! Per-app state on the request path: the ready backends (a `watch` channel, so held requests
+//! wake the instant a pod turns ready, with no polling), the bounded count of held requests
+//! with their deadline, and the single wake task that asks the operator to wake the app.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::kube::WakeClient;
+use crate::metrics::AppMetrics;
+use crate::routes::{AppKey, RoundRobin};
+
+/// How long a request that found every listed pod refusing connections waits before trying
+/// them again, when no watch event arrives first. Only this corner (a pod listed ready whose
+/// process is already gone) retries on a timer; a wake always waits for watch events.
+const REFUSED_RETRY: Duration = Duration::from_millis(200);
+
+/// Settings for holding and waking, shared by every app.
+#[derive(Clone)]
+pub struct HoldContext {
+    pub max_queue: usize,
+    pub wake_resend_interval: Duration,
+    pub wake_request_timeout: Duration,
+    pub waker: Arc<dyn WakeClient>,
+}
+
+/// What the request path sees of an app's pods.
+#[derive(Clone, Debug, Default)]
+pub struct Backends {
+    /// Ready pod IPs, first-ready first.
+    pub ips: Arc<[IpAddr]>,
+    /// Bumped every time a wake fails for good; held requests compare it with the value they
+    /// started with.
+    pub failures: u64,
+    pub last_failure: Option<Arc<str>>,
+    /// The CracApp is gone.
+    pub removed: bool,
+}
+
+/// Result of asking for a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pick {
+    /// Send it here. `held` tells whether the request had to wait for a wake.
+    Ready { ip: IpAddr, held: bool },
+    /// The app's queue is full.
+    QueueFull,
+    /// No pod became ready before the wake deadline.
+    Timeout,
+    /// The wake failed for good, or the app was deleted.
+    Failed(Arc<str>),
+}
+
+pub struct AppState {
+    pub key: AppKey,
+    wake_timeout_ms: AtomicU64,
+    backends: watch::Sender<Backends>,
+    rr: RoundRobin,
+    held: AtomicUsize,
+    waking: AtomicBool,
+    pub metrics: AppMetrics,
+}
+
+impl AppState {
+    pub fn new(key: AppKey, wake_timeout: Duration, ips: Vec<IpAddr>, metrics: AppMetrics) -> Self {
+        let (backends, _) = watch::channel(Backends {
+            ips: ips.into(),
+            ..Default::default()
+        });
+        Self {
+            key,
+            wake_timeout_ms: AtomicU64::new(duration_ms(wake_timeout)),
+            backends,
+            rr: RoundRobin::default(),
+            held: AtomicUsize::new(0),
+            waking: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    pub fn wake_timeout(&self) -> Duration {
+        Duration::from_millis(self.wake_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn set_wake_timeout(&self, timeout: Duration) {
+        self.wake_timeout_ms
+            .store(duration_ms(timeout), Ordering::Relaxed);
+    }
+
+    /// Replaces the ready pods; held requests see the change at once.
+    pub fn set_backends(&self, ips: Vec<IpAddr>) {
+        self.backends.send_if_modified(|b| {
+            if *b.ips == *ips {
+                return false;
+            }
+            b.ips = ips.into();
+            true
+        });
+    }
+
+    pub fn ready_ips(&self) -> Arc<[IpAddr]> {
+        self.backends.borrow().ips.clone()
+    }
+
+    /// Requests currently held for this app.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The app was deleted: every held request fails now.
+    pub fn set_removed(&self) {
+        self.backends.send_modify(|b| b.removed = true);
+    }
+
+    /// The wake failed for good: every request held now gets 503.
+    pub fn fail_wake(&self, reason: &str) {
+        self.backends.send_modify(|b| {
+            b.failures += 1;
+            b.last_failure = Some(reason.into());
+        });
+    }
+
+    /// Chooses a backend for one request, holding it (and waking the app) when none is ready.
+    /// `exclude` lists pods that refused this request's connection already. The wait ends at
+    /// `arrived + wakeTimeout`.
+    pub async fn pick(
+        self: &Arc<Self>,
+        ctx: &HoldContext,
+        exclude: &[IpAddr],
+        arrived: Instant,
+    ) -> Pick {
+        {
+            let b = self.backends.borrow();
+            if b.removed {
+                return Pick::Failed("the app was deleted".into());
+            }
+            if exclude.is_empty() {
+                if let Some(ip) = self.rr.pick(&b.ips) {
+                    return Pick::Ready { ip, held: false };
+                }
+            } else {
+                let usable: Vec<IpAddr> = b
+                    .ips
+                    .iter()
+                    .copied()
+                    .filter(|ip| !exclude.contains(ip))
+                    .collect();
+                if let Some(ip) = self.rr.pick(&usable) {
+                    return Pick::Ready { ip, held: false };
+                }
+            }
+        }
+
+        let Some(_slot) = HeldSlot::acquire(self, ctx.max_queue) else {
+            return Pick::QueueFull;
+        };
+        let mut rx = self.backends.subscribe();
+        let start_failures = rx.borrow_and_update().failures;
+        if rx.borrow().ips.is_empty() {
+            self.ensure_waking(ctx);
+        }
+        let deadline = arrived + self.wake_timeout();
+        let mut honour_exclude = !exclude.is_empty();
+        let wait = async {
+            loop {
+                {
+                    let b = rx.borrow_and_update();
+                    if b.removed {
+                        return Pick::Failed("the app was deleted".into());
+                    }
+                    if b.failures != start_failures {
+                        let reason = b
+                            .last_failure
+                            .clone()
+                            .unwrap_or_else(|| "wake failed".into());
+                        return Pick::Failed(reason);
+                    }
+                    // Held requests go to the first ready pod: it is the one the wake brought up.
+                    let first = b
+                        .ips
+                        .iter()
+                        .copied()
+                        .find(|ip| !honour_exclude || !exclude.contains(ip));
+                    if let Some(ip) = first {
+                        return Pick::Ready { ip, held: true };
+                    }
+                }
+                if honour_exclude {
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() {
+                            return Pick::Failed("the app was deleted".into());
+                        },
+                        () = tokio::time::sleep(REFUSED_RETRY) => honour_exclude = false,
+                    }
+                } else if rx.changed().await.is_err() {
+                    return Pick::Failed("the app was deleted".into());
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, wait).await {
+            Ok(pick) => pick,
+            Err(_) => Pick::Timeout,
+        }
+    }
+
+    /// Starts the app's wake task unless it runs already: one wake request per wake, however
+    /// many requests are held.
+    fn ensure_waking(self: &Arc<Self>, ctx: &HoldContext) {
+        if self
+            .waking
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let app = Arc::clone(self);
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            loop {
+                app.run_wake(&ctx).await;
+                app.waking.store(false, Ordering::Release);
+                // A request may have started holding while the task was finishing: it saw
+                // `waking` set and left the wake to us.
+                let still_needed = {
+                    let b = app.backends.borrow();
+                    app.held() > 0 && b.ips.is_empty() && !b.removed
+                };
+                if !still_needed
+                    || app
+                        .waking
+                        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Asks for the wake, repeating every `wake_resend_interval` while requests are still
+    /// held and no pod is ready (the operator may have missed the first request), until a pod
+    /// is ready, nobody waits any more, or the request fails for good.
+    async fn run_wake(&self, ctx: &HoldContext) {
+        let started = Instant::now();
+        self.metrics.wakes.inc();
+        tracing::info!(app = %self.key, "waking app");
+        let mut rx = self.backends.subscribe();
+        loop {
+            match tokio::time::timeout(ctx.wake_request_timeout, ctx.waker.request_wake(&self.key))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    self.metrics.wake_requests_failed.inc();
+                    if err.permanent {
+                        tracing::warn!(app = %self.key, error = %err.message, "wake request refused");
+                        self.fail_wake(&err.message);
+                        return;
+                    }
+                    tracing::warn!(app = %self.key, error = %err.message, "wake request failed; will repeat");
+                }
+                Err(_) => {
+                    self.metrics.wake_requests_failed.inc();
+                    tracing::warn!(app = %self.key, "wake request timed out; will repeat");
+                }
+            }
+            let resend = tokio::time::sleep(ctx.wake_resend_interval);
+            tokio::select! {
+                ready = rx.wait_for(|b| !b.ips.is_empty() || b.removed) => {
+                    let woke = ready.map(|b| !b.removed).unwrap_or(false);
+                    if woke {
+                        let elapsed = started.elapsed();
+                        self.metrics.wake_seconds.observe(elapsed.as_secs_f64());
+                        tracing::info!(app = %self.key, ms = elapsed.as_millis() as u64, "app woke");
+                    }
+                    return;
+                }
+                () = resend => {
+                    if self.held() == 0 {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One place in an app's bounded queue, released on drop (including when the caller goes away
+/// while held).
+struct HeldSlot<'a> {
+    app: &'a AppState,
+}
+
+impl<'a> HeldSlot<'a> {
+    fn acquire(app: &'a AppState, max: usize) -> Option<Self> {
+        app.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        app.metrics.held.inc();
+        Some(Self { app })
+    }
+}
+
+impl Drop for HeldSlot<'_> {
+    fn drop(&mut self) {
+        self.app.held.fetch_sub(1, Ordering::AcqRel);
+        self.app.metrics.held.dec();
+    }
+}

@@ -1,0 +1,165 @@
+//! crac-activator: holds requests for CracApps scaled to zero, asks the operator to wake them,
+//! and forwards the held requests to the first pod that turns ready.
+//!
+//! The app a connection is for is named by the local port it arrived on (each app gets its own
+//! activator ports, listed in `status.activatorPorts`), so callers using the Service's DNS name
+//! and callers using its ClusterIP reach the same app. Module map:
+//! - [`routes`]: pure state (ports to apps, ready pods, round-robin), unit-tested;
+//! - [`registry`]: that state shared with the request path, fed by the watches;
+//! - [`hold`]: bounded per-app queue with a deadline, and the one wake task per app;
+//! - [`proxy`]: forwarding (HTTP/1.1, h2c, upgrades, streaming bodies) over pooled connections;
+//! - [`server`]: listeners per port, connections, graceful shutdown;
+//! - [`kube`]: the watches and the wake request (behind [`kube::WakeClient`]);
+//! - [`metrics`] and [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+
+pub mod admin;
+pub mod hold;
+pub mod kube;
+pub mod metrics;
+pub mod proxy;
+pub mod registry;
+pub mod routes;
+pub mod server;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::hold::HoldContext;
+use crate::kube::WakeClient;
+use crate::metrics::Metrics;
+use crate::proxy::{Pool, Proxy};
+use crate::registry::Registry;
+use crate::server::{Server, Tracker};
+
+/// Settings of one activator instance.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address the app ports are bound on (`0.0.0.0` in a pod).
+    pub listen_ip: IpAddr,
+    /// Requests held per app at most; the next gets 503 at once.
+    pub max_queue: usize,
+    /// Wake deadline for apps that do not set `scaleToZero.wakeTimeout`.
+    pub default_wake_timeout: Duration,
+    /// `Retry-After` sent with every 503.
+    pub retry_after: Duration,
+    /// A wake still pending after this long is requested again.
+    pub wake_resend_interval: Duration,
+    /// Deadline of one wake request (status patch).
+    pub wake_request_timeout: Duration,
+    /// Deadline for connecting to a pod.
+    pub connect_timeout: Duration,
+    /// How long a shutdown waits for held and in-flight requests.
+    pub drain_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept per pod.
+    pub max_idle_per_backend: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            max_queue: 1000,
+            default_wake_timeout: routes::DEFAULT_WAKE_TIMEOUT,
+            retry_after: Duration::from_secs(5),
+            wake_resend_interval: Duration::from_secs(3),
+            wake_request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(30),
+            max_idle_per_backend: 64,
+        }
+    }
+}
+
+/// One activator: its registry, listeners and request path.
+pub struct Activator {
+    config: Config,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    server: Arc<Server>,
+    shutting_down: AtomicBool,
+}
+
+impl Activator {
+    pub fn new(config: Config, waker: Arc<dyn WakeClient>) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let registry = Arc::new(Registry::new(Arc::clone(&metrics)));
+        let proxy = Arc::new(Proxy {
+            registry: Arc::clone(&registry),
+            hold: HoldContext {
+                max_queue: config.max_queue,
+                wake_resend_interval: config.wake_resend_interval,
+                wake_request_timeout: config.wake_request_timeout,
+                waker,
+            },
+            pool: Pool::new(config.connect_timeout, config.max_idle_per_backend),
+            metrics: Arc::clone(&metrics),
+            retry_after: config.retry_after,
+            tracker: Tracker::default(),
+        });
+        let server = Arc::new(Server::new(proxy, config.listen_ip));
+        Arc::new(Self {
+            config,
+            registry,
+            metrics,
+            server,
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts listening on every port the registry lists, now and as it changes.
+    pub fn start(&self) -> JoinHandle<()> {
+        let wanted = self.registry.ports();
+        tokio::spawn(Arc::clone(&self.server).run_listeners(wanted))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Waits until `port` is listening (or `timeout` passes). For tests and startup logs.
+    pub async fn wait_listening(&self, port: u16, timeout: Duration) -> bool {
+        let mut bound = self.server.bound();
+        tokio::time::timeout(timeout, bound.wait_for(|b| b.contains(&port)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Ready to take traffic: both watches have synced and no shutdown has begun.
+    pub fn ready(&self) -> bool {
+        self.registry.synced() && !self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Graceful shutdown: stop accepting, let every connection finish its current requests
+    /// (held ones included: they still get their wake or their 503), then return. Returns
+    /// `false` when the drain timeout cut it short.
+    pub async fn shutdown(&self) -> bool {
+        self.shutting_down.store(true, Ordering::Release);
+        self.server.begin_shutdown();
+        let tracker = self.server.tracker().clone();
+        tracing::info!(open = tracker.active(), "draining");
+        let drained = tokio::time::timeout(self.config.drain_timeout, tracker.idle())
+            .await
+            .is_ok();
+        if drained {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!(
+                open = tracker.active(),
+                "drain timeout; closing what is left"
+            );
+        }
+        drained
+    }
+}

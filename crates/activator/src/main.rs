@@ -1,0 +1,141 @@
+//! `crac-activator`: parse flags, connect to the API server, run the watches, the listeners
+//! and the admin port, and drain on SIGTERM.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use crac_activator::kube::{KubeWaker, watch_apps, watch_pods};
+use crac_activator::{Activator, Config};
+
+fn duration(text: &str) -> Result<Duration, String> {
+    crac_api::duration::parse(text)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 30s, 500ms or 1m"))
+}
+
+/// Holds requests for CracApps scaled to zero, wakes them and forwards to their pods.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Kubeconfig to use; without it, the in-cluster service account (or $KUBECONFIG).
+    #[arg(long, env = "KUBECONFIG_PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// Address the app ports are bound on.
+    #[arg(long, default_value = "0.0.0.0", env = "CRAC_ACTIVATOR_LISTEN_ADDRESS")]
+    listen_address: IpAddr,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        default_value = "0.0.0.0:9090",
+        env = "CRAC_ACTIVATOR_ADMIN_ADDRESS"
+    )]
+    admin_address: SocketAddr,
+    /// Requests held per app at most; beyond it callers get 503 at once.
+    #[arg(long, default_value_t = 1000)]
+    max_queue: usize,
+    /// Wake deadline for apps that leave scaleToZero.wakeTimeout unset.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    default_wake_timeout: Duration,
+    /// Retry-After sent with 503 responses.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    retry_after: Duration,
+    /// Repeat a wake request still pending after this long.
+    #[arg(long, default_value = "3s", value_parser = duration)]
+    wake_resend_interval: Duration,
+    /// Deadline for connecting to a pod.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    connect_timeout: Duration,
+    /// On SIGTERM, how long to wait for held and in-flight requests.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    drain_timeout: Duration,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run(args))
+}
+
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .context("loading kubeconfig")?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding the cluster (in-cluster or KUBECONFIG)")?,
+    };
+    kube::Client::try_from(config).context("building the API client")
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let client = kube_client(args.kubeconfig.as_ref()).await?;
+    let config = Config {
+        listen_ip: args.listen_address,
+        max_queue: args.max_queue,
+        default_wake_timeout: args.default_wake_timeout,
+        retry_after: args.retry_after,
+        wake_resend_interval: args.wake_resend_interval,
+        connect_timeout: args.connect_timeout,
+        drain_timeout: args.drain_timeout,
+        ..Config::default()
+    };
+    let activator = Activator::new(config, Arc::new(KubeWaker::new(client.clone())));
+    let admin = tokio::net::TcpListener::bind(args.admin_address)
+        .await
+        .with_context(|| format!("binding the admin address {}", args.admin_address))?;
+    tracing::info!(admin = %args.admin_address, listen = %args.listen_address, "crac-activator starting");
+    tokio::spawn(crac_activator::admin::serve(admin, Arc::clone(&activator)));
+    let listeners = activator.start();
+    tokio::spawn(watch_apps(
+        client.clone(),
+        Arc::clone(activator.registry()),
+        args.default_wake_timeout,
+    ));
+    tokio::spawn(watch_pods(client, Arc::clone(activator.registry())));
+
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    let drained = activator.shutdown().await;
+    listeners.abort();
+    if !drained {
+        anyhow::bail!("drain timeout passed with requests still open");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        res = tokio::signal::ctrl_c() => res.context("waiting for SIGINT")?,
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! Prometheus metrics. Per-app handles are created once per app and cached in its state, so
+//! the request path increments an atomic instead of hashing label sets.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::routes::AppKey;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    pub namespace: String,
+    pub app: String,
+}
+
+/// How a request that reached the activator ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    /// Forwarded at once to a ready pod (the app was awake or waking had finished).
+    forwarded,
+    /// Held while the app woke, then forwarded.
+    woken,
+    /// Held until the wake deadline passed: 503.
+    wake_timeout,
+    /// The wake request failed for good (app deleted, forbidden): 503.
+    wake_failed,
+    /// The app's queue was full: 503 at once.
+    queue_full,
+    /// A pod was chosen but the exchange with it failed: 502.
+    bad_gateway,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub namespace: String,
+    pub app: String,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    pub port: u16,
+}
+
+fn wake_histogram() -> Histogram {
+    Histogram::new([
+        0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    held: Family<AppLabels, Gauge>,
+    wakes: Family<AppLabels, Counter>,
+    wake_requests_failed: Family<AppLabels, Counter>,
+    wake_seconds: Family<AppLabels, Histogram, fn() -> Histogram>,
+    outcomes: Family<OutcomeLabels, Counter>,
+    /// Connections for a port no app owns (an app deleted while its callers were connected).
+    pub unknown_port: Counter,
+    /// Activator ports that could not be bound (in use by something else).
+    pub bind_failures: Family<PortLabels, Counter>,
+}
+
+/// Handles for one app, cheap to use on the request path.
+#[derive(Clone, Debug)]
+pub struct AppMetrics {
+    pub held: Gauge,
+    pub wakes: Counter,
+    pub wake_requests_failed: Counter,
+    pub wake_seconds: Histogram,
+    outcomes: [Counter; 6],
+}
+
+impl AppMetrics {
+    pub fn outcome(&self, outcome: Outcome) -> &Counter {
+        &self.outcomes[outcome as usize]
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("crac_activator");
+        let held = Family::<AppLabels, Gauge>::default();
+        let wakes = Family::<AppLabels, Counter>::default();
+        let wake_requests_failed = Family::<AppLabels, Counter>::default();
+        let wake_seconds =
+            Family::<AppLabels, Histogram, fn() -> Histogram>::new_with_constructor(wake_histogram);
+        let outcomes = Family::<OutcomeLabels, Counter>::default();
+        let unknown_port = Counter::default();
+        let bind_failures = Family::<PortLabels, Counter>::default();
+        registry.register(
+            "held_requests",
+            "Requests held while their app wakes",
+            held.clone(),
+        );
+        registry.register(
+            "wakes",
+            "Wakes started (one per wake, not per held request)",
+            wakes.clone(),
+        );
+        registry.register(
+            "wake_requests_failed",
+            "Wake requests (status patches) the API server refused or did not answer",
+            wake_requests_failed.clone(),
+        );
+        registry.register(
+            "wake_duration_seconds",
+            "From the first held request of a wake to the first ready pod: the cold-start cost callers saw",
+            wake_seconds.clone(),
+        );
+        registry.register("requests", "Requests by how they ended", outcomes.clone());
+        registry.register(
+            "unknown_port_requests",
+            "Requests on a port no app owns any more (404)",
+            unknown_port.clone(),
+        );
+        registry.register(
+            "bind_failures",
+            "Activator ports that could not be bound",
+            bind_failures.clone(),
+        );
+        Self {
+            registry,
+            held,
+            wakes,
+            wake_requests_failed,
+            wake_seconds,
+            outcomes,
+            unknown_port,
+            bind_failures,
+        }
+    }
+
+    pub fn for_app(&self, app: &AppKey) -> AppMetrics {
+        let labels = AppLabels {
+            namespace: app.namespace.clone(),
+            app: app.name.clone(),
+        };
+        let outcome = |outcome| {
+            self.outcomes
+                .get_or_create(&OutcomeLabels {
+                    namespace: app.namespace.clone(),
+                    app: app.name.clone(),
+                    outcome,
+                })
+                .clone()
+        };
+        AppMetrics {
+            held: self.held.get_or_create(&labels).clone(),
+            wakes: self.wakes.get_or_create(&labels).clone(),
+            wake_requests_failed: self.wake_requests_failed.get_or_create(&labels).clone(),
+            wake_seconds: self.wake_seconds.get_or_create(&labels).clone(),
+            outcomes: [
+                outcome(Outcome::forwarded),
+                outcome(Outcome::woken),
+                outcome(Outcome::wake_timeout),
+                outcome(Outcome::wake_failed),
+                outcome(Outcome::queue_full),
+                outcome(Outcome::bad_gateway),
+            ],
+        }
+    }
+
+    /// Drops an app's series once the app is gone, so deleted apps do not linger in scrapes.
+    pub fn remove_app(&self, app: &AppKey) {
+        let labels = AppLabels {
+            namespace: app.namespace.clone(),
+            app: app.name.clone(),
+        };
+        self.held.remove(&labels);
+        self.wakes.remove(&labels);
+        self.wake_requests_failed.remove(&labels);
+        self.wake_seconds.remove(&labels);
+        for outcome in [
+            Outcome::forwarded,
+            Outcome::woken,
+            Outcome::wake_timeout,
+            Outcome::wake_failed,
+            Outcome::queue_full,
+            Outcome::bad_gateway,
+        ] {
+            self.outcomes.remove(&OutcomeLabels {
+                namespace: app.namespace.clone(),
+                app: app.name.clone(),
+                outcome,
+            });
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,584 @@
+//! Forwarding one request: choose (or wait for) a ready pod, rewrite the hop-by-hop headers,
+//! send it over a pooled connection of the same protocol the caller used (HTTP/1.1 or h2c),
+//! stream both bodies through untouched, and splice upgraded connections (WebSocket).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::hold::{HoldContext, Pick};
+use crate::metrics::{Metrics, Outcome};
+use crate::registry::Registry;
+use crate::server::Tracker;
+
+/// Body of every response the activator returns: the pod's, streamed, or a short one of its own.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Everything the request path needs.
+pub struct Proxy {
+    pub registry: Arc<Registry>,
+    pub hold: HoldContext,
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+    pub retry_after: Duration,
+    /// Upgraded tunnels outlive their request; a shutdown waits for them too.
+    pub tracker: Tracker,
+}
+
+impl Proxy {
+    /// Handles one request that arrived on `local_port` from `peer`.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        local_port: u16,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let arrived = Instant::now();
+        let Some(route) = self.registry.route(local_port) else {
+            self.metrics.unknown_port.inc();
+            return plain(StatusCode::NOT_FOUND, "no app is served on this port\n");
+        };
+        let app = route.app;
+        let upgrade = is_upgrade(&req);
+        let h2 = req.version() == Version::HTTP_2;
+        if let Err(status) = prepare_request(&mut req, peer, h2, upgrade) {
+            return plain(status, "malformed request\n");
+        }
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let mut refused: Vec<IpAddr> = Vec::new();
+        loop {
+            let (ip, held) = match app.pick(&self.hold, &refused, arrived).await {
+                Pick::Ready { ip, held } => (ip, held),
+                Pick::QueueFull => {
+                    app.metrics.outcome(Outcome::queue_full).inc();
+                    return self
+                        .unavailable("too many requests are waiting for this app to wake\n");
+                }
+                Pick::Timeout => {
+                    app.metrics.outcome(Outcome::wake_timeout).inc();
+                    tracing::warn!(app = %app.key, "no ready pod before the wake deadline");
+                    return self.unavailable("the app did not wake in time\n");
+                }
+                Pick::Failed(reason) => {
+                    app.metrics.outcome(Outcome::wake_failed).inc();
+                    tracing::warn!(app = %app.key, %reason, "wake failed");
+                    return self.unavailable("the app could not be woken\n");
+                }
+            };
+            let addr = SocketAddr::new(ip, route.target_port);
+            match self.pool.send(addr, req, h2, upgrade).await {
+                Ok(mut resp) => {
+                    let outcome = if held {
+                        Outcome::woken
+                    } else {
+                        Outcome::forwarded
+                    };
+                    app.metrics.outcome(outcome).inc();
+                    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    if switching {
+                        if let Some(client_upgrade) = client_upgrade {
+                            let backend_upgrade = hyper::upgrade::on(&mut resp);
+                            let guard = self.tracker.track();
+                            tokio::spawn(async move {
+                                splice(client_upgrade, backend_upgrade).await;
+                                drop(guard);
+                            });
+                        }
+                    } else {
+                        strip_hop_by_hop(resp.headers_mut(), false);
+                    }
+                    return resp.map(Either::Left);
+                }
+                Err(SendError::NotSent(back, err)) => {
+                    tracing::debug!(%addr, error = %err, "pod refused the connection; trying another");
+                    refused.push(ip);
+                    req = back;
+                }
+                Err(SendError::Failed(err)) => {
+                    app.metrics.outcome(Outcome::bad_gateway).inc();
+                    tracing::warn!(app = %app.key, %addr, error = %err, "forwarding failed");
+                    return plain(StatusCode::BAD_GATEWAY, "the app's pod failed to answer\n");
+                }
+            }
+        }
+    }
+
+    fn unavailable(&self, message: &'static str) -> Response<ProxyBody> {
+        let mut resp = plain(StatusCode::SERVICE_UNAVAILABLE, message);
+        let secs = self.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        resp
+    }
+}
+
+/// A short text response of the activator's own.
+pub fn plain(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
+        message.as_bytes(),
+    ))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .map(|s| {
+                    s.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+                })
+                .unwrap_or(false)
+        })
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes the headers that describe one hop (RFC 9110 §7.6.1), and those the `Connection`
+/// header names. An upgrade keeps `Connection: upgrade` and `Upgrade`, which the pod needs.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let trailers_only = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .all(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    if !trailers_only {
+        // `TE: trailers` is end-to-end for gRPC; any other TE is this hop's.
+        headers.remove(header::TE);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(header::TRAILER);
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Rewrites a request for the pod: hop-by-hop headers out, `X-Forwarded-For` in, and the URI
+/// in the form the outgoing protocol wants (origin-form plus Host for HTTP/1.1, absolute for h2).
+fn prepare_request<B>(
+    req: &mut Request<B>,
+    peer: SocketAddr,
+    h2: bool,
+    upgrade: bool,
+) -> Result<(), StatusCode> {
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, upgrade);
+    // The activator's hyper server already answered `Expect: 100-continue`.
+    headers.remove(header::EXPECT);
+    let forwarded = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {}", peer.ip()),
+        _ => peer.ip().to_string(),
+    };
+    let forwarded = HeaderValue::from_str(&forwarded).map_err(|_| StatusCode::BAD_REQUEST)?;
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded);
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+
+    let authority = req.uri().authority().cloned();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".to_owned());
+    if h2 {
+        let authority = match authority {
+            Some(a) => a.to_string(),
+            None => req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+                .ok_or(StatusCode::BAD_REQUEST)?,
+        };
+        *req.uri_mut() = Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .map_err(|_| StatusCode::BAD_REQUEST)?;
+        *req.version_mut() = Version::HTTP_2;
+    } else {
+        if let Some(authority) = authority
+            && !req.headers().contains_key(header::HOST)
+        {
+            let host =
+                HeaderValue::from_str(authority.as_str()).map_err(|_| StatusCode::BAD_REQUEST)?;
+            req.headers_mut().insert(header::HOST, host);
+        }
+        *req.uri_mut() = path.parse().map_err(|_| StatusCode::BAD_REQUEST)?;
+        if req.version() != Version::HTTP_10 {
+            *req.version_mut() = Version::HTTP_11;
+        }
+    }
+    Ok(())
+}
+
+/// Copies bytes both ways between the caller's and the pod's upgraded connections until both
+/// sides close.
+async fn splice(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::debug!(error = %err, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut backend = TokioIo::new(backend);
+    if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        tracing::debug!(error = %err, "upgraded connection ended with an error");
+    }
+}
+
+/// Why a request did not get a response from the pod. (Large, but returned only on the rare
+/// failure path; boxing it would cost every request an allocation.)
+#[allow(clippy::large_enum_variant)]
+pub enum SendError {
+    /// The request never left: the pod refused or did not accept the connection. The request
+    /// comes back so it can go to another pod.
+    NotSent(Request<Incoming>, String),
+    /// The request was (at least partly) sent, so it cannot be replayed.
+    Failed(hyper::Error),
+}
+
+/// Connections to pods, reused across requests: idle HTTP/1.1 connections per pod address,
+/// and one multiplexed h2 connection per pod address.
+pub struct Pool {
+    h1_idle: Arc<Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    connect_timeout: Duration,
+    max_idle_per_backend: usize,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration, max_idle_per_backend: usize) -> Self {
+        Self {
+            h1_idle: Arc::default(),
+            h2: Mutex::default(),
+            connect_timeout,
+            max_idle_per_backend,
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<TokioIo<TcpStream>> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        stream.set_nodelay(true)?;
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn connect_h1(
+        &self,
+        addr: SocketAddr,
+        upgrades: bool,
+    ) -> Result<http1::SendRequest<Incoming>, ConnectError> {
+        let io = self.connect(addr).await.map_err(ConnectError::Io)?;
+        let (sender, conn) = http1::handshake(io).await.map_err(ConnectError::Http)?;
+        if upgrades {
+            tokio::spawn(async move {
+                if let Err(err) = conn.with_upgrades().await {
+                    tracing::debug!(error = %err, "pod connection ended");
+                }
+            });
+        } else {
+            tokio::spawn(async move {
+                if let Err(err) = conn.await {
+                    tracing::debug!(error = %err, "pod connection ended");
+                }
+            });
+        }
+        Ok(sender)
+    }
+
+    async fn connect_h2(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http2::SendRequest<Incoming>, ConnectError> {
+        let io = self.connect(addr).await.map_err(ConnectError::Io)?;
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(ConnectError::Http)?;
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(error = %err, "pod h2 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends one request to `addr`.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<Incoming>,
+        h2: bool,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, SendError> {
+        if upgrade {
+            // An upgraded connection is never returned to the pool.
+            let mut sender = match self.connect_h1(addr, true).await {
+                Ok(s) => s,
+                Err(err) => return Err(err.not_sent(req)),
+            };
+            return sender.send_request(req).await.map_err(SendError::Failed);
+        }
+        if h2 {
+            return self.send_h2(addr, req).await;
+        }
+        self.send_h1(addr, req).await
+    }
+
+    async fn send_h1(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, SendError> {
+        // Idle connections first; one the pod closed meanwhile hands the request back unsent.
+        while let Some(mut sender) = self.take_idle(addr) {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.return_when_ready(addr, sender);
+                    return Ok(resp);
+                }
+                Err(mut err) => match err.take_message() {
+                    Some(back) => req = back,
+                    None => return Err(SendError::Failed(err.into_error())),
+                },
+            }
+        }
+        let mut sender = match self.connect_h1(addr, false).await {
+            Ok(s) => s,
+            Err(err) => return Err(err.not_sent(req)),
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                self.return_when_ready(addr, sender);
+                Ok(resp)
+            }
+            Err(mut err) => match err.take_message() {
+                Some(back) => Err(SendError::NotSent(back, err.into_error().to_string())),
+                None => Err(SendError::Failed(err.into_error())),
+            },
+        }
+    }
+
+    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.get_mut(&addr)?;
+        while let Some(sender) = list.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        idle.remove(&addr);
+        None
+    }
+
+    /// Puts the connection back once the response body has been read to the end (HTTP/1.1
+    /// carries one exchange at a time).
+    fn return_when_ready(&self, addr: SocketAddr, mut sender: http1::SendRequest<Incoming>) {
+        let idle = Arc::clone(&self.h1_idle);
+        let max = self.max_idle_per_backend;
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let list = idle.entry(addr).or_default();
+            if list.len() < max {
+                list.push(sender);
+            }
+        });
+    }
+
+    async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let cached = {
+            let conns = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+            conns.get(&addr).filter(|s| !s.is_closed()).cloned()
+        };
+        if let Some(mut sender) = cached {
+            if sender.ready().await.is_ok() {
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(mut err) => match err.take_message() {
+                        Some(back) => req = back,
+                        None => return Err(SendError::Failed(err.into_error())),
+                    },
+                }
+            }
+            self.h2
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&addr);
+        }
+        let mut sender = match self.connect_h2(addr).await {
+            Ok(s) => s,
+            Err(err) => return Err(err.not_sent(req)),
+        };
+        self.h2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(addr, sender.clone());
+        if let Err(err) = sender.ready().await {
+            return Err(SendError::NotSent(req, err.to_string()));
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(mut err) => match err.take_message() {
+                Some(back) => Err(SendError::NotSent(back, err.into_error().to_string())),
+                None => Err(SendError::Failed(err.into_error())),
+            },
+        }
+    }
+}
+
+enum ConnectError {
+    Io(std::io::Error),
+    Http(hyper::Error),
+}
+
+impl ConnectError {
+    fn not_sent(self, req: Request<Incoming>) -> SendError {
+        match self {
+            ConnectError::Io(err) => SendError::NotSent(req, err.to_string()),
+            ConnectError::Http(err) => SendError::NotSent(req, err.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)], uri: &str) -> Request<()> {
+        let mut builder = Request::builder().uri(uri);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        builder.body(()).expect("request")
+    }
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:4000".parse().expect("addr")
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_and_forwarded_for_added() {
+        let mut req = request(
+            &[
+                ("host", "demo.shop"),
+                ("connection", "keep-alive, x-secret"),
+                ("keep-alive", "timeout=5"),
+                ("x-secret", "1"),
+                ("te", "gzip"),
+                ("transfer-encoding", "chunked"),
+                ("proxy-authorization", "Basic x"),
+                ("x-forwarded-for", "10.1.1.1"),
+                ("x-app", "kept"),
+            ],
+            "/a?b=c",
+        );
+        prepare_request(&mut req, peer(), false, false).expect("prepare");
+        let h = req.headers();
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "te",
+            "transfer-encoding",
+            "proxy-authorization",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} should be removed");
+        }
+        assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
+        assert_eq!(h["x-app"], "kept");
+        assert_eq!(h["host"], "demo.shop");
+        assert_eq!(req.uri(), "/a?b=c");
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_headers_and_te_trailers_survives() {
+        let mut req = request(
+            &[
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+                ("te", "trailers"),
+            ],
+            "/ws",
+        );
+        assert!(is_upgrade(&req));
+        prepare_request(&mut req, peer(), false, true).expect("prepare");
+        assert_eq!(req.headers()["connection"], "upgrade");
+        assert_eq!(req.headers()["upgrade"], "websocket");
+        assert_eq!(req.headers()["te"], "trailers");
+        assert!(!is_upgrade(&request(&[("upgrade", "websocket")], "/")));
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_with_host_for_http1_and_absolute_for_h2() {
+        let mut req = request(&[], "http://demo.shop:8080/x");
+        prepare_request(&mut req, peer(), false, false).expect("prepare");
+        assert_eq!(req.uri(), "/x");
+        assert_eq!(req.headers()["host"], "demo.shop:8080");
+
+        let mut req = request(&[("host", "demo.shop")], "/y");
+        prepare_request(&mut req, peer(), true, false).expect("prepare");
+        assert_eq!(req.uri(), "http://demo.shop/y");
+        assert_eq!(req.version(), Version::HTTP_2);
+
+        let mut req = request(&[], "/z");
+        assert_eq!(
+            prepare_request(&mut req, peer(), true, false),
+            Err(StatusCode::BAD_REQUEST)
+        );
+    }
+}

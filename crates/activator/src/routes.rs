@@ -1,0 +1,601 @@
+//! Pure routing state: which app a local port belongs to, which pods of an app are ready (in
+//! the order they became ready), and round-robin over them. No I/O, no clock: the watches in
+//! [`crate::kube`] feed these from Kubernetes objects and the tests feed them directly.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crac_api::CracApp;
+use crac_api::cracapp::ServingMode;
+use k8s_openapi::api::core::v1::Pod;
+
+/// Names a CracApp: namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AppKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl AppKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for AppKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One app port: connections arriving on `activator_port` go to `podIP:target_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortMapping {
+    pub activator_port: u16,
+    pub target_port: u16,
+}
+
+/// What the activator needs to know about one CracApp.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppConfig {
+    pub key: AppKey,
+    pub ports: Vec<PortMapping>,
+    /// How long a held request waits for a ready pod.
+    pub wake_timeout: Duration,
+    /// Where the operator currently points the Service (informational: the activator forwards
+    /// to ready pods whatever the mode, so nothing is lost while the mode switches).
+    pub serving_mode: Option<ServingMode>,
+}
+
+/// Default wake deadline when `spec.scaleToZero.wakeTimeout` is unset (the CRD's documented
+/// default).
+pub const DEFAULT_WAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads the activator's view of a CracApp. `None` when it has no namespace or name (never the
+/// case for objects from the API server). A malformed `wakeTimeout` (the schema forbids it)
+/// falls back to `default_wake_timeout` rather than making the app unreachable.
+pub fn app_config(app: &CracApp, default_wake_timeout: Duration) -> Option<AppConfig> {
+    let namespace = app.metadata.namespace.clone()?;
+    let name = app.metadata.name.clone()?;
+    let wake_timeout = app
+        .spec
+        .scale_to_zero
+        .as_ref()
+        .and_then(|s| s.wake_timeout.as_deref())
+        .and_then(crac_api::duration::parse)
+        .filter(|d| !d.is_zero())
+        .unwrap_or(default_wake_timeout);
+    let status = app.status.as_ref();
+    let ports = status
+        .map(|s| {
+            s.activator_ports
+                .iter()
+                .filter_map(|p| {
+                    let activator_port =
+                        u16::try_from(p.activator_port).ok().filter(|p| *p != 0)?;
+                    let target_port = u16::try_from(p.target_port).ok().filter(|p| *p != 0)?;
+                    Some(PortMapping {
+                        activator_port,
+                        target_port,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(AppConfig {
+        key: AppKey::new(namespace, name),
+        ports,
+        wake_timeout,
+        serving_mode: status.and_then(|s| s.serving_mode),
+    })
+}
+
+/// Where a connection that arrived on a local port goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortRoute {
+    pub app: AppKey,
+    pub target_port: u16,
+}
+
+/// Two apps claim the same activator port (the operator assigns unique ports, so this is a
+/// bug or a race between two operator instances). The smallest app key wins, so every
+/// activator replica makes the same choice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortConflict {
+    pub port: u16,
+    pub winner: AppKey,
+    pub loser: AppKey,
+}
+
+/// Builds the local-port table from every known app.
+pub fn port_table<'a>(
+    apps: impl IntoIterator<Item = &'a AppConfig>,
+) -> (BTreeMap<u16, PortRoute>, Vec<PortConflict>) {
+    let mut table: BTreeMap<u16, PortRoute> = BTreeMap::new();
+    let mut conflicts = Vec::new();
+    for app in apps {
+        for port in &app.ports {
+            let route = PortRoute {
+                app: app.key.clone(),
+                target_port: port.target_port,
+            };
+            match table.get(&port.activator_port) {
+                None => {
+                    table.insert(port.activator_port, route);
+                }
+                Some(existing) if existing.app == app.key => {
+                    // The same app listing a port twice: keep the first mapping.
+                }
+                Some(existing) => {
+                    let (winner, loser) = if app.key < existing.app {
+                        (app.key.clone(), existing.app.clone())
+                    } else {
+                        (existing.app.clone(), app.key.clone())
+                    };
+                    if winner == app.key {
+                        table.insert(port.activator_port, route);
+                    }
+                    conflicts.push(PortConflict {
+                        port: port.activator_port,
+                        winner,
+                        loser,
+                    });
+                }
+            }
+        }
+    }
+    (table, conflicts)
+}
+
+/// What one pod contributes: the app it belongs to (from the `crac.dev/app` label) and its IP
+/// when it is ready to take traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    pub app: AppKey,
+    pub pod: String,
+    pub ready_ip: Option<IpAddr>,
+}
+
+/// Reads a pod. `None` when it has no `crac.dev/app` label (or no name or namespace).
+pub fn pod_entry(pod: &Pod) -> Option<PodEntry> {
+    let namespace = pod.metadata.namespace.clone()?;
+    let pod_name = pod.metadata.name.clone()?;
+    let app = pod
+        .metadata
+        .labels
+        .as_ref()?
+        .get(crac_api::labels::APP)?
+        .clone();
+    Some(PodEntry {
+        app: AppKey::new(namespace, app),
+        pod: pod_name,
+        ready_ip: ready_ip(pod),
+    })
+}
+
+/// The pod's IP if it should receive traffic: Ready condition True, not terminating, an IP
+/// assigned.
+pub fn ready_ip(pod: &Pod) -> Option<IpAddr> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let ready = status
+        .conditions
+        .as_ref()?
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    if !ready {
+        return None;
+    }
+    status.pod_ip.as_deref()?.parse().ok()
+}
+
+/// Ready pods per app, each app's list in the order its pods became ready, so "the first ready
+/// pod" is stable while later pods come and go.
+#[derive(Debug, Default)]
+pub struct PodIndex {
+    /// app -> [(pod name, ip)] in readiness order.
+    ready: HashMap<AppKey, Vec<(String, IpAddr)>>,
+    /// Pods seen since a relist started; applied at its end.
+    relist: Option<Vec<PodEntry>>,
+}
+
+impl PodIndex {
+    /// The ready IPs of an app, first-ready first.
+    pub fn ready_ips(&self, app: &AppKey) -> Vec<IpAddr> {
+        self.ready
+            .get(app)
+            .map(|pods| pods.iter().map(|(_, ip)| *ip).collect())
+            .unwrap_or_default()
+    }
+
+    /// A pod was added or changed. Returns the app whose ready set changed, if any.
+    pub fn apply(&mut self, entry: PodEntry) -> Option<AppKey> {
+        let pods = self.ready.entry(entry.app.clone()).or_default();
+        let position = pods.iter().position(|(name, _)| *name == entry.pod);
+        let changed = match (position, entry.ready_ip) {
+            (Some(i), Some(ip)) if pods[i].1 == ip => false,
+            (Some(i), Some(ip)) => {
+                pods[i].1 = ip;
+                true
+            }
+            (Some(i), None) => {
+                pods.remove(i);
+                true
+            }
+            (None, Some(ip)) => {
+                pods.push((entry.pod, ip));
+                true
+            }
+            (None, None) => false,
+        };
+        if pods.is_empty() {
+            self.ready.remove(&entry.app);
+        }
+        changed.then_some(entry.app)
+    }
+
+    /// A pod was deleted. Returns the app whose ready set changed, if any.
+    pub fn delete(&mut self, entry: &PodEntry) -> Option<AppKey> {
+        self.apply(PodEntry {
+            ready_ip: None,
+            ..entry.clone()
+        })
+    }
+
+    /// A relist (watch restart) begins: pods seen until [`Self::finish_relist`] replace the
+    /// current state.
+    pub fn start_relist(&mut self) {
+        self.relist = Some(Vec::new());
+    }
+
+    pub fn relist_pod(&mut self, entry: PodEntry) {
+        self.relist.get_or_insert_with(Vec::new).push(entry);
+    }
+
+    /// Ends a relist. Pods still ready keep their place; new ones go last. Returns every app
+    /// whose ready set changed.
+    pub fn finish_relist(&mut self) -> Vec<AppKey> {
+        let listed = self.relist.take().unwrap_or_default();
+        let mut fresh: HashMap<AppKey, HashMap<String, IpAddr>> = HashMap::new();
+        for entry in listed {
+            if let Some(ip) = entry.ready_ip {
+                fresh.entry(entry.app).or_default().insert(entry.pod, ip);
+            }
+        }
+        let mut changed: HashSet<AppKey> = HashSet::new();
+        let mut next: HashMap<AppKey, Vec<(String, IpAddr)>> = HashMap::new();
+        for (app, old) in &self.ready {
+            let new_pods = fresh.get(app);
+            let mut kept: Vec<(String, IpAddr)> = old
+                .iter()
+                .filter_map(|(name, _)| {
+                    new_pods
+                        .and_then(|p| p.get(name))
+                        .map(|ip| (name.clone(), *ip))
+                })
+                .collect();
+            let mut added: Vec<(String, IpAddr)> = new_pods
+                .map(|p| {
+                    p.iter()
+                        .filter(|(name, _)| !old.iter().any(|(n, _)| n == *name))
+                        .map(|(n, ip)| (n.clone(), *ip))
+                        .collect()
+                })
+                .unwrap_or_default();
+            added.sort();
+            kept.extend(added);
+            if kept != *old {
+                changed.insert(app.clone());
+            }
+            if !kept.is_empty() {
+                next.insert(app.clone(), kept);
+            }
+        }
+        for (app, pods) in fresh {
+            if self.ready.contains_key(&app) {
+                continue;
+            }
+            let mut list: Vec<(String, IpAddr)> = pods.into_iter().collect();
+            list.sort();
+            changed.insert(app.clone());
+            next.insert(app, list);
+        }
+        self.ready = next;
+        let mut changed: Vec<AppKey> = changed.into_iter().collect();
+        changed.sort();
+        changed
+    }
+}
+
+/// Round-robin over an app's ready backends.
+#[derive(Debug, Default)]
+pub struct RoundRobin(AtomicUsize);
+
+impl RoundRobin {
+    pub fn pick<T: Copy>(&self, backends: &[T]) -> Option<T> {
+        if backends.is_empty() {
+            return None;
+        }
+        let n = self.0.fetch_add(1, Ordering::Relaxed);
+        Some(backends[n % backends.len()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crac_api::cracapp::{ActivatorPort, CracAppStatus, ScaleToZeroSpec};
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn app(ns: &str, name: &str, ports: &[(i32, i32)], wake: Option<&str>) -> CracApp {
+        let spec: crac_api::CracAppSpec = serde_json::from_value(serde_json::json!({
+            "template": {"spec": {"containers": [{"name": "app", "command": ["java"]}]}}
+        }))
+        .expect("spec");
+        let mut app = CracApp::new(name, spec);
+        app.metadata.namespace = Some(ns.into());
+        app.spec.scale_to_zero = wake.map(|w| ScaleToZeroSpec {
+            wake_timeout: Some(w.into()),
+            ..Default::default()
+        });
+        app.status = Some(CracAppStatus {
+            serving_mode: Some(ServingMode::Activator),
+            activator_ports: ports
+                .iter()
+                .map(|(a, t)| ActivatorPort {
+                    name: None,
+                    target_port: *t,
+                    activator_port: *a,
+                })
+                .collect(),
+            ..Default::default()
+        });
+        app
+    }
+
+    fn pod(
+        ns: &str,
+        name: &str,
+        app: Option<&str>,
+        ready: bool,
+        ip: Option<&str>,
+        deleting: bool,
+    ) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.namespace = Some(ns.into());
+        pod.metadata.name = Some(name.into());
+        if let Some(app) = app {
+            pod.metadata.labels =
+                Some([(crac_api::labels::APP.to_string(), app.to_string())].into());
+        }
+        if deleting {
+            pod.metadata.deletion_timestamp = Some(Time(Default::default()));
+        }
+        pod.status = Some(PodStatus {
+            pod_ip: ip.map(String::from),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        pod
+    }
+
+    fn entry(app: &str, pod: &str, ip_: Option<&str>) -> PodEntry {
+        PodEntry {
+            app: AppKey::new("ns", app),
+            pod: pod.into(),
+            ready_ip: ip_.map(ip),
+        }
+    }
+
+    #[test]
+    fn app_config_reads_ports_and_wake_timeout() {
+        let cfg = app_config(
+            &app(
+                "shop",
+                "demo",
+                &[(30001, 8080), (30002, 9090)],
+                Some("1m30s"),
+            ),
+            DEFAULT_WAKE_TIMEOUT,
+        )
+        .expect("config");
+        assert_eq!(cfg.key, AppKey::new("shop", "demo"));
+        assert_eq!(
+            cfg.ports,
+            vec![
+                PortMapping {
+                    activator_port: 30001,
+                    target_port: 8080
+                },
+                PortMapping {
+                    activator_port: 30002,
+                    target_port: 9090
+                },
+            ]
+        );
+        assert_eq!(cfg.wake_timeout, Duration::from_secs(90));
+        assert_eq!(cfg.serving_mode, Some(ServingMode::Activator));
+    }
+
+    #[test]
+    fn app_config_defaults_and_skips_invalid_ports() {
+        let cfg = app_config(
+            &app(
+                "shop",
+                "demo",
+                &[(0, 8080), (70000, 80), (30001, 8080)],
+                None,
+            ),
+            Duration::from_secs(7),
+        )
+        .expect("config");
+        assert_eq!(
+            cfg.ports,
+            vec![PortMapping {
+                activator_port: 30001,
+                target_port: 8080
+            }]
+        );
+        assert_eq!(cfg.wake_timeout, Duration::from_secs(7));
+        let bad = app_config(
+            &app("shop", "demo", &[], Some("soon")),
+            Duration::from_secs(7),
+        )
+        .expect("config");
+        assert_eq!(bad.wake_timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn port_table_maps_ports_and_resolves_conflicts_deterministically() {
+        let a = app_config(
+            &app("ns", "b-app", &[(1000, 80), (1001, 81)], None),
+            DEFAULT_WAKE_TIMEOUT,
+        )
+        .expect("a");
+        let b = app_config(
+            &app("ns", "a-app", &[(1001, 90)], None),
+            DEFAULT_WAKE_TIMEOUT,
+        )
+        .expect("b");
+        for order in [vec![&a, &b], vec![&b, &a]] {
+            let (table, conflicts) = port_table(order);
+            assert_eq!(
+                table[&1000],
+                PortRoute {
+                    app: AppKey::new("ns", "b-app"),
+                    target_port: 80
+                }
+            );
+            assert_eq!(
+                table[&1001],
+                PortRoute {
+                    app: AppKey::new("ns", "a-app"),
+                    target_port: 90
+                }
+            );
+            assert_eq!(conflicts.len(), 1);
+            assert_eq!(conflicts[0].winner, AppKey::new("ns", "a-app"));
+        }
+    }
+
+    #[test]
+    fn pod_readiness_needs_ready_condition_ip_and_no_deletion() {
+        assert_eq!(
+            ready_ip(&pod("ns", "p", Some("a"), true, Some("10.0.0.1"), false)),
+            Some(ip("10.0.0.1"))
+        );
+        assert_eq!(
+            ready_ip(&pod("ns", "p", Some("a"), false, Some("10.0.0.1"), false)),
+            None
+        );
+        assert_eq!(
+            ready_ip(&pod("ns", "p", Some("a"), true, None, false)),
+            None
+        );
+        assert_eq!(
+            ready_ip(&pod("ns", "p", Some("a"), true, Some("10.0.0.1"), true)),
+            None
+        );
+        assert_eq!(
+            pod_entry(&pod("ns", "p", None, true, Some("10.0.0.1"), false)),
+            None
+        );
+        let e =
+            pod_entry(&pod("ns", "p", Some("a"), true, Some("10.0.0.1"), false)).expect("entry");
+        assert_eq!(e.app, AppKey::new("ns", "a"));
+    }
+
+    #[test]
+    fn pod_index_keeps_readiness_order() {
+        let mut idx = PodIndex::default();
+        let a = AppKey::new("ns", "a");
+        assert_eq!(
+            idx.apply(entry("a", "p2", Some("10.0.0.2"))),
+            Some(a.clone())
+        );
+        assert_eq!(
+            idx.apply(entry("a", "p1", Some("10.0.0.1"))),
+            Some(a.clone())
+        );
+        assert_eq!(
+            idx.apply(entry("a", "p1", Some("10.0.0.1"))),
+            None,
+            "no change, no event"
+        );
+        assert_eq!(idx.ready_ips(&a), vec![ip("10.0.0.2"), ip("10.0.0.1")]);
+        assert_eq!(idx.apply(entry("a", "p2", None)), Some(a.clone()));
+        assert_eq!(idx.ready_ips(&a), vec![ip("10.0.0.1")]);
+        assert_eq!(idx.delete(&entry("a", "p1", None)), Some(a.clone()));
+        assert!(idx.ready_ips(&a).is_empty());
+        assert_eq!(
+            idx.apply(entry("a", "p3", None)),
+            None,
+            "an unready pod changes nothing"
+        );
+    }
+
+    #[test]
+    fn pod_index_relist_keeps_order_and_reports_changes() {
+        let mut idx = PodIndex::default();
+        idx.apply(entry("a", "p1", Some("10.0.0.1")));
+        idx.apply(entry("a", "p2", Some("10.0.0.2")));
+        idx.apply(entry("gone", "g1", Some("10.0.1.1")));
+        idx.start_relist();
+        idx.relist_pod(entry("a", "p3", Some("10.0.0.3")));
+        idx.relist_pod(entry("a", "p2", Some("10.0.0.2")));
+        idx.relist_pod(entry("a", "p1", Some("10.0.0.1")));
+        idx.relist_pod(entry("new", "n1", Some("10.0.2.1")));
+        let changed = idx.finish_relist();
+        assert_eq!(
+            changed,
+            vec![
+                AppKey::new("ns", "a"),
+                AppKey::new("ns", "gone"),
+                AppKey::new("ns", "new")
+            ]
+        );
+        assert_eq!(
+            idx.ready_ips(&AppKey::new("ns", "a")),
+            vec![ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3")]
+        );
+        assert!(idx.ready_ips(&AppKey::new("ns", "gone")).is_empty());
+        idx.start_relist();
+        idx.relist_pod(entry("a", "p1", Some("10.0.0.1")));
+        idx.relist_pod(entry("a", "p2", Some("10.0.0.2")));
+        idx.relist_pod(entry("a", "p3", Some("10.0.0.3")));
+        idx.relist_pod(entry("new", "n1", Some("10.0.2.1")));
+        assert!(
+            idx.finish_relist().is_empty(),
+            "an identical relist changes nothing"
+        );
+    }
+
+    #[test]
+    fn round_robin_spreads_evenly() {
+        let rr = RoundRobin::default();
+        let backends = [1, 2, 3];
+        let mut counts = [0; 4];
+        for _ in 0..300 {
+            counts[rr.pick(&backends).expect("pick")] += 1;
+        }
+        assert_eq!(&counts[1..], &[100, 100, 100]);
+        assert_eq!(rr.pick::<u8>(&[]), None);
+    }
+}

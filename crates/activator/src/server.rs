@@ -1,0 +1,238 @@
+//! Listeners and connections: one listener per activator port the registry knows (bound and
+//! closed as apps come and go), HTTP/1.1 and h2c on each, and the bookkeeping that lets a
+//! shutdown stop accepting yet finish every request and tunnel already in flight.
+
+use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+
+use crate::proxy::Proxy;
+
+/// How often a port that could not be bound is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// Counts work that a graceful shutdown waits for: connections and upgraded tunnels.
+#[derive(Clone, Default)]
+pub struct Tracker {
+    inner: Arc<(AtomicUsize, Notify)>,
+}
+
+pub struct TrackGuard {
+    inner: Arc<(AtomicUsize, Notify)>,
+}
+
+impl Tracker {
+    pub fn track(&self) -> TrackGuard {
+        self.inner.0.fetch_add(1, Ordering::AcqRel);
+        TrackGuard {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.inner.0.load(Ordering::Acquire)
+    }
+
+    /// Resolves once nothing is tracked.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.inner.1.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.active() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        if self.inner.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.1.notify_waiters();
+        }
+    }
+}
+
+pub struct Server {
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    listen_ip: IpAddr,
+    shutdown: watch::Sender<bool>,
+    bound: watch::Sender<BTreeSet<u16>>,
+}
+
+impl Server {
+    pub fn new(proxy: Arc<Proxy>, listen_ip: IpAddr) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(hyper_util::rt::TokioTimer::new());
+        // Bounds how long a caller may take to send its headers, so a slow or broken client
+        // cannot pin a connection forever.
+        builder
+            .http1()
+            .header_read_timeout(Duration::from_secs(30))
+            .max_buf_size(1024 * 1024);
+        builder.http2().timer(hyper_util::rt::TokioTimer::new());
+        Self {
+            proxy,
+            builder,
+            listen_ip,
+            shutdown: watch::channel(false).0,
+            bound: watch::channel(BTreeSet::new()).0,
+        }
+    }
+
+    /// The ports listening now.
+    pub fn bound(&self) -> watch::Receiver<BTreeSet<u16>> {
+        self.bound.subscribe()
+    }
+
+    pub fn tracker(&self) -> &Tracker {
+        &self.proxy.tracker
+    }
+
+    /// Stops accepting on every port and asks every connection to close after its current
+    /// requests (HTTP/1.1: after the response; h2: GOAWAY).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Keeps one listener per wanted port until shutdown.
+    pub async fn run_listeners(self: Arc<Self>, mut wanted: watch::Receiver<BTreeSet<u16>>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut running: HashMap<u16, watch::Sender<bool>> = HashMap::new();
+        loop {
+            let want = wanted.borrow_and_update().clone();
+            running.retain(|port, stop| {
+                let keep = want.contains(port);
+                if !keep {
+                    stop.send_replace(true);
+                    tracing::info!(port, "stopped listening");
+                }
+                keep
+            });
+            let mut failed = false;
+            let missing: Vec<u16> = want
+                .iter()
+                .copied()
+                .filter(|p| !running.contains_key(p))
+                .collect();
+            for port in missing {
+                match std::net::TcpListener::bind(SocketAddr::new(self.listen_ip, port))
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .and_then(TcpListener::from_std)
+                {
+                    Ok(listener) => {
+                        let (stop, stop_rx) = watch::channel(false);
+                        running.insert(port, stop);
+                        tracing::info!(port, "listening");
+                        tokio::spawn(Arc::clone(&self).accept_loop(listener, port, stop_rx));
+                    }
+                    Err(err) => {
+                        failed = true;
+                        self.proxy
+                            .metrics
+                            .bind_failures
+                            .get_or_create(&crate::metrics::PortLabels { port })
+                            .inc();
+                        tracing::error!(port, error = %err, "cannot listen on activator port");
+                    }
+                }
+            }
+            let ports: BTreeSet<u16> = running.keys().copied().collect();
+            self.bound.send_if_modified(|b| {
+                let changed = *b != ports;
+                *b = ports;
+                changed
+            });
+            let retry = async {
+                if failed {
+                    tokio::time::sleep(BIND_RETRY).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                changed = wanted.changed() => if changed.is_err() { break },
+                () = signalled(&mut shutdown) => break,
+                () = retry => {}
+            }
+        }
+        for stop in running.values() {
+            stop.send_replace(true);
+        }
+        self.bound.send_replace(BTreeSet::new());
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        port: u16,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => self.serve(stream, peer, port),
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off briefly, keep serving.
+                        tracing::warn!(port, error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = signalled(&mut stop) => return,
+                () = signalled(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// Serves one accepted connection on `port` (the port, not the address the caller dialled,
+    /// names the app).
+    pub fn serve(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, port: u16) {
+        let _ = stream.set_nodelay(true);
+        let server = Arc::clone(self);
+        let guard = self.proxy.tracker.track();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let proxy = Arc::clone(&server.proxy);
+            let service = service_fn(move |req| {
+                let proxy = Arc::clone(&proxy);
+                async move { Ok::<_, Infallible>(proxy.handle(req, port, peer).await) }
+            });
+            let conn = server
+                .builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let mut shutdown = server.shutdown.subscribe();
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(err) = res {
+                        tracing::debug!(port, %peer, error = %err, "connection ended with an error");
+                    }
+                }
+                () = signalled(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    if let Err(err) = conn.await {
+                        tracing::debug!(port, %peer, error = %err, "connection ended with an error");
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Resolves once the flag is set (or its sender is gone).
+async fn signalled(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}
