@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub const APP_CONTAINER: &str = "app";
 
 /// A JVM application that starts by restoring a checkpoint instead of booting cold.
+// clippy reads the repeated `type_` keys of several printcolumns as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "crac.dev",
@@ -23,6 +25,9 @@ pub const APP_CONTAINER: &str = "app";
     category = "all",
     namespaced,
     status = "CracAppStatus",
+    validation = Rule::new("size(self.metadata.name) <= 40").message(
+        "metadata.name: at most 40 characters; it prefixes the names of the Jobs, Services and labels the operator creates"
+    ),
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",
@@ -37,8 +42,16 @@ pub const APP_CONTAINER: &str = "app";
         json_path = ".status.checkpoint.createdAt",
         description = "Age of the image the pods restore from"
     ),
-    printcolumn(name = "Last Activity", type_ = "date", json_path = ".status.lastActivityTime"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Last Activity",
+        type_ = "date",
+        json_path = ".status.lastActivityTime"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
     printcolumn(
         name = "Checkpoint ID",
         type_ = "string",
@@ -108,7 +121,9 @@ fn pod_template_schema(generator: &mut schemars::SchemaGenerator) -> schemars::S
 }
 
 /// Which checkpoint engine the agent drives.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// A CRaC JDK (`-XX:CRaCCheckpointTo`, `jcmd JDK.checkpoint`). The app takes part in the
@@ -278,7 +293,9 @@ impl AccessMode {
 }
 
 /// What a pod does when its image cannot be restored.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum Fallback {
     /// Start the JVM cold and serve (slower start, still available). The operator counts it.
     #[default]

@@ -1,1 +1,113 @@
-fn main() {}
+//! `crac-operator`: reconciles CracApps. Flags and environment only; the work is in the library.
+
+use clap::Parser;
+use crac_operator::build::BuildConfig;
+use crac_operator::controller::{self, Context};
+use crac_operator::leader::{self, LeaseSettings};
+use crac_operator::metrics::Metrics;
+use crac_operator::server::{self, Health};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Runs JVM apps from CRaC checkpoints on Kubernetes")]
+struct Args {
+    /// Image that holds the static crac-agent binary, injected into every app pod.
+    #[arg(long, env = "CRAC_AGENT_IMAGE", default_value = concat!("ghcr.io/crac-operator/crac-agent:", env!("CARGO_PKG_VERSION")))]
+    agent_image: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "CRAC_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// CracApps reconciled at once.
+    #[arg(long, env = "CRAC_CONCURRENCY", default_value_t = 8)]
+    concurrency: u16,
+    /// Take a Lease before reconciling, so only one replica acts.
+    #[arg(long, env = "CRAC_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "crac-system")]
+    lease_namespace: String,
+    /// This replica's name in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Reconcile CracApps of this namespace only (default: all namespaces).
+    #[arg(long, env = "CRAC_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "CRAC_LOG_JSON", default_value_t = false)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+
+    let client = Client::try_default().await?;
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let health = Arc::new(Health::default());
+    tokio::spawn(server::serve(
+        args.metrics_addr,
+        Arc::new(registry),
+        health.clone(),
+    ));
+
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("crac-operator-{}", std::process::id()));
+    let lease_api = Api::<Lease>::namespaced(client.clone(), &args.lease_namespace);
+    let lease = LeaseSettings {
+        name: "crac-operator".into(),
+        identity: identity.clone(),
+        duration: Duration::from_secs(15),
+        renew_every: Duration::from_secs(4),
+    };
+    if args.leader_elect {
+        // A standby replica is healthy and ready: it is waiting, not failing.
+        health.ready.store(true, Ordering::Relaxed);
+        tracing::info!(%identity, "waiting for the leader lease");
+        leader::acquire(&lease_api, &lease).await;
+        tracing::info!(%identity, "leading");
+        health.ready.store(false, Ordering::Relaxed);
+    }
+
+    let ctx = Arc::new(Context::new(
+        client,
+        BuildConfig {
+            agent_image: args.agent_image,
+        },
+        metrics,
+        identity,
+    ));
+    let ready = health.clone();
+    let run = controller::run(ctx, args.concurrency, args.namespace, move || {
+        ready.ready.store(true, Ordering::Relaxed)
+    });
+    if args.leader_elect {
+        tokio::select! {
+            () = run => {}
+            () = leader::hold(&lease_api, &lease) => {
+                anyhow::bail!("lost the leader lease; exiting so another replica leads");
+            }
+        }
+    } else {
+        run.await;
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! The restore Deployment: pods that run `crac-agent restore`, reading the image from the
+//! claim mounted read-only. A new image rolls out with maxUnavailable 0, so the pods of the
+//! previous image keep serving until the new ones are ready.
+
+use super::inject::{Mode, inject_agent};
+use super::{BuildConfig, app_name, labels_for, owner_ref};
+use crate::checkpoint_id::short;
+use crate::validate::ValidatedApp;
+use crac_api::CracApp;
+use crac_api::labels;
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::ObjectMeta;
+use std::collections::BTreeMap;
+
+/// The label selector of the app's pods (immutable on a Deployment, so the id is not in it).
+pub fn pod_selector(app: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(labels::APP.to_string(), app.to_string())])
+}
+
+/// The Deployment restoring image `id` with `replicas` pods.
+pub fn restore_deployment_for(
+    app: &CracApp,
+    validated: &ValidatedApp,
+    id: &str,
+    replicas: i32,
+    config: &BuildConfig,
+) -> Deployment {
+    let name = app_name(app);
+    let template_meta = app.spec.template.metadata.clone().unwrap_or_default();
+    let mut pod_labels = template_meta.labels.unwrap_or_default();
+    pod_labels.extend(labels_for(name, "restore"));
+    pod_labels.insert(labels::CHECKPOINT_ID.into(), short(id).into());
+    let mut pod_annotations = template_meta.annotations.unwrap_or_default();
+    pod_annotations.insert(labels::CHECKPOINT_ID_ANNOTATION.into(), id.into());
+
+    let mut pod_spec = app.spec.template.spec.clone().unwrap_or_default();
+    inject_agent(&mut pod_spec, Mode::Restore, app, validated, id, config);
+
+    Deployment {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: app.metadata.namespace.clone(),
+            labels: Some(labels_for(name, "restore")),
+            owner_references: Some(vec![owner_ref(app)]),
+            ..Default::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(pod_selector(name)),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(pod_annotations),
+                    ..Default::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The checkpoint id a Deployment's pods restore from.
+pub fn restored_id(deployment: &Deployment) -> Option<&str> {
+    deployment
+        .spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(labels::CHECKPOINT_ID_ANNOTATION)
+        .map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::{tests::app, validate};
+    use crac_api::agent as contract;
+
+    fn deployment() -> Deployment {
+        let a = app();
+        let v = validate(&a).unwrap();
+        let config = BuildConfig {
+            agent_image: "crac-agent:test".into(),
+        };
+        restore_deployment_for(&a, &v, &"cd".repeat(32), 2, &config)
+    }
+
+    #[test]
+    fn pods_restore_with_two_capabilities_and_a_read_only_claim() {
+        let d = deployment();
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.command.as_ref().unwrap()[..3],
+            [contract::AGENT_BIN, "restore", "--"]
+        );
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.privileged, Some(false));
+        assert_eq!(
+            sc.capabilities
+                .as_ref()
+                .unwrap()
+                .add
+                .as_ref()
+                .unwrap()
+                .len(),
+            2
+        );
+        let images = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "crac-images")
+            .unwrap();
+        assert_eq!(
+            images.persistent_volume_claim.as_ref().unwrap().read_only,
+            Some(true)
+        );
+        assert!(
+            c.readiness_probe.is_some(),
+            "the user's readiness probe is kept"
+        );
+    }
+
+    #[test]
+    fn rollout_keeps_old_pods_until_new_ones_are_ready() {
+        let d = deployment();
+        let spec = d.spec.as_ref().unwrap();
+        let ru = spec
+            .strategy
+            .as_ref()
+            .unwrap()
+            .rolling_update
+            .as_ref()
+            .unwrap();
+        assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
+        assert_eq!(spec.replicas, Some(2));
+        assert_eq!(
+            spec.selector.match_labels.as_ref().unwrap(),
+            &pod_selector("demo")
+        );
+        assert_eq!(restored_id(&d), Some("cd".repeat(32).as_str()));
+    }
+}

@@ -1,0 +1,148 @@
+//! Reading the agent's report back from a checkpoint pod: the one-line JSON summary it
+//! writes to the termination message (see `crac_api::agent`), or what Kubernetes knows when
+//! the agent could not write one (killed, out of memory, image pull failure).
+
+use crac_api::agent::{AgentSummary, Outcome};
+use crac_api::cracapp::APP_CONTAINER;
+use k8s_openapi::api::core::v1::Pod;
+
+/// Longest message copied into a condition (they are read in `kubectl describe`).
+const MAX_MESSAGE: usize = 512;
+
+/// The app container's summary, once it has terminated.
+pub fn summary_of(pod: &Pod) -> Option<AgentSummary> {
+    let status = pod.status.as_ref()?;
+    let terminated = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == APP_CONTAINER)
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref());
+    let Some(terminated) = terminated else {
+        // The pod failed without the app container ending: evicted, deadline exceeded.
+        if status.phase.as_deref() == Some("Failed") {
+            return Some(AgentSummary {
+                outcome: Some(Outcome::Failed),
+                reason: Some(status.reason.clone().unwrap_or_else(|| "PodFailed".into())),
+                message: Some(truncate(
+                    status
+                        .message
+                        .as_deref()
+                        .unwrap_or("the checkpoint pod failed"),
+                )),
+                ..Default::default()
+            });
+        }
+        return None;
+    };
+    let raw = terminated.message.as_deref().unwrap_or("").trim();
+    if let Ok(summary) = serde_json::from_str::<AgentSummary>(raw) {
+        return Some(summary);
+    }
+    let ok = terminated.exit_code == 0;
+    let reason = match terminated.reason.as_deref() {
+        Some("OOMKilled") => "OutOfMemory".to_string(),
+        _ if ok => "Completed".to_string(),
+        _ => "AgentFailed".to_string(),
+    };
+    let message = if raw.is_empty() {
+        format!(
+            "the app container exited with code {} ({}) without a report from the agent",
+            terminated.exit_code,
+            terminated.reason.as_deref().unwrap_or("no reason")
+        )
+    } else {
+        truncate(raw)
+    };
+    Some(AgentSummary {
+        outcome: Some(if ok {
+            Outcome::Checkpointed
+        } else {
+            Outcome::Failed
+        }),
+        reason: Some(reason),
+        message: Some(message),
+        exit_code: Some(terminated.exit_code),
+        ..Default::default()
+    })
+}
+
+/// `(reason, message)` of a failed attempt, for conditions and Events.
+pub fn failure_of(summary: &AgentSummary) -> (String, String) {
+    (
+        summary
+            .reason
+            .clone()
+            .unwrap_or_else(|| "CheckpointFailed".into()),
+        truncate(
+            summary
+                .message
+                .as_deref()
+                .unwrap_or("the checkpoint failed without a reason"),
+        ),
+    )
+}
+
+fn truncate(text: &str) -> String {
+    let line = text.lines().last().unwrap_or_default();
+    match line.char_indices().nth(MAX_MESSAGE) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(exit_code: i32, reason: &str, message: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "status": { "phase": if exit_code == 0 { "Succeeded" } else { "Failed" },
+              "containerStatuses": [{ "name": "app", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0,
+                "state": { "terminated": { "exitCode": exit_code, "reason": reason, "message": message } } }] }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn agent_summary_is_read_from_the_termination_message() {
+        let json = r#"{"outcome":"failed","reason":"ReadinessTimeout","message":"no answer on :8080 within 600s","checkpointId":"ab"}"#;
+        let s = summary_of(&pod(1, "Error", json)).unwrap();
+        assert_eq!(s.outcome, Some(Outcome::Failed));
+        assert_eq!(
+            failure_of(&s),
+            (
+                "ReadinessTimeout".into(),
+                "no answer on :8080 within 600s".into()
+            )
+        );
+    }
+
+    #[test]
+    fn no_report_still_says_why() {
+        let s = summary_of(&pod(137, "OOMKilled", "")).unwrap();
+        let (reason, message) = failure_of(&s);
+        assert_eq!(reason, "OutOfMemory");
+        assert!(message.contains("137"), "{message}");
+        let s = summary_of(&pod(
+            1,
+            "Error",
+            "Exception in thread main\njava.lang.IllegalStateException: boom",
+        ))
+        .unwrap();
+        assert_eq!(
+            failure_of(&s).1,
+            "java.lang.IllegalStateException: boom",
+            "last log line kept"
+        );
+    }
+
+    #[test]
+    fn running_pod_has_no_summary() {
+        let running: Pod =
+            serde_json::from_value(serde_json::json!({"status": {"phase": "Running"}})).unwrap();
+        assert!(summary_of(&running).is_none());
+    }
+}

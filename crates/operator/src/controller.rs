@@ -1,0 +1,721 @@
+//! The reconciler: fetch what exists, validate, build what should exist, apply it in order
+//! (claim, checkpoint Job, Deployment, Service and slice), then write status from what was
+//! observed. One field manager, server-side apply with force, owner references on everything.
+
+use crate::build::deployment::{restore_deployment_for, restored_id};
+use crate::build::job::{checkpoint_job_for, checkpoint_job_name};
+use crate::build::pvc::images_claim_for;
+use crate::build::service::{Backends, app_ports, endpoint_slice_for, service_for};
+use crate::build::{BuildConfig, app_name, labels_for, owner_ref};
+use crate::checkpoint_id::checkpoint_id;
+use crate::checkpoint_pod::{failure_of, summary_of};
+use crate::error::{Error, Result};
+use crate::metrics::{Metrics, ReasonLabel, ResultLabel};
+use crate::status::{
+    CHECKPOINT_READY, CheckpointProgress, Observed, Rollout, conditions_for, phase_for,
+    retry_backoff, transitions,
+};
+use crate::validate::{ValidatedApp, validate};
+use crac_api::agent::AgentSummary;
+use crac_api::cracapp::{CheckpointStatus, CracAppStatus, PendingCheckpoint, ServingMode};
+use crac_api::{CracApp, labels};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Container, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
+    PodTemplateSpec, Service, Volume, VolumeMount,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{Instrument, field, info, info_span, warn};
+
+/// Removes the app's images from a shared claim before the CracApp goes.
+pub const FINALIZER: &str = "crac.dev/cleanup-images";
+/// Periodic resync of a healthy app (catches drift nobody told us about).
+const RESYNC: Duration = Duration::from_secs(300);
+/// How soon to look again at a storage problem the operator cannot fix itself.
+const STORAGE_RETRY: Duration = Duration::from_secs(300);
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub config: BuildConfig,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        config: BuildConfig,
+        metrics: Arc<Metrics>,
+        instance: String,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: labels::MANAGER.into(),
+            instance: Some(instance),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            metrics,
+        }
+    }
+}
+
+/// Where the controller looks: the whole cluster, or one namespace.
+fn api_in<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until the stream ends (or the future is dropped). `namespace`
+/// limits it to one namespace (for a namespaced install, and for tests).
+pub async fn run(
+    ctx: Arc<Context>,
+    concurrency: u16,
+    namespace: Option<String>,
+    on_ready: impl Fn() + Send + 'static,
+) {
+    let client = ctx.client.clone();
+    let ns = namespace.as_deref();
+    let owned =
+        watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    let controller = Controller::new(api_in::<CracApp>(&client, ns), watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .owns(api_in::<Job>(&client, ns), owned.clone())
+        .owns(api_in::<Deployment>(&client, ns), owned.clone())
+        .owns(api_in::<Service>(&client, ns), owned.clone())
+        .owns(api_in::<PersistentVolumeClaim>(&client, ns), owned.clone())
+        // Pods carry no owner reference to the app; map them by their label. Checkpoint pod
+        // failures and restore pods' readiness both change what the app's status says.
+        .watches(api_in::<Pod>(&client, ns), owned, |pod| {
+            let app = pod.labels().get(labels::APP)?.clone();
+            Some(kube::runtime::reflector::ObjectRef::new(&app).within(&pod.namespace()?))
+        });
+    let store = controller.store();
+    tokio::spawn(async move {
+        if store.wait_until_ready().await.is_ok() {
+            on_ready();
+        }
+    });
+    controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile ended with an error");
+            }
+        })
+        .await;
+}
+
+async fn reconcile(app: Arc<CracApp>, ctx: Arc<Context>) -> Result<Action> {
+    let span = info_span!("reconcile", app = %app.name_any(), namespace = field::Empty);
+    span.record("namespace", app.namespace().unwrap_or_default().as_str());
+    let started = Instant::now();
+    let api = Api::<CracApp>::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default());
+    let result = finalizer(&api, FINALIZER, app, |event| async {
+        match event {
+            Finalizer::Apply(app) => apply(&app, &ctx).await,
+            Finalizer::Cleanup(app) => cleanup(&app, &ctx).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.metric_label(),
+    };
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabel {
+            result: label.into(),
+        })
+        .inc();
+    ctx.metrics
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+fn error_policy(app: Arc<CracApp>, error: &Error, _ctx: Arc<Context>) -> Action {
+    match error {
+        Error::Finalizer(inner)
+            if matches!(
+                **inner,
+                kube::runtime::finalizer::Error::CleanupFailed(Error::CleanupPending { .. })
+            ) =>
+        {
+            Action::requeue(Duration::from_secs(2))
+        }
+        _ => {
+            warn!(app = %app.name_any(), reason = error.metric_label(), error = %error, "reconcile failed");
+            Action::requeue(Duration::from_secs(5))
+        }
+    }
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(labels::MANAGER).force()
+}
+
+async fn apply_object<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let mut body = serde_json::to_value(obj).expect("Kubernetes objects serialize");
+    body["apiVersion"] = K::api_version(&()).into();
+    body["kind"] = K::kind(&()).into();
+    Ok(api
+        .patch(&name, &apply_params(), &Patch::Apply(body))
+        .await?)
+}
+
+/// The reconcile proper, for an app that is not being deleted.
+async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
+    let ns = app.namespace().unwrap_or_default();
+    let previous = app.status.clone().unwrap_or_default();
+    let mut next = CracAppStatus {
+        checkpoint: previous.checkpoint.clone(),
+        pending_checkpoint: previous.pending_checkpoint.clone(),
+        selector: Some(format!("{}={}", labels::APP, app_name(app))),
+        serving_mode: Some(ServingMode::Pods),
+        ..Default::default()
+    };
+
+    // Validate. A spec the operator cannot act on is reported; nothing is torn down, so an
+    // app that was serving keeps serving its previous image.
+    let validated = match validate(app) {
+        Ok(v) => v,
+        Err(e) => {
+            let progress = CheckpointProgress::InvalidSpec {
+                message: e.to_string(),
+            };
+            let rollout = observe_rollout(ctx, &ns, app_name(app)).await?;
+            finish(app, ctx, next, progress, rollout).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let id = checkpoint_id(
+        &validated,
+        app.spec.checkpoint.engine,
+        &ctx.config.agent_image,
+    );
+
+    // Storage.
+    if let Some(problem) = storage_problem(app, ctx, &ns).await? {
+        let rollout = observe_rollout(ctx, &ns, app_name(app)).await?;
+        finish(app, ctx, next, problem, rollout).await?;
+        return Ok(Action::requeue(STORAGE_RETRY));
+    }
+    if let Some(claim) = images_claim_for(app) {
+        apply_object(&ctx.client, &ns, &claim).await?;
+    }
+
+    // Checkpoint.
+    let (progress, requeue) = checkpoint(app, ctx, &validated, &id, &mut next).await?;
+
+    // Restore rollout, from the newest published image.
+    let wanted = app.spec.replicas;
+    let mut rollout = None;
+    if let Some(image) = next.checkpoint.clone() {
+        let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
+        let existing = deployments.get_opt(app_name(app)).await?;
+        let desired = if image.id == id {
+            Some(restore_deployment_for(
+                app,
+                &validated,
+                &id,
+                wanted,
+                &ctx.config,
+            ))
+        } else {
+            // The spec moved on but its image is not ready: keep the pods on the template
+            // that matches the published image, so they never restore it with another JAR.
+            existing
+                .as_ref()
+                .filter(|d| restored_id(d) == Some(image.id.as_str()))
+                .map(|d| {
+                    let mut kept =
+                        restore_deployment_for(app, &validated, &image.id, wanted, &ctx.config);
+                    if let (Some(spec), Some(old)) = (kept.spec.as_mut(), d.spec.as_ref()) {
+                        spec.template = old.template.clone();
+                    }
+                    kept
+                })
+        };
+        if let Some(desired) = desired {
+            let applied = apply_object(&ctx.client, &ns, &desired).await?;
+            rollout = Some(rollout_of(&applied, wanted));
+        } else {
+            rollout = existing.as_ref().map(|d| rollout_of(d, wanted));
+        }
+    }
+
+    // Service and its endpoints.
+    let ports = app_ports(&validated);
+    if let Some(service) = service_for(app, &ports) {
+        apply_object(&ctx.client, &ns, &service).await?;
+        let backends = Backends {
+            addresses: ready_pod_ips(ctx, &ns, app_name(app)).await?,
+            ports: ports.iter().map(|p| (p.clone(), p.port)).collect(),
+        };
+        apply_object(&ctx.client, &ns, &endpoint_slice_for(app, &backends)).await?;
+    }
+
+    finish(app, ctx, next, progress, rollout).await?;
+    Ok(requeue.unwrap_or_else(|| Action::requeue(RESYNC)))
+}
+
+/// Ensures a checkpoint Job for `id` exists while no image of `id` is published, and adopts
+/// the image when the Job succeeds. Updates `next.checkpoint` / `next.pending_checkpoint`.
+async fn checkpoint(
+    app: &CracApp,
+    ctx: &Context,
+    validated: &ValidatedApp,
+    id: &str,
+    next: &mut CracAppStatus,
+) -> Result<(CheckpointProgress, Option<Action>)> {
+    if next.checkpoint.as_ref().is_some_and(|c| c.id == id) {
+        next.pending_checkpoint = None;
+        return Ok((CheckpointProgress::Current, None));
+    }
+    let ns = app.namespace().unwrap_or_default();
+    let name = app_name(app);
+    let mut pending = next
+        .pending_checkpoint
+        .clone()
+        .filter(|p| p.id == id)
+        .unwrap_or_else(|| PendingCheckpoint {
+            id: id.to_string(),
+            ..Default::default()
+        });
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &ns);
+    let job_name = checkpoint_job_name(name, id, pending.failures);
+    let job = jobs.get_opt(&job_name).await?;
+
+    let result = match job {
+        None => {
+            if let Some(wait) = backoff_remaining(&pending) {
+                let (reason, message) = last_checkpoint_failure(app);
+                let message = format!(
+                    "{message} (attempt {} starts in {}s)",
+                    pending.failures + 1,
+                    wait.as_secs()
+                );
+                next.pending_checkpoint = Some(pending.clone());
+                let progress = CheckpointProgress::Failed {
+                    failures: pending.failures,
+                    reason,
+                    message,
+                };
+                return Ok((progress, Some(Action::requeue(wait))));
+            }
+            let job = checkpoint_job_for(app, validated, id, pending.failures, &ctx.config);
+            apply_object(&ctx.client, &ns, &job).await?;
+            ctx.metrics.checkpoints_started.inc();
+            info!(job = %job_name, "checkpoint Job created");
+            (
+                CheckpointProgress::Running {
+                    attempt: pending.failures,
+                    last_failure: None,
+                },
+                None,
+            )
+        }
+        Some(job) if job_finished(&job, "Complete") => {
+            let pods = job_pods(ctx, &ns, &job_name).await?;
+            let summary = pods
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+                .find_map(summary_of)
+                .unwrap_or_default();
+            let image = published_image(&job, &summary, app, id);
+            if let Some(secs) = image.duration_seconds {
+                ctx.metrics.checkpoint_seconds.observe(secs);
+            }
+            next.checkpoint = Some(image);
+            next.pending_checkpoint = None;
+            info!(job = %job_name, "checkpoint image published");
+            return Ok((CheckpointProgress::Current, None));
+        }
+        Some(job) if job_finished(&job, "Failed") => {
+            let pods = job_pods(ctx, &ns, &job_name).await?;
+            let summary = newest_failure(&pods).unwrap_or_else(|| AgentSummary {
+                reason: job_condition_reason(&job, "Failed"),
+                message: Some("the checkpoint Job failed".into()),
+                ..Default::default()
+            });
+            let (reason, message) = failure_of(&summary);
+            ctx.metrics
+                .checkpoint_failures
+                .get_or_create(&ReasonLabel {
+                    reason: reason.clone(),
+                })
+                .inc();
+            pending.failures += 1;
+            pending.last_failure_time = Some(Time(Timestamp::now()));
+            let wait = retry_backoff(pending.failures);
+            let message = format!(
+                "{message} (attempt {} starts in {}s)",
+                pending.failures + 1,
+                wait.as_secs()
+            );
+            next.pending_checkpoint = Some(pending.clone());
+            return Ok((
+                CheckpointProgress::Failed {
+                    failures: pending.failures,
+                    reason,
+                    message,
+                },
+                Some(Action::requeue(wait)),
+            ));
+        }
+        Some(_) => {
+            let pods = job_pods(ctx, &ns, &job_name).await?;
+            let last_failure = newest_failure(&pods).map(|s| {
+                let (reason, message) = failure_of(&s);
+                format!("{reason}: {message}")
+            });
+            (
+                CheckpointProgress::Running {
+                    attempt: pending.failures,
+                    last_failure,
+                },
+                None,
+            )
+        }
+    };
+    next.pending_checkpoint = Some(pending);
+    Ok(result)
+}
+
+fn backoff_remaining(pending: &PendingCheckpoint) -> Option<Duration> {
+    let failed_at = pending.last_failure_time.as_ref()?.0;
+    let due = failed_at + retry_backoff(pending.failures);
+    let now = Timestamp::now();
+    (due > now).then(|| Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO))
+}
+
+/// The reason and message of the last failure, as the condition recorded them.
+fn last_checkpoint_failure(app: &CracApp) -> (String, String) {
+    app.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == CHECKPOINT_READY))
+        .map(|c| {
+            let message = c
+                .message
+                .split(" (attempt ")
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            (c.reason.clone(), message)
+        })
+        .unwrap_or_else(|| {
+            (
+                "CheckpointFailed".into(),
+                "the last checkpoint failed".into(),
+            )
+        })
+}
+
+fn job_finished(job: &Job, type_: &str) -> bool {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
+}
+
+fn job_condition_reason(job: &Job, type_: &str) -> Option<String> {
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)?
+        .reason
+        .clone()
+}
+
+async fn job_pods(ctx: &Context, ns: &str, job: &str) -> Result<Vec<Pod>> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns);
+    Ok(pods
+        .list(&ListParams::default().labels(&format!("job-name={job}")))
+        .await?
+        .items)
+}
+
+/// The report of the most recently created failed pod.
+fn newest_failure(pods: &[Pod]) -> Option<AgentSummary> {
+    let mut failed: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed"))
+        .collect();
+    failed.sort_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0));
+    failed.last().and_then(|p| summary_of(p))
+}
+
+fn published_image(job: &Job, summary: &AgentSummary, app: &CracApp, id: &str) -> CheckpointStatus {
+    let status = job.status.as_ref();
+    let started = status.and_then(|s| s.start_time.as_ref()).map(|t| t.0);
+    let finished = status.and_then(|s| s.completion_time.as_ref()).map(|t| t.0);
+    let duration_seconds = match (started, finished) {
+        (Some(s), Some(f)) => Some(f.duration_since(s).as_secs_f64()),
+        _ => None,
+    };
+    CheckpointStatus {
+        id: id.to_string(),
+        created_at: Some(Time(finished.unwrap_or_else(Timestamp::now))),
+        size_bytes: summary.image_bytes,
+        duration_seconds,
+        jdk: summary.jdk.clone(),
+        engine: Some(app.spec.checkpoint.engine),
+    }
+}
+
+/// A problem with the images volume that the user must fix, if any.
+async fn storage_problem(
+    app: &CracApp,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Option<CheckpointProgress>> {
+    let storage = &app.spec.checkpoint.storage;
+    if let Some(claim) = &storage.existing_claim {
+        let claims = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), ns);
+        if claims.get_opt(claim).await?.is_none() {
+            return Ok(Some(CheckpointProgress::StorageProblem {
+                reason: "ClaimNotFound".into(),
+                message: format!(
+                    "spec.checkpoint.storage.existingClaim: PersistentVolumeClaim {claim:?} does not exist in namespace {ns:?}"
+                ),
+            }));
+        }
+    } else if let Some(class) = &storage.storage_class_name {
+        let classes = Api::<StorageClass>::all(ctx.client.clone());
+        if classes.get_opt(class).await?.is_none() {
+            return Ok(Some(CheckpointProgress::StorageProblem {
+                reason: "StorageClassNotFound".into(),
+                message: format!(
+                    "spec.checkpoint.storage.storageClassName: StorageClass {class:?} does not exist; \
+                     create it or name one of `kubectl get storageclass`"
+                ),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+fn rollout_of(d: &Deployment, wanted: i32) -> Rollout {
+    let s = d.status.clone().unwrap_or_default();
+    Rollout {
+        wanted,
+        replicas: s.replicas.unwrap_or(0),
+        ready: s.ready_replicas.unwrap_or(0),
+        updated: s.updated_replicas.unwrap_or(0),
+    }
+}
+
+async fn observe_rollout(ctx: &Context, ns: &str, name: &str) -> Result<Option<Rollout>> {
+    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), ns);
+    Ok(deployments.get_opt(name).await?.map(|d| {
+        let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+        rollout_of(&d, wanted)
+    }))
+}
+
+/// Addresses of the app's restore pods that are ready and not terminating.
+async fn ready_pod_ips(ctx: &Context, ns: &str, app: &str) -> Result<Vec<String>> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns);
+    let selector = format!("{}={app},{}=restore", labels::APP, labels::COMPONENT);
+    let list = pods.list(&ListParams::default().labels(&selector)).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let status = p.status.as_ref()?;
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then(|| status.pod_ip.clone()).flatten()
+        })
+        .collect())
+}
+
+/// Computes phase and conditions, publishes an Event per transition, and writes the status
+/// when it changed (an unchanged status is not written: no self-triggered reconciles).
+async fn finish(
+    app: &CracApp,
+    ctx: &Context,
+    mut next: CracAppStatus,
+    progress: CheckpointProgress,
+    rollout: Option<Rollout>,
+) -> Result<()> {
+    let previous = app.status.clone().unwrap_or_default();
+    let observed = Observed {
+        generation: app.metadata.generation,
+        checkpoint: progress,
+        has_image: next.checkpoint.is_some(),
+        rollout: rollout.clone(),
+        asleep: false,
+    };
+    next.phase = Some(phase_for(&observed));
+    next.observed_generation = app.metadata.generation;
+    next.conditions = conditions_for(&observed, &previous.conditions, Timestamp::now());
+    if let Some(r) = &rollout {
+        next.replicas = r.replicas;
+        next.ready_replicas = r.ready;
+    }
+    // Fields other writers own are left to them.
+    next.last_activity_time = previous.last_activity_time.clone();
+    next.last_wake = previous.last_wake.clone();
+    next.activator_ports = previous.activator_ports.clone();
+
+    for t in transitions(&previous.conditions, &next.conditions) {
+        let event = KubeEvent {
+            type_: if t.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: t.reason,
+            note: Some(t.note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &app.object_ref(&())).await {
+            warn!(error = %e, "could not publish an Event");
+        }
+    }
+
+    let mut comparable = previous.clone();
+    comparable.wake_requested_at = None;
+    if comparable == next {
+        return Ok(());
+    }
+    let api = Api::<CracApp>::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": CracApp::api_version(&()),
+        "kind": CracApp::kind(&()),
+        "status": next,
+    });
+    api.patch_status(app_name(app), &apply_params(), &Patch::Apply(patch))
+        .await?;
+    Ok(())
+}
+
+/// Before a CracApp goes: its own claim goes with it (owner reference); images on a shared
+/// `existingClaim` are removed by a short Job running the agent's `clean` command.
+async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
+    let Some(claim) = app.spec.checkpoint.storage.existing_claim.clone() else {
+        return Ok(Action::await_change());
+    };
+    let ns = app.namespace().unwrap_or_default();
+    let name = format!("{}-crac-cleanup", app_name(app));
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &ns);
+    match jobs.get_opt(&name).await? {
+        None => {
+            apply_object(
+                &ctx.client,
+                &ns,
+                &cleanup_job_for(app, &name, &claim, &ctx.config),
+            )
+            .await?;
+            Err(Error::CleanupPending { claim })
+        }
+        Some(job) if job_finished(&job, "Complete") => Ok(Action::await_change()),
+        Some(job) if job_finished(&job, "Failed") => {
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: "CleanupFailed".into(),
+                note: Some(format!(
+                    "could not remove the app's images from claim {claim:?}; remove {}/{} by hand",
+                    crac_api::agent::IMAGE_MOUNT,
+                    app_name(app)
+                )),
+                action: "Cleanup".into(),
+                secondary: None,
+            };
+            let _ = ctx.recorder.publish(&event, &app.object_ref(&())).await;
+            Ok(Action::await_change())
+        }
+        Some(_) => Err(Error::CleanupPending { claim }),
+    }
+}
+
+fn cleanup_job_for(app: &CracApp, name: &str, claim: &str, config: &BuildConfig) -> Job {
+    let dir = format!("{}/{}", crac_api::agent::IMAGE_MOUNT, app_name(app));
+    Job {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: app.namespace(),
+            labels: Some(labels_for(app_name(app), "cleanup")),
+            owner_references: Some(vec![owner_ref(app)]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(3),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels_for(app_name(app), "cleanup")),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    containers: vec![Container {
+                        name: "clean".into(),
+                        image: Some(config.agent_image.clone()),
+                        command: Some(vec![
+                            crate::build::AGENT_IMAGE_BINARY.into(),
+                            "clean".into(),
+                            dir,
+                        ]),
+                        volume_mounts: Some(vec![VolumeMount {
+                            name: "crac-images".into(),
+                            mount_path: crac_api::agent::IMAGE_MOUNT.into(),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }],
+                    volumes: Some(vec![Volume {
+                        name: "crac-images".into(),
+                        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                            claim_name: claim.into(),
+                            read_only: Some(false),
+                        }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

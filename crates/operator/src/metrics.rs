@@ -1,0 +1,64 @@
+//! Prometheus metrics of the operator, served on `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    pub reconciles: Family<ResultLabel, Counter>,
+    pub reconcile_seconds: Histogram,
+    pub checkpoint_seconds: Histogram,
+    pub checkpoint_failures: Family<ReasonLabel, Counter>,
+    pub checkpoints_started: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            reconciles: Family::default(),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            checkpoint_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            checkpoint_failures: Family::default(),
+            checkpoints_started: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("crac_operator");
+        r.register(
+            "reconciles",
+            "Reconciles by result (ok or the error's reason)",
+            m.reconciles.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile",
+            m.reconcile_seconds.clone(),
+        );
+        r.register(
+            "checkpoint_duration_seconds",
+            "Time from a checkpoint Job's start to its published image",
+            m.checkpoint_seconds.clone(),
+        );
+        r.register(
+            "checkpoint_failures",
+            "Failed checkpoint Jobs by the agent's reason",
+            m.checkpoint_failures.clone(),
+        );
+        r.register(
+            "checkpoints_started",
+            "Checkpoint Jobs created",
+            m.checkpoints_started.clone(),
+        );
+        m
+    }
+}

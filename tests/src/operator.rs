@@ -1,0 +1,122 @@
+//! Running the operator in-process for a test, and playing the agent's part in checkpoint
+//! pods (no kubelet runs containers here: a test sets the pod's end state and termination
+//! message exactly as the agent and the kubelet would).
+
+use crac_api::CracApp;
+use crac_api::agent::{AgentSummary, Outcome};
+use crac_operator::build::BuildConfig;
+use crac_operator::controller::{self, Context};
+use crac_operator::metrics::Metrics;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use std::sync::Arc;
+
+pub const AGENT_IMAGE: &str = "crac-agent:test";
+
+/// The operator, reconciling one namespace, until dropped.
+pub struct OperatorHandle {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OperatorHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn start_operator(client: &Client, namespace: &str) -> OperatorHandle {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        BuildConfig {
+            agent_image: AGENT_IMAGE.into(),
+        },
+        metrics,
+        format!("test-{namespace}"),
+    ));
+    let task = tokio::spawn(controller::run(ctx, 4, Some(namespace.to_string()), || {}));
+    OperatorHandle { task }
+}
+
+/// A CracApp like a user would write: one `app` container with a command and a port.
+pub fn example_app(name: &str, image: &str) -> CracApp {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "crac.dev/v1alpha1",
+        "kind": "CracApp",
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": 2,
+            "template": { "spec": { "containers": [{
+                "name": "app",
+                "image": image,
+                "command": ["java", "-jar", "/app/app.jar"],
+                "ports": [{ "containerPort": 8080, "name": "http" }],
+                "readinessProbe": { "httpGet": { "path": "/ready", "port": 8080 } }
+            }]}},
+            "checkpoint": { "engine": "criu" }
+        }
+    }))
+    .unwrap()
+}
+
+/// Ends a checkpoint pod as the agent would: the summary in the app container's
+/// termination message, exit code 0 on success or 1 on failure.
+pub async fn end_checkpoint_pod(pods: &Api<Pod>, pod: &str, summary: &AgentSummary) {
+    let ok = summary.outcome == Some(Outcome::Checkpointed);
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let status = serde_json::json!({
+        "status": {
+            "phase": if ok { "Succeeded" } else { "Failed" },
+            "conditions": [{ "type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now }],
+            "containerStatuses": [{
+                "name": "app", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": { "terminated": {
+                    "exitCode": if ok { 0 } else { 1 },
+                    "reason": if ok { "Completed" } else { "Error" },
+                    "message": serde_json::to_string(summary).unwrap(),
+                    "startedAt": now, "finishedAt": now
+                }}
+            }]
+        }
+    });
+    pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .unwrap();
+}
+
+/// The running (not yet ended) pods of a Job.
+pub async fn running_job_pods(pods: &Api<Pod>, job: &str) -> Vec<String> {
+    pods.list(&ListParams::default().labels(&format!("job-name={job}")))
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .filter_map(|p| p.metadata.name)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn success(id: &str) -> AgentSummary {
+    AgentSummary {
+        outcome: Some(Outcome::Checkpointed),
+        checkpoint_id: Some(id.into()),
+        engine: Some("criu".into()),
+        jdk: Some("17.0.15".into()),
+        image_bytes: Some(59_000_000),
+        checkpoint_ms: Some(900),
+        ..Default::default()
+    }
+}
+
+pub fn failure(reason: &str, message: &str) -> AgentSummary {
+    AgentSummary {
+        outcome: Some(Outcome::Failed),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        ..Default::default()
+    }
+}
