@@ -1,0 +1,334 @@
+//! crac-agent against a real JVM and real CRIU, each run as PID 1 of fresh PID and mount
+//! namespaces. Needs root and CRIU 4.2.1 (scripts/fetch-criu); fails, never skips, without it.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::fs;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use crac_api::agent::{ActivityReport, Outcome};
+use support::*;
+
+fn metadata(s: &Scratch, id: &str) -> serde_json::Value {
+    serde_json::from_str(&fs::read_to_string(s.images().join(id).join("metadata.json")).unwrap())
+        .unwrap()
+}
+
+/// GET /activity (the agent opens its listener once it has seen the app ready, which may lag
+/// the test's own first answer by a poll interval).
+fn activity(r: &Running) -> ActivityReport {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (code, body) = loop {
+        match http_get(r.activity_port, "/activity") {
+            Ok(x) => break x,
+            Err(e) if Instant::now() > deadline => {
+                panic!("activity endpoint: {e}; log:\n{}", r.log())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn image_dirs(s: &Scratch) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(s.images())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn checkpoint_then_restore_keeps_heap_state_and_forwards_sigterm() {
+    let _g = serial();
+    let s = Scratch::new("roundtrip");
+    let port = free_port();
+    let ck = checkpoint(&s, "c1", port, &[]);
+
+    let sum = ck.summary();
+    assert_eq!(sum.outcome, Some(Outcome::Checkpointed));
+    assert_eq!(sum.checkpoint_id.as_deref(), Some("c1"));
+    assert_eq!(sum.engine.as_deref(), Some("criu"));
+    assert!(sum.jdk.is_some());
+    assert!(sum.image_bytes.unwrap() > 1_000_000);
+    assert!(sum.ready_ms.is_some() && sum.warmup_ms.is_some() && sum.checkpoint_ms.is_some());
+    // Published by rename: only the final directory, no temporary left.
+    assert_eq!(image_dirs(&s), vec!["c1"]);
+    let meta = metadata(&s, "c1");
+    assert_eq!(meta["checkpointId"], "c1");
+    assert_eq!(meta["arch"], std::env::consts::ARCH);
+    // The agent was PID 1 and raised ns_last_pid to 200: the JVM got 201.
+    assert_eq!(meta["rootPid"], 201, "{meta}");
+    assert!(meta["stdioPipes"].as_array().unwrap().len() == 2);
+    assert!(
+        meta["files"]["pages-1.img"]["sha256"]
+            .as_str()
+            .unwrap()
+            .len()
+            == 64
+    );
+    // The app is gone after the dump.
+    assert!(http_get(port, "/").is_err());
+
+    let mut r = AgentRun::new(&s, "restore", "restore", "c1", port).start();
+    // 200 warm-up requests were answered before the checkpoint: the heap came back.
+    assert_eq!(
+        r.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 201",
+        "log:\n{}",
+        r.log()
+    );
+    assert_eq!(http_get(port, "/").unwrap().1.trim(), "hello 202");
+    let sum = r.summary();
+    assert_eq!(sum.outcome, Some(Outcome::Restored), "{sum:?}");
+    assert!(sum.restore_ms.is_some() && sum.reason.is_none());
+    let act = activity(&r);
+    assert_eq!(act.mode, "restored");
+    assert_eq!(act.checkpoint_id.as_deref(), Some("c1"));
+    assert!(act.start_ms.is_some());
+    // The restored JVM's stdout still reaches the agent's log.
+    let shutdown = s.dir.join("shutdown-c1");
+    assert!(!shutdown.exists());
+    let code = r.stop();
+    assert_eq!(
+        code, 143,
+        "agent must exit with the JVM's status (SIGTERM → 143)"
+    );
+    assert!(
+        fs::read_to_string(&shutdown)
+            .unwrap()
+            .starts_with("stopped 202"),
+        "SIGTERM did not reach the restored JVM"
+    );
+    let log = fs::read_to_string(s.dir.join("restore.log")).unwrap();
+    assert!(
+        log.contains("hello-app: shutting down after 202 requests"),
+        "restored JVM's stdout lost:\n{log}"
+    );
+    let sum = read_summary(&s.dir.join("restore.summary"), &log);
+    assert_eq!(sum.exit_code, Some(143));
+    assert_eq!(sum.outcome, Some(Outcome::Restored));
+}
+
+#[test]
+fn corrupted_image_is_refused_and_cold_started() {
+    let _g = serial();
+    let s = Scratch::new("corrupt");
+    let port = free_port();
+    checkpoint(&s, "c1", port, &[]);
+    corrupt_byte(&s.images().join("c1/pages-1.img"), 4096 * 10 + 7);
+
+    let mut r = AgentRun::new(&s, "restore", "restore", "c1", port).start();
+    // A cold JVM: the counter starts again.
+    assert_eq!(
+        r.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 1"
+    );
+    let sum = r.summary();
+    assert_eq!(sum.outcome, Some(Outcome::ColdStarted), "{sum:?}");
+    assert_eq!(sum.reason.as_deref(), Some("ImageCorrupt"));
+    assert!(
+        sum.message.as_deref().unwrap().contains("pages-1.img"),
+        "{sum:?}"
+    );
+    assert_eq!(activity(&r).mode, "coldStarted");
+    assert_eq!(r.stop(), 143);
+}
+
+#[test]
+fn metadata_mismatch_is_refused_and_cold_started() {
+    let _g = serial();
+    let s = Scratch::new("mismatch");
+    let port = free_port();
+    checkpoint(&s, "c1", port, &[]);
+    let path = s.images().join("c1/metadata.json");
+    let original = fs::read_to_string(&path).unwrap();
+
+    for (edit, want_reason) in [("arch", "MetadataMismatch"), ("cpu", "CpuFeaturesMissing")] {
+        let mut meta: serde_json::Value = serde_json::from_str(&original).unwrap();
+        match edit {
+            "arch" => meta["arch"] = "riscv64".into(),
+            _ => meta["cpuFlags"]
+                .as_array_mut()
+                .unwrap()
+                .push("avx1024_imaginary".into()),
+        }
+        fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
+        let mut r = AgentRun::new(&s, &format!("restore-{edit}"), "restore", "c1", port).start();
+        assert_eq!(
+            r.get_when_up("/", Duration::from_secs(20)).trim(),
+            "hello 1"
+        );
+        let sum = r.summary();
+        assert_eq!(sum.outcome, Some(Outcome::ColdStarted), "{sum:?}");
+        assert_eq!(sum.reason.as_deref(), Some(want_reason), "{sum:?}");
+        let msg = sum.message.unwrap();
+        assert!(
+            msg.contains(if edit == "arch" {
+                "riscv64"
+            } else {
+                "avx1024_imaginary"
+            }),
+            "{msg}"
+        );
+        assert_eq!(r.stop(), 143);
+    }
+}
+
+#[test]
+fn fallback_fail_exits_nonzero_with_the_reason() {
+    let _g = serial();
+    let s = Scratch::new("fail");
+    let port = free_port();
+    checkpoint(&s, "c1", port, &[]);
+    corrupt_byte(&s.images().join("c1/pages-1.img"), 100);
+    let r = AgentRun::new(&s, "restore", "restore", "c1", port).arg("--fallback", "Fail");
+    let code = r.run(Duration::from_secs(30));
+    assert_eq!(code, 1, "log:\n{}", r.log());
+    let sum = r.summary();
+    assert_eq!(sum.outcome, Some(Outcome::Failed));
+    assert_eq!(sum.reason.as_deref(), Some("ImageCorrupt"));
+    assert!(
+        http_get(port, "/").is_err(),
+        "nothing may serve after a failed restore with fallback Fail"
+    );
+
+    // No image at all: same, with its own reason.
+    let r = AgentRun::new(&s, "restore-missing", "restore", "nope", port).arg("--fallback", "Fail");
+    assert_eq!(r.run(Duration::from_secs(30)), 1);
+    assert_eq!(r.summary().reason.as_deref(), Some("ImageMissing"));
+}
+
+#[test]
+fn readiness_that_never_comes_fails_the_checkpoint() {
+    let _g = serial();
+    let s = Scratch::new("never-ready");
+    let port = free_port();
+    let r = AgentRun::new(&s, "checkpoint", "checkpoint", "c1", port)
+        .arg("--readiness", &format!("http://127.0.0.1:{port}/never"))
+        .arg("--timeout-seconds", "3");
+    let start = Instant::now();
+    let code = r.run(Duration::from_secs(30));
+    assert_ne!(code, 0);
+    assert!(start.elapsed() < Duration::from_secs(15));
+    let sum = r.summary();
+    assert_eq!(sum.outcome, Some(Outcome::Failed));
+    assert_eq!(sum.reason.as_deref(), Some("ReadinessTimeout"), "{sum:?}");
+    assert!(sum.message.unwrap().contains("/never"));
+    // Nothing published, nothing half-written left, and the JVM is gone.
+    assert!(image_dirs(&s).is_empty(), "{:?}", image_dirs(&s));
+    assert!(http_get(port, "/").is_err());
+}
+
+#[test]
+fn sigterm_reaches_the_jvm_and_the_agent_exits_with_its_status() {
+    let _g = serial();
+    let s = Scratch::new("sigterm");
+    let port = free_port();
+    let shutdown = s.dir.join("shutdown-run");
+    let mut r = AgentRun::new(&s, "run", "run", "c1", port)
+        .env("HELLO_SHUTDOWN_FILE", &shutdown.to_string_lossy())
+        .start();
+    assert_eq!(
+        r.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 1"
+    );
+    // The agent is PID 1 in its namespace; the JVM is its child.
+    assert_eq!(r.stop(), 143);
+    assert_eq!(fs::read_to_string(&shutdown).unwrap().trim(), "stopped 1");
+    let sum = read_summary(&s.dir.join("run.summary"), "");
+    assert_eq!(sum.outcome, Some(Outcome::Exited));
+    assert_eq!(sum.exit_code, Some(143));
+    assert!(sum.ready_ms.is_some());
+}
+
+#[test]
+fn activity_endpoint_counts_an_open_connection() {
+    let _g = serial();
+    let s = Scratch::new("activity");
+    let port = free_port();
+    let mut r = AgentRun::new(&s, "run", "run", "c1", port).start();
+    r.get_when_up("/ready", Duration::from_secs(20));
+    let before = activity(&r);
+    assert_eq!(before.mode, "running");
+    assert_eq!(before.open_connections, 0);
+
+    // An idle keep-alive connection: no request in flight, but a client is connected.
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let during = loop {
+        let a = activity(&r);
+        if a.open_connections >= 1 || Instant::now() > deadline {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(during.open_connections, 1, "{during:?}");
+    assert!(during.last_activity_time.is_some());
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if activity(&r).open_connections == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "connection count did not drop");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, _) = http_get(r.activity_port, "/other").unwrap();
+    assert_eq!(code, 404);
+    assert_eq!(r.stop(), 143);
+}
+
+#[test]
+fn prune_keeps_retain_images_and_never_one_in_use() {
+    let _g = serial();
+    let s = Scratch::new("prune");
+    let (p1, p2) = (free_port(), free_port());
+    checkpoint(&s, "a", p1, &[("--retain", "1")]);
+    // A pod restores "a" and keeps running: "a" is in use.
+    let mut pod = AgentRun::new(&s, "restore-a", "restore", "a", p1).start();
+    assert_eq!(
+        pod.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 201"
+    );
+
+    checkpoint(&s, "b", p2, &[("--retain", "1")]);
+    // retain 1: "b" is the one kept; "a" is beyond retain but in use.
+    assert_eq!(image_dirs(&s), vec!["a", "b"]);
+    checkpoint(&s, "c", p2, &[("--retain", "2")]);
+    assert_eq!(
+        image_dirs(&s),
+        vec!["a", "b", "c"],
+        "a in use, b and c within retain 2"
+    );
+    // A re-checkpoint of the in-use id never replaces it.
+    let before = fs::read_to_string(s.images().join("a/metadata.json")).unwrap();
+    let again = checkpoint(&s, "a", p2, &[("--retain", "3")]);
+    assert_eq!(
+        fs::read_to_string(s.images().join("a/metadata.json")).unwrap(),
+        before
+    );
+    assert!(again.summary().message.unwrap().contains("in use"));
+
+    assert_eq!(pod.stop(), 143);
+    checkpoint(&s, "d", p2, &[("--retain", "2")]);
+    assert_eq!(image_dirs(&s), vec!["c", "d"]);
+}
+
+#[test]
+fn missing_criu_is_reported() {
+    let _g = serial();
+    let s = Scratch::new("no-criu");
+    let r = AgentRun::new(&s, "checkpoint", "checkpoint", "c1", free_port())
+        .arg("--criu", "/nonexistent/criu");
+    assert_eq!(r.run(Duration::from_secs(30)), 1);
+    let sum = r.summary();
+    assert_eq!(sum.reason.as_deref(), Some("CriuMissing"), "{sum:?}");
+    assert!(image_dirs(&s).is_empty());
+}
