@@ -158,15 +158,12 @@ impl AppState {
             return Pick::QueueFull;
         };
         let mut rx = self.backends.subscribe();
-        let start_failures = rx.borrow_and_update().failures;
-        if rx.borrow().ips.is_empty() {
-            self.ensure_waking(ctx);
-        }
+        let start_failures = rx.borrow().failures;
         let deadline = arrived + self.wake_timeout();
         let mut honour_exclude = !exclude.is_empty();
         let wait = async {
             loop {
-                {
+                let no_pods = {
                     let b = rx.borrow_and_update();
                     if b.removed {
                         return Pick::Failed("the app was deleted".into());
@@ -187,6 +184,11 @@ impl AppState {
                     if let Some(ip) = first {
                         return Pick::Ready { ip, held: true };
                     }
+                    b.ips.is_empty()
+                };
+                if no_pods {
+                    // Also when the pods this request was refused by have gone since.
+                    self.ensure_waking(ctx);
                 }
                 if honour_exclude {
                     tokio::select! {
@@ -220,8 +222,12 @@ impl AppState {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             loop {
-                app.run_wake(&ctx).await;
+                let refused = app.run_wake(&ctx).await;
                 app.waking.store(false, Ordering::Release);
+                if refused {
+                    // The held requests got their 503; the next request tries again.
+                    break;
+                }
                 // A request may have started holding while the task was finishing: it saw
                 // `waking` set and left the wake to us.
                 let still_needed = {
@@ -242,8 +248,8 @@ impl AppState {
 
     /// Asks for the wake, repeating every `wake_resend_interval` while requests are still
     /// held and no pod is ready (the operator may have missed the first request), until a pod
-    /// is ready, nobody waits any more, or the request fails for good.
-    async fn run_wake(&self, ctx: &HoldContext) {
+    /// is ready, nobody waits any more, or the request fails for good (then returns `true`).
+    async fn run_wake(&self, ctx: &HoldContext) -> bool {
         let started = Instant::now();
         self.metrics.wakes.inc();
         tracing::info!(app = %self.key, "waking app");
@@ -258,7 +264,7 @@ impl AppState {
                     if err.permanent {
                         tracing::warn!(app = %self.key, error = %err.message, "wake request refused");
                         self.fail_wake(&err.message);
-                        return;
+                        return true;
                     }
                     tracing::warn!(app = %self.key, error = %err.message, "wake request failed; will repeat");
                 }
@@ -276,11 +282,11 @@ impl AppState {
                         self.metrics.wake_seconds.observe(elapsed.as_secs_f64());
                         tracing::info!(app = %self.key, ms = elapsed.as_millis() as u64, "app woke");
                     }
-                    return;
+                    return false;
                 }
                 () = resend => {
                     if self.held() == 0 {
-                        return;
+                        return false;
                     }
                 }
             }

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -24,6 +25,9 @@ use crate::server::Tracker;
 
 /// Body of every response the activator returns: the pod's, streamed, or a short one of its own.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Body of every request sent to a pod: the caller's, streamed, or empty for a replay.
+pub type OutBody = Either<Incoming, Empty<Bytes>>;
 
 /// Everything the request path needs.
 pub struct Proxy {
@@ -56,6 +60,7 @@ impl Proxy {
             return plain(status, "malformed request\n");
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let mut req = req.map(Either::Left);
 
         let mut refused: Vec<IpAddr> = Vec::new();
         loop {
@@ -278,7 +283,7 @@ async fn splice(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUp
 pub enum SendError {
     /// The request never left: the pod refused or did not accept the connection. The request
     /// comes back so it can go to another pod.
-    NotSent(Request<Incoming>, String),
+    NotSent(Request<OutBody>, String),
     /// The request was (at least partly) sent, so it cannot be replayed.
     Failed(hyper::Error),
 }
@@ -286,8 +291,8 @@ pub enum SendError {
 /// Connections to pods, reused across requests: idle HTTP/1.1 connections per pod address,
 /// and one multiplexed h2 connection per pod address.
 pub struct Pool {
-    h1_idle: Arc<Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    h1_idle: Arc<Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<OutBody>>>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<OutBody>>>,
     connect_timeout: Duration,
     max_idle_per_backend: usize,
 }
@@ -316,7 +321,7 @@ impl Pool {
         &self,
         addr: SocketAddr,
         upgrades: bool,
-    ) -> Result<http1::SendRequest<Incoming>, ConnectError> {
+    ) -> Result<http1::SendRequest<OutBody>, ConnectError> {
         let io = self.connect(addr).await.map_err(ConnectError::Io)?;
         let (sender, conn) = http1::handshake(io).await.map_err(ConnectError::Http)?;
         if upgrades {
@@ -338,7 +343,7 @@ impl Pool {
     async fn connect_h2(
         &self,
         addr: SocketAddr,
-    ) -> Result<http2::SendRequest<Incoming>, ConnectError> {
+    ) -> Result<http2::SendRequest<OutBody>, ConnectError> {
         let io = self.connect(addr).await.map_err(ConnectError::Io)?;
         let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
             .await
@@ -355,7 +360,7 @@ impl Pool {
     pub async fn send(
         &self,
         addr: SocketAddr,
-        req: Request<Incoming>,
+        req: Request<OutBody>,
         h2: bool,
         upgrade: bool,
     ) -> Result<Response<Incoming>, SendError> {
@@ -376,10 +381,14 @@ impl Pool {
     async fn send_h1(
         &self,
         addr: SocketAddr,
-        mut req: Request<Incoming>,
+        mut req: Request<OutBody>,
     ) -> Result<Response<Incoming>, SendError> {
         // Idle connections first; one the pod closed meanwhile hands the request back unsent.
         while let Some(mut sender) = self.take_idle(addr) {
+            // A reused connection may have been closed by the pod just as the request went
+            // out (no response head came back). A bodiless idempotent request is then sent
+            // again (RFC 9110 §9.2.2).
+            let replay = replayable(&req).then(|| head_of(&req));
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     self.return_when_ready(addr, sender);
@@ -387,7 +396,16 @@ impl Pool {
                 }
                 Err(mut err) => match err.take_message() {
                     Some(back) => req = back,
-                    None => return Err(SendError::Failed(err.into_error())),
+                    None => {
+                        let err = err.into_error();
+                        match replay {
+                            Some(head) => {
+                                tracing::debug!(%addr, error = %err, "reused connection failed; sending again");
+                                req = head;
+                            }
+                            None => return Err(SendError::Failed(err)),
+                        }
+                    }
                 },
             }
         }
@@ -395,19 +413,23 @@ impl Pool {
             Ok(s) => s,
             Err(err) => return Err(err.not_sent(req)),
         };
+        let replay = replayable(&req).then(|| head_of(&req));
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 self.return_when_ready(addr, sender);
                 Ok(resp)
             }
-            Err(mut err) => match err.take_message() {
-                Some(back) => Err(SendError::NotSent(back, err.into_error().to_string())),
-                None => Err(SendError::Failed(err.into_error())),
+            Err(mut err) => match (err.take_message(), replay) {
+                (Some(back), _) => Err(SendError::NotSent(back, err.into_error().to_string())),
+                // The pod dropped the connection without answering (it is going away): a
+                // bodiless idempotent request may go to another pod.
+                (None, Some(head)) => Err(SendError::NotSent(head, err.into_error().to_string())),
+                (None, None) => Err(SendError::Failed(err.into_error())),
             },
         }
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
+    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<OutBody>> {
         let mut idle = self.h1_idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(&addr)?;
         while let Some(sender) = list.pop() {
@@ -421,7 +443,7 @@ impl Pool {
 
     /// Puts the connection back once the response body has been read to the end (HTTP/1.1
     /// carries one exchange at a time).
-    fn return_when_ready(&self, addr: SocketAddr, mut sender: http1::SendRequest<Incoming>) {
+    fn return_when_ready(&self, addr: SocketAddr, mut sender: http1::SendRequest<OutBody>) {
         let idle = Arc::clone(&self.h1_idle);
         let max = self.max_idle_per_backend;
         tokio::spawn(async move {
@@ -439,7 +461,7 @@ impl Pool {
     async fn send_h2(
         &self,
         addr: SocketAddr,
-        mut req: Request<Incoming>,
+        mut req: Request<OutBody>,
     ) -> Result<Response<Incoming>, SendError> {
         let cached = {
             let conns = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
@@ -481,13 +503,29 @@ impl Pool {
     }
 }
 
+/// Whether a request can be sent again after a pod dropped it unanswered: an idempotent
+/// method and no body.
+fn replayable(req: &Request<OutBody>) -> bool {
+    req.method().is_idempotent() && req.body().is_end_stream()
+}
+
+/// A bodiless copy of a request.
+fn head_of(req: &Request<OutBody>) -> Request<OutBody> {
+    let mut copy = Request::new(Either::Right(Empty::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
 enum ConnectError {
     Io(std::io::Error),
     Http(hyper::Error),
 }
 
 impl ConnectError {
-    fn not_sent(self, req: Request<Incoming>) -> SendError {
+    fn not_sent(self, req: Request<OutBody>) -> SendError {
         match self {
             ConnectError::Io(err) => SendError::NotSent(req, err.to_string()),
             ConnectError::Http(err) => SendError::NotSent(req, err.to_string()),

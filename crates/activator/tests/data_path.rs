@@ -1,0 +1,566 @@
+//! The data path: the real activator on real sockets, real HTTP backends, all on 127.0.0.1.
+//! The cluster is replaced by `TestWaker`, which turns the app's pod ready when asked to wake.
+//! Time limits here are generous deadlines against hangs, not performance claims.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use crac_activator::Config;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::Request;
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const LONG: Duration = Duration::from_secs(30);
+
+async fn wait_held(activator: &crac_activator::Activator, n: usize) {
+    let app = activator.registry().app(&app_key()).unwrap();
+    within(LONG, "requests to be held", async {
+        while app.held() < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_requests_held_while_asleep_each_get_one_correct_answer_after_one_wake() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Ready {
+        delay: Duration::from_millis(300),
+    });
+    let (activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+
+    let started = Instant::now();
+    let calls: Vec<_> = (0..50)
+        .map(|i| tokio::spawn(async move { (i, get(port, &format!("/echo/{i}")).await) }))
+        .collect();
+    for call in calls {
+        let (i, answer) = within(LONG, "held request", call).await.unwrap();
+        let answer = answer.unwrap();
+        assert_eq!(answer.status, 200, "request {i}");
+        assert_eq!(
+            answer.body,
+            format!("id:{i}"),
+            "request {i} got another's answer"
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "answers came before the pod was ready"
+    );
+    assert_eq!(
+        backend.state.requests.load(Ordering::SeqCst),
+        50,
+        "each request reached the pod exactly once"
+    );
+    assert_eq!(waker.calls(), 1, "one wake request for the whole burst");
+    assert_eq!(metric(&activator, "crac_activator_wakes_total{"), 1.0);
+    assert_eq!(
+        metric(
+            &activator,
+            "crac_activator_requests_total{namespace=\"shop\",app=\"demo\",outcome=\"woken\"}"
+        ),
+        50.0
+    );
+    assert_eq!(metric(&activator, "crac_activator_held_requests{"), 0.0);
+    assert!(
+        activator.metrics().encode().contains(
+            "crac_activator_wake_duration_seconds_count{namespace=\"shop\",app=\"demo\"} 1"
+        )
+    );
+    assert_eq!(
+        backend.state.last_xff.lock().unwrap().as_deref(),
+        Some("127.0.0.1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_during_the_switch_to_sleep_and_the_wake_all_succeed() {
+    let backend_port = free_port();
+    let mut backend = Some(start_backend(Some(backend_port)).await);
+    let waker = TestWaker::new(OnWake::Never);
+    let (activator, port) =
+        start_activator(test_config(), &waker, backend_port, Duration::from_secs(20)).await;
+    let key = app_key();
+    // Awake, yet traffic reaches the activator (the operator flipped the Service early).
+    waker.set_pods(&key, vec![LOOPBACK]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let id = format!("{c}-{n}");
+                    results.push((id.clone(), get(port, &format!("/echo/{id}")).await));
+                    n += 1;
+                }
+                results
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(waker.calls(), 0, "no wake while pods are ready");
+    for cycle in 0..2 {
+        // Sleep: the pod's process goes away a moment before the watch says so.
+        backend.take().unwrap().stop();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waker.set_pods(&key, vec![]);
+        let calls_before = waker.calls();
+        within(LONG, "a wake request", async {
+            while waker.calls() == calls_before {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        // Wake: the pod restores and turns ready.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        backend = Some(start_backend(Some(backend_port)).await);
+        waker.set_pods(&key, vec![LOOPBACK]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(waker.calls() > calls_before, "cycle {cycle} woke the app");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for client in clients {
+        for (id, answer) in within(LONG, "clients", client).await.unwrap() {
+            let answer = answer.unwrap_or_else(|e| panic!("request {id} failed: {e}"));
+            assert_eq!(answer.status, 200, "request {id}: {:?}", answer.body);
+            assert_eq!(answer.body, format!("id:{id}"));
+            total += 1;
+        }
+    }
+    assert!(total > 20, "the load ran ({total} requests)");
+    assert!(
+        metric(
+            &activator,
+            "crac_activator_requests_total{namespace=\"shop\",app=\"demo\",outcome=\"woken\"}"
+        ) >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_timeout_gives_503_with_retry_after_at_the_deadline() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let (activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let answers = futures::future::join_all((0..5).map(|i| get(port, format!("/echo/{i}")))).await;
+    let elapsed = started.elapsed();
+    for answer in answers {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status, 503);
+        assert_eq!(answer.headers["retry-after"], "5");
+    }
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "503 before the deadline: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "503 long after the deadline: {elapsed:?}"
+    );
+    assert_eq!(backend.state.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        metric(
+            &activator,
+            "crac_activator_requests_total{namespace=\"shop\",app=\"demo\",outcome=\"wake_timeout\"}"
+        ),
+        5.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_wake_gives_503_at_once_not_at_the_deadline() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Refuse);
+    let (_activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+    let started = Instant::now();
+    let answer = within(LONG, "refused wake", get(port, "/echo/1"))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 503);
+    assert!(answer.headers.contains_key("retry-after"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "waited for the deadline anyway"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_gives_503_at_once_and_the_held_still_succeed() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let config = Config {
+        max_queue: 5,
+        ..test_config()
+    };
+    let (activator, port) =
+        start_activator(config, &waker, backend.port, Duration::from_secs(20)).await;
+    let held: Vec<_> = (0..5)
+        .map(|i| tokio::spawn(get(port, format!("/echo/{i}"))))
+        .collect();
+    wait_held(&activator, 5).await;
+
+    let started = Instant::now();
+    let rejected = within(LONG, "queue full", get(port, "/echo/x"))
+        .await
+        .unwrap();
+    assert_eq!(rejected.status, 503);
+    assert_eq!(rejected.headers["retry-after"], "5");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the full queue made the caller wait"
+    );
+    assert!(
+        held.iter().all(|h| !h.is_finished()),
+        "held requests were answered early"
+    );
+
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+    for (i, h) in held.into_iter().enumerate() {
+        let answer = within(LONG, "held", h).await.unwrap().unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, format!("id:{i}"));
+    }
+    assert_eq!(
+        metric(
+            &activator,
+            "crac_activator_requests_total{namespace=\"shop\",app=\"demo\",outcome=\"queue_full\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_request_body_streams_through_a_wake_intact() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Ready {
+        delay: Duration::from_millis(200),
+    });
+    let (_activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+
+    const CHUNKS: usize = 512; // 32 MiB
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
+    let body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|f| (f, rx))
+    }));
+    let req = Request::post("/hash")
+        .header("host", "demo")
+        .body(body)
+        .unwrap();
+    let call = tokio::spawn(request(port, req));
+    let mut expected = Sha256::new();
+    for i in 0..CHUNKS {
+        let data = chunk(i);
+        expected.update(&data);
+        tx.send(Ok(Frame::data(data))).await.unwrap();
+        if i == 16 {
+            // The pod must see the body before the caller has finished sending it.
+            within(LONG, "the pod to receive the first bytes", async {
+                while backend.state.body_bytes.load(Ordering::SeqCst) == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+        }
+    }
+    drop(tx);
+    let answer = within(LONG, "hash", call).await.unwrap().unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, hex(&expected.finalize()));
+    assert_eq!(
+        backend.state.body_bytes.load(Ordering::SeqCst),
+        (CHUNKS * STREAM_CHUNK) as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_response_arrives_incrementally_and_intact() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let (_activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+
+    let stream = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/stream?n=64")
+        .header("host", "demo")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = within(LONG, "response head", sender.send_request(req))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    // The pod holds the rest back until we have the first chunk.
+    while got.len() < STREAM_CHUNK {
+        let frame = within(LONG, "first chunk", body.frame())
+            .await
+            .unwrap()
+            .unwrap();
+        got.extend_from_slice(frame.data_ref().unwrap());
+    }
+    backend.state.stream_gate.notify_one();
+    while let Some(frame) = within(LONG, "rest of the stream", body.frame()).await {
+        if let Some(data) = frame.unwrap().data_ref() {
+            got.extend_from_slice(data);
+        }
+    }
+    let expected: Vec<u8> = (0..64).flat_map(|i| chunk(i).to_vec()).collect();
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "stream content differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_passes_through_both_ways() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Ready {
+        delay: Duration::from_millis(100),
+    });
+    let (_activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+
+    let stream = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let calls = (0..20).map(|i| {
+        let mut sender = sender.clone();
+        async move {
+            let path = if i == 0 {
+                "/version".to_string()
+            } else {
+                format!("/echo/{i}")
+            };
+            let req = Request::get(format!("http://demo.shop{path}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.version(), hyper::Version::HTTP_2);
+            let status = resp.status();
+            (
+                i,
+                status,
+                resp.into_body().collect().await.unwrap().to_bytes(),
+            )
+        }
+    });
+    for (i, status, body) in within(LONG, "h2 requests", futures::future::join_all(calls)).await {
+        assert_eq!(status, 200);
+        if i == 0 {
+            assert_eq!(body, "HTTP/2.0", "the pod was not spoken to in HTTP/2");
+        } else {
+            assert_eq!(body, format!("id:{i}"));
+        }
+    }
+}
+
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed before the response head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_is_held_through_a_wake_then_spliced() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Ready {
+        delay: Duration::from_millis(100),
+    });
+    let (_activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+
+    let mut stream = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: demo\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = within(LONG, "101", read_head(&mut stream)).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: echo"),
+        "{head}"
+    );
+    for message in ["hello activator", "second message, after the first"] {
+        stream.write_all(message.as_bytes()).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        within(LONG, "echo", stream.read_exact(&mut echoed))
+            .await
+            .unwrap();
+        assert_eq!(echoed, message.as_bytes());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_4xx_and_other_callers_are_undisturbed() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Ready {
+        delay: Duration::from_millis(200),
+    });
+    let (_activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+
+    // Some good callers are held through a wake while the bad ones arrive.
+    let good: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(get(port, format!("/echo/{i}"))))
+        .collect();
+    let garbage: [&[u8]; 4] = [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: demo\r\nContent-Length: abc\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: demo\r\nBad Header Name: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: demo\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ];
+    for bad in garbage {
+        let mut stream = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+        stream.write_all(bad).await.unwrap();
+        let mut response = Vec::new();
+        let _ = within(LONG, "4xx", stream.read_to_end(&mut response)).await;
+        let text = String::from_utf8_lossy(&response);
+        assert!(
+            text.starts_with("HTTP/1.1 4"),
+            "{:?} got {text:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    for (i, g) in good.into_iter().enumerate() {
+        let answer = within(LONG, "good caller", g).await.unwrap().unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, format!("id:{i}"));
+    }
+    // And the activator still serves new callers.
+    assert_eq!(get(port, "/echo/after").await.unwrap().body, "id:after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_stops_accepting_and_completes_held_requests() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let (activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+    let held: Vec<_> = (0..10)
+        .map(|i| tokio::spawn(get(port, format!("/echo/{i}"))))
+        .collect();
+    wait_held(&activator, 10).await;
+
+    let shutting = {
+        let activator = Arc::clone(&activator);
+        tokio::spawn(async move { activator.shutdown().await })
+    };
+    within(LONG, "listener to close", async {
+        while TcpStream::connect((LOOPBACK, port)).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(!activator.ready(), "still ready while draining");
+    assert!(
+        !shutting.is_finished(),
+        "shutdown returned with requests still held"
+    );
+
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+    for (i, h) in held.into_iter().enumerate() {
+        let answer = within(LONG, "held during shutdown", h)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, format!("id:{i}"));
+    }
+    assert!(
+        within(LONG, "shutdown", shutting).await.unwrap(),
+        "drain timed out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_activator_replicas_hold_and_forward_at_once() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Ready {
+        delay: Duration::from_millis(300),
+    });
+    let (a, port_a) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+    let (b, port_b) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let port = if i % 2 == 0 { port_a } else { port_b };
+            tokio::spawn(async move { (i, get(port, &format!("/echo/{i}")).await) })
+        })
+        .collect();
+    for call in calls {
+        let (i, answer) = within(LONG, "replica request", call).await.unwrap();
+        let answer = answer.unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, format!("id:{i}"));
+    }
+    assert_eq!(waker.calls(), 2, "each replica asks once");
+    for activator in [&a, &b] {
+        assert_eq!(
+            metric(
+                activator,
+                "crac_activator_requests_total{namespace=\"shop\",app=\"demo\",outcome=\"woken\"}"
+            ),
+            20.0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_app_stops_listening_and_fails_its_held_requests() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let (activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+    let held = tokio::spawn(get(port, "/echo/1"));
+    wait_held(&activator, 1).await;
+    activator.registry().remove_app(&app_key());
+    let answer = within(LONG, "held request of a deleted app", held)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status, 503);
+    within(LONG, "listener to close", async {
+        while TcpStream::connect((LOOPBACK, port)).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
