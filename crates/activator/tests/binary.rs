@@ -1,0 +1,302 @@
+//! The built `crac-activator` binary against a small fake API server on 127.0.0.1 that serves
+//! list and watch for CracApps and pods and accepts the wake patch: when the activator patches
+//! `status.wakeRequestedAt`, the fake turns the app's pod ready (IP 127.0.0.1) on the pod
+//! watch, as the operator and kubelet would. Exercises the real watches, the real status patch,
+//! the admin port and SIGTERM.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+struct FakeApi {
+    app: Mutex<Value>,
+    pods: Mutex<Vec<Value>>,
+    rv: AtomicU64,
+    app_events: broadcast::Sender<String>,
+    pod_events: broadcast::Sender<String>,
+    patches: Mutex<Vec<(String, String, Value)>>,
+}
+
+impl FakeApi {
+    fn next_rv(&self) -> String {
+        (self.rv.fetch_add(1, Ordering::SeqCst) + 1).to_string()
+    }
+}
+
+fn json_response(status: u16, value: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(value.to_string())).boxed())
+        .unwrap()
+}
+
+async fn handle(api: Arc<FakeApi>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let watching = query
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/apis/crac.dev/v1alpha1/cracapps") if watching => {
+            watch_stream(api.app_events.subscribe())
+        }
+        (Method::GET, "/apis/crac.dev/v1alpha1/cracapps") => {
+            let items = vec![api.app.lock().unwrap().clone()];
+            json_response(
+                200,
+                &json!({"apiVersion": "crac.dev/v1alpha1", "kind": "CracAppList",
+                        "metadata": {"resourceVersion": api.rv.load(Ordering::SeqCst).to_string()}, "items": items}),
+            )
+        }
+        (Method::GET, "/api/v1/pods") if watching => watch_stream(api.pod_events.subscribe()),
+        (Method::GET, "/api/v1/pods") => {
+            let items = api.pods.lock().unwrap().clone();
+            json_response(
+                200,
+                &json!({"apiVersion": "v1", "kind": "PodList",
+                        "metadata": {"resourceVersion": api.rv.load(Ordering::SeqCst).to_string()}, "items": items}),
+            )
+        }
+        (Method::PATCH, "/apis/crac.dev/v1alpha1/namespaces/shop/cracapps/demo/status") => {
+            let content_type = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            api.patches
+                .lock()
+                .unwrap()
+                .push((query.clone(), content_type, patch));
+            // The operator wakes the app and its pod turns ready.
+            let pod = pod_json(&api.next_rv(), true);
+            *api.pods.lock().unwrap() = vec![pod.clone()];
+            let _ = api
+                .pod_events
+                .send(json!({"type": "ADDED", "object": pod}).to_string());
+            let app = api.app.lock().unwrap().clone();
+            json_response(200, &app)
+        }
+        _ => json_response(
+            404,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+                    "message": format!("fake api: no {path}")}),
+        ),
+    }
+}
+
+/// A watch: one JSON event per line, open until the test ends.
+fn watch_stream(events: broadcast::Receiver<String>) -> Response<Body> {
+    let stream = futures::stream::unfold(events, |mut events| async move {
+        loop {
+            match events.recv().await {
+                Ok(line) => {
+                    return Some((
+                        Ok::<_, Infallible>(Frame::data(Bytes::from(line + "\n"))),
+                        events,
+                    ));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(StreamBody::new(stream).boxed())
+        .unwrap()
+}
+
+fn pod_json(rv: &str, ready: bool) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "demo-0", "namespace": "shop", "resourceVersion": rv,
+                     "labels": {"crac.dev/app": "demo"}},
+        "spec": {"containers": [{"name": "app", "image": "demo"}]},
+        "status": {"podIP": "127.0.0.1",
+                   "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
+    })
+}
+
+async fn start_fake_api(app: Value) -> (u16, Arc<FakeApi>) {
+    let api = Arc::new(FakeApi {
+        app: Mutex::new(app),
+        pods: Mutex::new(Vec::new()),
+        rv: AtomicU64::new(10),
+        app_events: broadcast::channel(64).0,
+        pod_events: broadcast::channel(64).0,
+        patches: Mutex::new(Vec::new()),
+    });
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let shared = Arc::clone(&api);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let api = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let api = Arc::clone(&api);
+                    async move { Ok::<_, Infallible>(handle(api, req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (port, api)
+}
+
+async fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let answer = get(port, path).await.ok()?;
+    Some((
+        answer.status.as_u16(),
+        String::from_utf8_lossy(&answer.body).into_owned(),
+    ))
+}
+
+/// Kills the child if the test fails before it exits.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigterm() {
+    let backend = start_backend(None).await;
+    let activator_port = free_port();
+    let admin_port = free_port();
+    let app = json!({
+        "apiVersion": "crac.dev/v1alpha1", "kind": "CracApp",
+        "metadata": {"name": "demo", "namespace": "shop", "resourceVersion": "5", "generation": 1},
+        "spec": {"template": {"spec": {"containers": [{"name": "app", "image": "demo", "command": ["java"]}]}},
+                 "replicas": 1, "scaleToZero": {"enabled": true, "wakeTimeout": "20s"}},
+        "status": {"phase": "ScaledToZero", "servingMode": "Activator",
+                   "activatorPorts": [{"name": "http", "targetPort": backend.port, "activatorPort": activator_port}]}
+    });
+    let (api_port, api) = start_fake_api(app).await;
+
+    let dir = std::env::temp_dir().join(format!("crac-activator-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{api_port}\n\
+             users:\n- name: fake\n  user:\n    token: test\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+             current-context: fake\n"
+        ),
+    )
+    .unwrap();
+
+    let mut child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_crac-activator"))
+            .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
+            .args(["--listen-address", "127.0.0.1"])
+            .args(["--admin-address", &format!("127.0.0.1:{admin_port}")])
+            .args(["--drain-timeout", "10s"])
+            .env("RUST_LOG", "info")
+            .spawn()
+            .unwrap(),
+    );
+
+    within(Duration::from_secs(30), "readyz", async {
+        loop {
+            if let Some((200, _)) = admin_get(admin_port, "/readyz").await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(admin_get(admin_port, "/healthz").await.unwrap().0, 200);
+
+    let started = Instant::now();
+    let calls: Vec<_> = (0..10)
+        .map(|i| tokio::spawn(async move { (i, get(activator_port, format!("/echo/{i}")).await) }))
+        .collect();
+    for call in calls {
+        let (i, answer) = within(Duration::from_secs(30), "request through the binary", call)
+            .await
+            .unwrap();
+        let answer = answer.unwrap();
+        assert_eq!(answer.status, 200, "request {i}: {:?}", answer.body);
+        assert_eq!(answer.body, format!("id:{i}"));
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    {
+        let patches = api.patches.lock().unwrap();
+        assert!(!patches.is_empty(), "no wake patch reached the API server");
+        assert!(
+            patches.len() <= 2,
+            "one wake, not one patch per request: {}",
+            patches.len()
+        );
+        let (query, content_type, body) = &patches[0];
+        assert!(query.contains("fieldManager=crac-activator"), "{query}");
+        assert_eq!(content_type, "application/merge-patch+json");
+        let at = body["status"]["wakeRequestedAt"].as_str().unwrap();
+        assert!(at.ends_with('Z') && at.contains('T'), "not RFC 3339: {at}");
+    }
+
+    let (status, metrics) = admin_get(admin_port, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("crac_activator_wakes_total{namespace=\"shop\",app=\"demo\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "crac_activator_requests_total{namespace=\"shop\",app=\"demo\",outcome=\"woken\"} 10"
+        ),
+        "{metrics}"
+    );
+
+    let pid = child.0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = within(Duration::from_secs(15), "exit after SIGTERM", async {
+        loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(exit.success(), "exit status after SIGTERM: {exit}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
