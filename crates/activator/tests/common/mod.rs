@@ -167,11 +167,17 @@ async fn backend_handle(
 
 /// A backend serving HTTP/1.1 and h2c (prior knowledge) on 127.0.0.1.
 pub async fn start_backend(port: Option<u16>) -> Backend {
+    start_backend_on(LOOPBACK, port.unwrap_or(0)).await
+}
+
+/// A backend on a given loopback address (a kwok pod's 127.100.x.y) and port.
+pub async fn start_backend_on(ip: IpAddr, port: u16) -> Backend {
+    assert!(ip.is_loopback(), "tests serve on loopback only");
     let mut tries = 0;
     let listener = loop {
-        match TcpListener::bind((LOOPBACK, port.unwrap_or(0))).await {
+        match TcpListener::bind((ip, port)).await {
             Ok(l) => break l,
-            Err(e) if tries < 50 => {
+            Err(e) if tries < 50 && port != 0 => {
                 tries += 1;
                 let _ = e;
                 tokio::time::sleep(Duration::from_millis(20)).await;
