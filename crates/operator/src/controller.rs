@@ -52,6 +52,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub config: BuildConfig,
     pub metrics: Arc<Metrics>,
+    /// First wait before retrying a failed checkpoint; doubles with each failure.
+    pub retry_base: Duration,
 }
 
 impl Context {
@@ -70,6 +72,7 @@ impl Context {
             client,
             config,
             metrics,
+            retry_base: Duration::from_secs(30),
         }
     }
 }
@@ -320,7 +323,7 @@ async fn checkpoint(
 
     let result = match job {
         None => {
-            if let Some(wait) = backoff_remaining(&pending) {
+            if let Some(wait) = backoff_remaining(&pending, ctx.retry_base) {
                 let (reason, message) = last_checkpoint_failure(app);
                 let message = format!(
                     "{message} (attempt {} starts in {}s)",
@@ -379,7 +382,7 @@ async fn checkpoint(
                 .inc();
             pending.failures += 1;
             pending.last_failure_time = Some(Time(Timestamp::now()));
-            let wait = retry_backoff(pending.failures);
+            let wait = retry_backoff(pending.failures, ctx.retry_base);
             let message = format!(
                 "{message} (attempt {} starts in {}s)",
                 pending.failures + 1,
@@ -414,9 +417,9 @@ async fn checkpoint(
     Ok(result)
 }
 
-fn backoff_remaining(pending: &PendingCheckpoint) -> Option<Duration> {
+fn backoff_remaining(pending: &PendingCheckpoint, base: Duration) -> Option<Duration> {
     let failed_at = pending.last_failure_time.as_ref()?.0;
-    let due = failed_at + retry_backoff(pending.failures);
+    let due = failed_at + retry_backoff(pending.failures, base);
     let now = Timestamp::now();
     (due > now).then(|| Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO))
 }

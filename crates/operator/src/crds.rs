@@ -13,3 +13,16 @@ pub fn render() -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn crds_directory_is_up_to_date() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../crds/crds.yaml");
+        let committed = std::fs::read_to_string(path).expect("crds/crds.yaml exists");
+        assert!(
+            committed == super::render(),
+            "crds/crds.yaml is stale: run `make crds` and commit the result"
+        );
+    }
+}

@@ -214,10 +214,11 @@ fn is_bad(c: &Condition) -> bool {
     }
 }
 
-/// Wait before checkpoint attempt number `failures + 1`: 30 s doubling to at most 30 min.
-pub fn retry_backoff(failures: i32) -> std::time::Duration {
+/// Wait before checkpoint attempt number `failures + 1`: `base` doubling with each failure,
+/// at most 60 times `base` (30 s to 30 min by default).
+pub fn retry_backoff(failures: i32, base: std::time::Duration) -> std::time::Duration {
     let exp = u32::try_from(failures.clamp(1, 7) - 1).unwrap_or(0);
-    std::time::Duration::from_secs((30u64 << exp).min(1800))
+    (base * (1u32 << exp)).min(base * 60)
 }
 
 #[cfg(test)]
@@ -378,9 +379,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_is_capped() {
-        assert_eq!(retry_backoff(1).as_secs(), 30);
-        assert_eq!(retry_backoff(2).as_secs(), 60);
-        assert_eq!(retry_backoff(3).as_secs(), 120);
-        assert_eq!(retry_backoff(50).as_secs(), 1800);
+        let base = std::time::Duration::from_secs(30);
+        assert_eq!(retry_backoff(1, base).as_secs(), 30);
+        assert_eq!(retry_backoff(2, base).as_secs(), 60);
+        assert_eq!(retry_backoff(3, base).as_secs(), 120);
+        assert_eq!(retry_backoff(50, base).as_secs(), 1800);
     }
 }

@@ -12,8 +12,9 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::api::ObjectMeta;
 use std::collections::BTreeMap;
 
-/// Pod retries inside one Job; the job controller spaces them with its own backoff.
-pub const POD_RETRIES: i32 = 2;
+/// Pod retries inside one Job. None: one attempt is one Job, and the operator retries with
+/// its own backoff, so each failure is reported with its reason before the next attempt.
+pub const POD_RETRIES: i32 = 0;
 
 /// The Job's name: one per checkpoint id and attempt, so a restarted operator finds the Job
 /// it already created instead of creating another.
@@ -167,7 +168,7 @@ mod tests {
             .find(|m| m.mount_path == contract::IMAGE_MOUNT)
             .unwrap();
         assert_eq!(mount.read_only, Some(false));
-        assert_eq!(spec.active_deadline_seconds, Some(600 * 3 + 120));
+        assert_eq!(spec.active_deadline_seconds, Some(600 + 120));
         assert_eq!(spec.backoff_limit, Some(POD_RETRIES));
     }
 

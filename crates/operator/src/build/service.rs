@@ -79,6 +79,21 @@ pub struct Backends {
     pub ports: Vec<(AppPort, i32)>,
 }
 
+/// Whether the API server accepts `address` in an EndpointSlice: it refuses loopback,
+/// link-local, multicast and unspecified addresses. (Real pods never have those; the test
+/// control plane gives some pods loopback addresses so tests can serve on them.)
+pub fn slice_accepts(address: &str) -> bool {
+    match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            !(ip.is_loopback() || ip.is_link_local() || ip.is_multicast() || ip.is_unspecified())
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            !(ip.is_loopback() || ip.is_multicast() || ip.is_unspecified())
+        }
+        Err(_) => false,
+    }
+}
+
 pub fn endpoint_slice_name(app: &str) -> String {
     format!("{app}-crac")
 }
@@ -91,7 +106,12 @@ pub fn endpoint_slice_for(app: &CracApp, backends: &Backends) -> EndpointSlice {
         "endpointslice.kubernetes.io/managed-by".into(),
         SLICE_MANAGER.into(),
     );
-    let mut addresses = backends.addresses.clone();
+    let mut addresses: Vec<String> = backends
+        .addresses
+        .iter()
+        .filter(|a| slice_accepts(a))
+        .cloned()
+        .collect();
     addresses.sort();
     EndpointSlice {
         metadata: ObjectMeta {
@@ -152,7 +172,7 @@ mod tests {
         let a = app();
         let ports = app_ports(&validate(&a).unwrap());
         let backends = Backends {
-            addresses: vec!["127.100.1.2".into(), "127.100.1.1".into()],
+            addresses: vec!["10.244.1.2".into(), "10.244.1.1".into(), "127.0.0.1".into()],
             ports: vec![(ports[0].clone(), 8080)],
         };
         let slice = endpoint_slice_for(&a, &backends);

@@ -1,0 +1,735 @@
+//! The operator against the real control plane: checkpoint Job, restore rollout, spec
+//! changes, failures, validation by the API server, restarts and deletion. The operator runs
+//! in-process, scoped to each test's namespace; a test plays the agent's part in checkpoint
+//! pods (no kubelet runs containers here).
+
+use crac_api::CracApp;
+use crac_api::agent as contract;
+use crac_api::labels;
+use crac_tests::operator::{
+    AGENT_IMAGE, end_checkpoint_pod, example_app, failure, running_job_pods, start_operator,
+    success,
+};
+use crac_tests::{TestNamespace, install_crds, wait_for};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn setup(prefix: &str) -> TestNamespace {
+    let ns = TestNamespace::new(prefix).await;
+    install_crds(&ns.client).await;
+    ns
+}
+
+fn checkpoint_jobs(ns: &TestNamespace) -> ListParams {
+    let _ = ns;
+    ListParams::default().labels(&format!("{}=checkpoint", labels::COMPONENT))
+}
+
+/// Waits for the app's single running checkpoint Job and its running pod.
+async fn running_checkpoint(
+    ns: &TestNamespace,
+    app: &str,
+    id_prefix: Option<&str>,
+) -> (Job, String) {
+    let jobs: Api<Job> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    wait_for(
+        &format!("a running checkpoint pod of {app}"),
+        DEADLINE,
+        || async {
+            let list = jobs.list(&checkpoint_jobs(ns)).await.ok()?;
+            let job = list.items.into_iter().find(|j| {
+                let name = j.metadata.name.as_deref().unwrap_or_default();
+                name.starts_with(&format!("{app}-ckpt-"))
+                    && id_prefix.is_none_or(|p| name.contains(p))
+                    && j.status.as_ref().and_then(|s| s.active).unwrap_or(0) > 0
+            })?;
+            let pod = running_job_pods(&pods, job.metadata.name.as_deref()?)
+                .await
+                .into_iter()
+                .next()?;
+            Some((job, pod))
+        },
+    )
+    .await
+}
+
+async fn status_of(apps: &Api<CracApp>, name: &str) -> crac_api::CracAppStatus {
+    apps.get(name).await.unwrap().status.unwrap_or_default()
+}
+
+fn condition<'a>(
+    status: &'a crac_api::CracAppStatus,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Creates the app and takes it to Ready, returning the published checkpoint id.
+async fn create_and_make_ready(ns: &TestNamespace, app: &CracApp) -> String {
+    let name = app.metadata.name.clone().unwrap();
+    let apps: Api<CracApp> = ns.api();
+    apps.create(&PostParams::default(), app).await.unwrap();
+    let (job, pod) = running_checkpoint(ns, &name, None).await;
+    let id = job.metadata.annotations.unwrap()[labels::CHECKPOINT_ID_ANNOTATION].clone();
+    end_checkpoint_pod(&ns.api(), &pod, &success(&id)).await;
+    wait_for(&format!("{name} to be Ready"), DEADLINE, || async {
+        let s = status_of(&apps, &name).await;
+        (s.phase? == crac_api::cracapp::Phase::Ready).then_some(())
+    })
+    .await;
+    id
+}
+
+#[tokio::test]
+async fn create_checkpoints_then_rolls_out_restore_pods_to_ready() {
+    let ns = setup("op-create").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let apps: Api<CracApp> = ns.api();
+    // On the node whose pods get addresses an EndpointSlice accepts (see tests/cluster/up).
+    let mut app = example_app("demo", "demo:1");
+    let pod = app.spec.template.spec.as_mut().unwrap();
+    pod.node_selector = Some(
+        [(
+            "crac.dev/pod-addresses".to_string(),
+            "unroutable".to_string(),
+        )]
+        .into(),
+    );
+    pod.tolerations =
+        Some(vec![serde_json::from_value(serde_json::json!({
+        "key": "crac.dev/unroutable-pod-addresses", "operator": "Exists", "effect": "NoSchedule"
+    }))
+    .unwrap()]);
+    apps.create(&PostParams::default(), &app).await.unwrap();
+
+    // The claim and the checkpoint Job look as specified.
+    let (job, pod) = running_checkpoint(&ns, "demo", None).await;
+    let claims: Api<PersistentVolumeClaim> = ns.api();
+    let claim = claims.get("demo-crac-images").await.unwrap();
+    assert_eq!(
+        claim.spec.unwrap().resources.unwrap().requests.unwrap()["storage"].0,
+        "2Gi",
+        "the schema's default size"
+    );
+    let spec = job.spec.clone().unwrap();
+    assert_eq!(
+        spec.active_deadline_seconds,
+        Some(600 + 120),
+        "from the default 10m timeout"
+    );
+    let pod_spec = spec.template.spec.unwrap();
+    let app = &pod_spec.containers[0];
+    assert_eq!(
+        app.command.as_ref().unwrap()[..5],
+        [contract::AGENT_BIN, "checkpoint", "--", "java", "-jar"]
+    );
+    let caps = app
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        caps.add.as_ref().unwrap(),
+        &["CHECKPOINT_RESTORE", "SYS_PTRACE"]
+    );
+    assert_eq!(
+        pod_spec.init_containers.unwrap()[0].image.as_deref(),
+        Some(AGENT_IMAGE)
+    );
+    let id = job.metadata.annotations.unwrap()[labels::CHECKPOINT_ID_ANNOTATION].clone();
+    assert_eq!(
+        status_of(&apps, "demo").await.phase,
+        Some(crac_api::cracapp::Phase::Checkpointing)
+    );
+
+    // The agent publishes the image; the restore Deployment rolls out and becomes Ready.
+    end_checkpoint_pod(&ns.api(), &pod, &success(&id)).await;
+    wait_for("demo to be Ready", DEADLINE, || async {
+        let s = status_of(&apps, "demo").await;
+        (s.phase? == crac_api::cracapp::Phase::Ready && s.ready_replicas == 2).then_some(())
+    })
+    .await;
+    let status = status_of(&apps, "demo").await;
+    let image = status.checkpoint.clone().unwrap();
+    assert_eq!(image.id, id);
+    assert_eq!(
+        image.size_bytes,
+        Some(59_000_000),
+        "read from the agent's summary"
+    );
+    assert_eq!(image.jdk.as_deref(), Some("17.0.15"));
+    assert_eq!(
+        condition(&status, "CheckpointReady").unwrap().status,
+        "True"
+    );
+    assert_eq!(condition(&status, "Available").unwrap().status, "True");
+    assert_eq!(status.observed_generation, Some(1));
+
+    let deployments: Api<Deployment> = ns.api();
+    let d = deployments.get("demo").await.unwrap();
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.containers[0].command.as_ref().unwrap()[1], "restore");
+    let images = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "crac-images")
+        .unwrap();
+    assert_eq!(
+        images.persistent_volume_claim.unwrap().read_only,
+        Some(true)
+    );
+
+    // The Service has no selector; its slice lists the two ready pods' addresses.
+    let services: Api<Service> = ns.api();
+    assert!(
+        services
+            .get("demo")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .selector
+            .is_none()
+    );
+    let slices: Api<EndpointSlice> = ns.api();
+    let slice = wait_for("the slice to list both pods", DEADLINE, || async {
+        let s = slices.get("demo-crac").await.ok()?;
+        (s.endpoints.as_ref()?.len() == 2).then_some(s)
+    })
+    .await;
+    let pods: Api<Pod> = ns.api();
+    let mut pod_ips: Vec<String> = pods
+        .list(
+            &ListParams::default().labels("crac.dev/app=demo,app.kubernetes.io/component=restore"),
+        )
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|p| p.status?.pod_ip)
+        .collect();
+    pod_ips.sort();
+    let slice_ips: Vec<String> = slice
+        .endpoints
+        .unwrap()
+        .into_iter()
+        .map(|e| e.addresses[0].clone())
+        .collect();
+    assert_eq!(
+        slice_ips, pod_ips,
+        "the slice lists exactly the ready restore pods"
+    );
+
+    // Events tell the story.
+    let events: Api<Event> = ns.api();
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for expected in ["Checkpointing", "CheckpointPublished", "PodsReady"] {
+        assert!(
+            reasons.iter().any(|r| r == expected),
+            "no {expected} Event in {reasons:?}"
+        );
+    }
+
+    // A second look changes nothing: no status write when nothing changed.
+    let rv = apps.get("demo").await.unwrap().metadata.resource_version;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        apps.get("demo").await.unwrap().metadata.resource_version,
+        rv
+    );
+}
+
+#[tokio::test]
+async fn spec_change_takes_a_new_checkpoint_while_old_pods_keep_serving() {
+    let ns = setup("op-change").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let first = create_and_make_ready(&ns, &example_app("shop", "shop:1")).await;
+
+    // A change that shapes the JVM's memory: a new image.
+    let apps: Api<CracApp> = ns.api();
+    let patch = serde_json::json!({ "spec": { "template": { "spec": { "containers": [{
+        "name": "app", "image": "shop:2", "command": ["java", "-jar", "/app/app.jar"],
+        "ports": [{ "containerPort": 8080, "name": "http" }] }] } } } });
+    apps.patch("shop", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    let (job, pod) = running_checkpoint(&ns, "shop", None).await;
+    let second = job.metadata.annotations.unwrap()[labels::CHECKPOINT_ID_ANNOTATION].clone();
+    assert_ne!(first, second, "the image is part of the checkpoint id");
+
+    // Meanwhile the pods stay on the first image and template.
+    let deployments: Api<Deployment> = ns.api();
+    let d = deployments.get("shop").await.unwrap();
+    let template = d.spec.unwrap().template;
+    assert_eq!(
+        template.metadata.unwrap().annotations.unwrap()[labels::CHECKPOINT_ID_ANNOTATION],
+        first
+    );
+    assert_eq!(
+        template.spec.unwrap().containers[0].image.as_deref(),
+        Some("shop:1")
+    );
+    let status = status_of(&apps, "shop").await;
+    assert_eq!(
+        status.phase,
+        Some(crac_api::cracapp::Phase::Ready),
+        "still serving"
+    );
+    assert_eq!(
+        condition(&status, "CheckpointReady").unwrap().reason,
+        "Checkpointing"
+    );
+
+    // Once the new image is published, the Deployment moves to it.
+    end_checkpoint_pod(&ns.api(), &pod, &success(&second)).await;
+    wait_for(
+        "the Deployment to restore the second image",
+        DEADLINE,
+        || async {
+            let d = deployments.get("shop").await.ok()?;
+            let t = d.spec?.template;
+            let on_second = t.metadata?.annotations?[labels::CHECKPOINT_ID_ANNOTATION] == second;
+            (on_second && t.spec?.containers[0].image.as_deref() == Some("shop:2")).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "the app to be Ready on the second image",
+        DEADLINE,
+        || async {
+            let s = status_of(&apps, "shop").await;
+            (s.checkpoint?.id == second && s.phase? == crac_api::cracapp::Phase::Ready)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A change that does not shape memory needs no checkpoint.
+    let jobs_before = ns
+        .api::<Job>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    apps.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "spec": { "replicas": 3 } })),
+    )
+    .await
+    .unwrap();
+    wait_for("3 replicas", DEADLINE, || async {
+        let d = deployments.get("shop").await.ok()?;
+        (d.spec?.replicas? == 3).then_some(())
+    })
+    .await;
+    let jobs_after = ns
+        .api::<Job>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    assert_eq!(
+        jobs_before, jobs_after,
+        "replicas is not part of the checkpoint id"
+    );
+}
+
+#[tokio::test]
+async fn checkpoint_failure_is_reported_with_the_agents_reason_and_retried_with_backoff() {
+    let ns = setup("op-fail").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let apps: Api<CracApp> = ns.api();
+    apps.create(&PostParams::default(), &example_app("slow", "slow:1"))
+        .await
+        .unwrap();
+    let (job, pod) = running_checkpoint(&ns, "slow", None).await;
+    let first_job = job.metadata.name.clone().unwrap();
+    let reason = "the app did not answer GET /ready on port 8080 within 600s";
+    end_checkpoint_pod(&ns.api(), &pod, &failure("ReadinessTimeout", reason)).await;
+
+    let status = wait_for("the failure in the conditions", DEADLINE, || async {
+        let s = status_of(&apps, "slow").await;
+        let c = condition(&s, "CheckpointReady")?;
+        (c.reason == "ReadinessTimeout").then(|| s.clone())
+    })
+    .await;
+    assert_eq!(
+        status.phase,
+        Some(crac_api::cracapp::Phase::Failed),
+        "no image to serve yet"
+    );
+    let c = condition(&status, "CheckpointReady").unwrap();
+    assert_eq!(c.status, "False");
+    assert!(c.message.contains(reason), "{}", c.message);
+    assert_eq!(status.pending_checkpoint.as_ref().unwrap().failures, 1);
+
+    let events: Api<Event> = ns.api();
+    let warning = wait_for("a Warning Event with the reason", DEADLINE, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("ReadinessTimeout") && e.type_.as_deref() == Some("Warning")
+        })
+    })
+    .await;
+    assert!(warning.message.unwrap_or_default().contains(reason));
+
+    // Backoff: no second Job at once, then one with the next attempt number.
+    let jobs: Api<Job> = ns.api();
+    let count = jobs.list(&ListParams::default()).await.unwrap().items.len();
+    assert_eq!(count, 1, "the retry waits for its backoff");
+    let (retry, _) = running_checkpoint(&ns, "slow", None).await;
+    let retry_name = retry.metadata.name.clone().unwrap();
+    assert_ne!(retry_name, first_job);
+    assert!(retry_name.ends_with("-1"), "{retry_name}");
+    let created = |j: &Job| j.metadata.creation_timestamp.clone().unwrap().0;
+    let first = jobs.get(&first_job).await.unwrap();
+    let gap = created(&retry).duration_since(created(&first));
+    assert!(
+        gap.as_secs_f64() >= 2.0,
+        "the retry waited for the backoff: {gap:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_storage_class_is_reported_and_no_job_runs() {
+    let ns = setup("op-storage").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let mut app = example_app("nosc", "nosc:1");
+    app.spec.checkpoint.storage.storage_class_name = Some("does-not-exist".into());
+    let apps: Api<CracApp> = ns.api();
+    apps.create(&PostParams::default(), &app).await.unwrap();
+    let status = wait_for("the storage problem in status", DEADLINE, || async {
+        let s = status_of(&apps, "nosc").await;
+        (condition(&s, "CheckpointReady")?.reason == "StorageClassNotFound").then_some(s)
+    })
+    .await;
+    assert_eq!(status.phase, Some(crac_api::cracapp::Phase::Pending));
+    assert!(
+        condition(&status, "CheckpointReady")
+            .unwrap()
+            .message
+            .contains("does-not-exist")
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let jobs: Api<Job> = ns.api();
+    assert!(
+        jobs.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let rv = apps.get("nosc").await.unwrap().metadata.resource_version;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        apps.get("nosc").await.unwrap().metadata.resource_version,
+        rv,
+        "not retried in a hot loop"
+    );
+}
+
+#[tokio::test]
+async fn invalid_objects_are_refused_by_the_api_server_naming_the_field() {
+    let ns = setup("op-invalid").await;
+    let apps: Api<CracApp> = ns.api();
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "no app container",
+            serde_json::json!({ "spec": { "template": { "spec": { "containers": [{ "name": "web", "image": "x", "command": ["java"] }] } } } }),
+            "spec.template",
+        ),
+        (
+            "no command",
+            serde_json::json!({ "spec": { "template": { "spec": { "containers": [{ "name": "app", "image": "x" }] } } } }),
+            "command",
+        ),
+        (
+            "negative size",
+            serde_json::json!({ "spec": { "checkpoint": { "storage": { "size": "-1Gi" } } } }),
+            "spec.checkpoint.storage.size",
+        ),
+        (
+            "zero size",
+            serde_json::json!({ "spec": { "checkpoint": { "storage": { "size": "0" } } } }),
+            "spec.checkpoint.storage.size",
+        ),
+        (
+            "unknown engine",
+            serde_json::json!({ "spec": { "checkpoint": { "engine": "docker" } } }),
+            "spec.checkpoint.engine",
+        ),
+        (
+            "retain 0",
+            serde_json::json!({ "spec": { "checkpoint": { "retain": 0 } } }),
+            "spec.checkpoint.retain",
+        ),
+        (
+            "idleAfter under 30s",
+            serde_json::json!({ "spec": { "scaleToZero": { "idleAfter": "10s" } } }),
+            "spec.scaleToZero.idleAfter",
+        ),
+        (
+            "malformed timeout",
+            serde_json::json!({ "spec": { "checkpoint": { "timeout": "ten minutes" } } }),
+            "spec.checkpoint.timeout",
+        ),
+        (
+            "negative replicas",
+            serde_json::json!({ "spec": { "replicas": -1 } }),
+            "spec.replicas",
+        ),
+        (
+            "long name",
+            serde_json::json!({ "metadata": { "name": "a".repeat(41) } }),
+            "metadata.name",
+        ),
+    ];
+    for (what, overlay, field) in cases {
+        let mut body = serde_json::to_value(example_app("bad", "x:1")).unwrap();
+        merge(&mut body, &overlay);
+        let app: CracApp = match serde_json::from_value(body.clone()) {
+            Ok(app) => app,
+            Err(_) => {
+                // Not even a CracApp in Rust's eyes (an unknown engine): send the raw JSON.
+                let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
+                    ns.client.clone(),
+                    &ns.name,
+                    &kube::api::ApiResource::erase::<CracApp>(&()),
+                );
+                let obj: kube::api::DynamicObject = serde_json::from_value(body).unwrap();
+                let err = raw.create(&PostParams::default(), &obj).await.unwrap_err();
+                assert_refused(what, field, err);
+                continue;
+            }
+        };
+        let err = apps.create(&PostParams::default(), &app).await.unwrap_err();
+        assert_refused(what, field, err);
+    }
+}
+
+fn assert_refused(what: &str, field: &str, err: kube::Error) {
+    let kube::Error::Api(status) = err else {
+        panic!("{what}: expected an API error, got {err:?}")
+    };
+    assert_eq!(status.code, 422, "{what}: {}", status.message);
+    assert!(
+        status.message.contains(field),
+        "{what}: the message should name {field}: {}",
+        status.message
+    );
+}
+
+fn merge(base: &mut serde_json::Value, overlay: &serde_json::Value) {
+    match (base, overlay) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (k, v) in o {
+                merge(b.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_operator_converges_without_duplicate_jobs() {
+    let ns = setup("op-restart").await;
+    let operator = start_operator(&ns.client, &ns.name);
+    let apps: Api<CracApp> = ns.api();
+    apps.create(&PostParams::default(), &example_app("again", "again:1"))
+        .await
+        .unwrap();
+    let (job, pod) = running_checkpoint(&ns, "again", None).await;
+    drop(operator);
+
+    let operator = start_operator(&ns.client, &ns.name);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let jobs: Api<Job> = ns.api();
+    let names: Vec<_> = jobs
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|j| j.metadata.name)
+        .collect();
+    assert_eq!(
+        names,
+        [job.metadata.name.clone().unwrap()],
+        "the restarted operator found the Job"
+    );
+
+    // Mid-flow again: the image is published while no operator runs.
+    drop(operator);
+    let id = job.metadata.annotations.unwrap()[labels::CHECKPOINT_ID_ANNOTATION].clone();
+    end_checkpoint_pod(&ns.api(), &pod, &success(&id)).await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    wait_for("Ready after the restart", DEADLINE, || async {
+        let s = status_of(&apps, "again").await;
+        (s.phase? == crac_api::cracapp::Phase::Ready && s.checkpoint?.id == id).then_some(())
+    })
+    .await;
+    assert_eq!(
+        jobs.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn deleting_an_app_removes_everything_it_owned() {
+    let ns = setup("op-delete").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    create_and_make_ready(&ns, &example_app("gone", "gone:1")).await;
+    let apps: Api<CracApp> = ns.api();
+    apps.delete("gone", &DeleteParams::background())
+        .await
+        .unwrap();
+    wait_for(
+        "the CracApp and everything it owned to go",
+        DEADLINE,
+        || async {
+            let app_gone = apps.get_opt("gone").await.ok()?.is_none();
+            let deployment_gone = ns.api::<Deployment>().get_opt("gone").await.ok()?.is_none();
+            let service_gone = ns.api::<Service>().get_opt("gone").await.ok()?.is_none();
+            let slice_gone = ns
+                .api::<EndpointSlice>()
+                .get_opt("gone-crac")
+                .await
+                .ok()?
+                .is_none();
+            let jobs_gone = ns
+                .api::<Job>()
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty();
+            // A claim in use by pods waits for them (pvc-protection); it must be on its way out.
+            let claim_going = ns
+                .api::<PersistentVolumeClaim>()
+                .get_opt("gone-crac-images")
+                .await
+                .ok()?
+                .is_none_or(|c| c.metadata.deletion_timestamp.is_some());
+            (app_gone && deployment_gone && service_gone && slice_gone && jobs_gone && claim_going)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn images_on_a_shared_claim_are_cleaned_before_the_app_goes() {
+    let ns = setup("op-shared").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "shared" },
+        "spec": { "accessModes": ["ReadWriteMany"], "resources": { "requests": { "storage": "10Gi" } } }
+    }))
+    .unwrap();
+    ns.api::<PersistentVolumeClaim>()
+        .create(&PostParams::default(), &claim)
+        .await
+        .unwrap();
+    let mut app = example_app("tenant", "tenant:1");
+    app.spec.checkpoint.storage.existing_claim = Some("shared".into());
+    create_and_make_ready(&ns, &app).await;
+
+    let apps: Api<CracApp> = ns.api();
+    apps.delete("tenant", &DeleteParams::background())
+        .await
+        .unwrap();
+    let jobs: Api<Job> = ns.api();
+    let cleanup = wait_for("the cleanup Job", DEADLINE, || async {
+        jobs.get_opt("tenant-crac-cleanup").await.ok().flatten()
+    })
+    .await;
+    let container = &cleanup.spec.unwrap().template.spec.unwrap().containers[0];
+    assert_eq!(
+        container.command.as_ref().unwrap()[1..],
+        [
+            "clean".to_string(),
+            format!("{}/tenant", contract::IMAGE_MOUNT)
+        ]
+    );
+    assert!(
+        apps.get_opt("tenant").await.unwrap().is_some(),
+        "held by the finalizer until cleaned"
+    );
+
+    // Play the cleanup pod's part.
+    let pods: Api<Pod> = ns.api();
+    let pod = wait_for("the cleanup pod", DEADLINE, || async {
+        running_job_pods(&pods, "tenant-crac-cleanup")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    end_checkpoint_pod(&pods, &pod, &success("cleanup")).await;
+    wait_for("the app to go", DEADLINE, || async {
+        apps.get_opt("tenant").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        ns.api::<PersistentVolumeClaim>()
+            .get_opt("shared")
+            .await
+            .unwrap()
+            .is_some(),
+        "a shared claim is never deleted"
+    );
+}
+
+#[tokio::test]
+async fn only_one_replica_holds_the_leader_lease() {
+    use crac_operator::leader::{LeaseSettings, try_acquire};
+    let ns = TestNamespace::new("op-lease").await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = ns.api();
+    let settings = |identity: &str| LeaseSettings {
+        name: "crac-operator".into(),
+        identity: identity.into(),
+        duration: Duration::from_secs(2),
+        renew_every: Duration::from_millis(500),
+    };
+    let (a, b) = (settings("a"), settings("b"));
+    let (got_a, got_b) = tokio::join!(try_acquire(&leases, &a), try_acquire(&leases, &b));
+    assert!(
+        got_a.unwrap() ^ got_b.unwrap(),
+        "exactly one of two racing replicas leads"
+    );
+    let leader = if try_acquire(&leases, &a).await.unwrap() {
+        "a"
+    } else {
+        "b"
+    };
+    let other = if leader == "a" { &b } else { &a };
+    assert!(
+        !try_acquire(&leases, other).await.unwrap(),
+        "a live lease is respected"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        try_acquire(&leases, other).await.unwrap(),
+        "an expired lease is taken over"
+    );
+}
