@@ -2,6 +2,8 @@
 //! places pods on kwok nodes, the controller-manager runs Deployments and Jobs, and CRD
 //! schemas are enforced by the API server itself.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use crac_tests::{TestNamespace, client, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;

@@ -3,6 +3,8 @@
 //! in-process, scoped to each test's namespace; a test plays the agent's part in checkpoint
 //! pods (no kubelet runs containers here).
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use crac_api::CracApp;
 use crac_api::agent as contract;
 use crac_api::labels;
