@@ -1,0 +1,54 @@
+# crac-operator. `make help` lists the targets. On a fresh machine, `make demo` shows the
+# product and `make test` runs the tests; both install what they need.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+CLUSTER := tests/cluster
+KUBECONFIG_FILE := target/cluster/kubeconfig
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+.PHONY: deps
+deps: ## Install missing Debian packages (openssl, curl, util-linux, file, a JDK)
+	@scripts/deps
+
+.PHONY: build
+build: ## Build every binary (debug) and the static agent (release)
+	$(CARGO) build --workspace --bins
+	crates/agent/build-static >/dev/null
+
+.PHONY: crds
+crds: ## Regenerate crds/ (and the chart's copy) from crates/api
+	$(CARGO) run -q -p crac-operator --bin crdgen > crds/crds.yaml
+	@if [ -d charts/crac-operator/crds ]; then cp crds/crds.yaml charts/crac-operator/crds/crds.yaml; fi
+
+.PHONY: cluster-up
+cluster-up: deps ## Start the test control plane (etcd, apiserver, controller-manager, scheduler, kwok)
+	$(CLUSTER)/up
+
+.PHONY: cluster-down
+cluster-down: ## Stop the test control plane
+	$(CLUSTER)/down
+
+.PHONY: criu
+criu: deps ## Fetch CRIU 4.2.1 and its libraries from Debian unstable into the cache
+	scripts/fetch-criu >/dev/null
+
+.PHONY: test
+test: deps cluster-up criu ## Unit, control-plane, agent (real JVM + CRIU) and data-path tests
+	$(CARGO) test --workspace --no-fail-fast
+
+.PHONY: lint
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: demo
+demo: deps cluster-up criu ## Show the product working on the local control plane and a real JVM
+	scripts/demo
+
+.PHONY: bench
+bench: deps cluster-up criu ## Benchmarks, side by side; results go to docs/benchmarks.md by hand
+	scripts/bench
