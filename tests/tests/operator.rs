@@ -148,10 +148,12 @@ async fn create_checkpoints_then_rolls_out_restore_pods_to_ready() {
         Some(AGENT_IMAGE)
     );
     let id = job.metadata.annotations.unwrap()[labels::CHECKPOINT_ID_ANNOTATION].clone();
-    assert_eq!(
-        status_of(&apps, "demo").await.phase,
-        Some(crac_api::cracapp::Phase::Checkpointing)
-    );
+    // The status is written after the Job is created: wait for it rather than race it.
+    wait_for("phase Checkpointing", DEADLINE, || async {
+        (status_of(&apps, "demo").await.phase? == crac_api::cracapp::Phase::Checkpointing)
+            .then_some(())
+    })
+    .await;
 
     // The agent publishes the image; the restore Deployment rolls out and becomes Ready.
     end_checkpoint_pod(&ns.api(), &pod, &success(&id)).await;

@@ -445,9 +445,14 @@ pub struct CracAppStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_requested_at: Option<Time>,
 
-    /// When the app last went to sleep.
+    /// When the app last went to sleep (unset while awake).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slept_at: Option<Time>,
+
+    /// When the current drain began: the Service points at the activator and the operator
+    /// waits for the pods' open connections to end before scaling to zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep_started_at: Option<Time>,
 
     /// Restore pods that fell back to a cold start since the image was published.
     #[serde(default, skip_serializing_if = "Option::is_none")]

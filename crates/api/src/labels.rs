@@ -14,3 +14,10 @@ pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "crac-operator";
 /// Full checkpoint id on a Job (labels cap at 63 characters, ids are 64).
 pub const CHECKPOINT_ID_ANNOTATION: &str = "crac.dev/checkpoint-id";
+
+/// Set (to an RFC 3339 time) by `kubectl crac wake` or anyone: wake the app now.
+pub const WAKE_REQUESTED_AT: &str = "crac.dev/wake-requested-at";
+/// Set by `kubectl crac sleep`: put the app to sleep now (if scale to zero is enabled).
+pub const SLEEP_REQUESTED_AT: &str = "crac.dev/sleep-requested-at";
+/// Set by `kubectl crac checkpoint`: take a fresh checkpoint even if the spec did not change.
+pub const CHECKPOINT_REQUESTED_AT: &str = "crac.dev/checkpoint-requested-at";

@@ -5,5 +5,7 @@ pub mod agent;
 pub mod cracapp;
 pub mod duration;
 pub mod labels;
+pub mod policy;
 
 pub use cracapp::{CracApp, CracAppSpec, CracAppStatus};
+pub use policy::{CracScalePolicy, CracScalePolicySpec};

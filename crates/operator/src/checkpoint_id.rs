@@ -22,10 +22,19 @@ struct Identity<'a> {
     engine: &'static str,
     /// The agent takes part in the image (its PID layout, the files it records).
     agent_image: &'a str,
+    /// `kubectl crac checkpoint` sets an annotation to ask for a fresh image of the same
+    /// spec: its value joins the identity, so a new image is taken and rolled out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh: Option<&'a str>,
 }
 
 /// A 64-character hex id.
-pub fn checkpoint_id(app: &ValidatedApp, engine: Engine, agent_image: &str) -> String {
+pub fn checkpoint_id(
+    app: &ValidatedApp,
+    engine: Engine,
+    agent_image: &str,
+    refresh: Option<&str>,
+) -> String {
     let c = &app.container;
     let identity = Identity {
         scheme: 1,
@@ -37,6 +46,7 @@ pub fn checkpoint_id(app: &ValidatedApp, engine: Engine, agent_image: &str) -> S
         resources: c.resources.as_ref(),
         engine: engine.as_str(),
         agent_image,
+        refresh,
     };
     let bytes = serde_json::to_vec(&identity).expect("identity always serializes");
     hex::encode(Sha256::digest(bytes))
@@ -52,9 +62,19 @@ mod tests {
     use super::*;
     use crate::validate::{tests::app, validate};
     use k8s_openapi::api::core::v1::EnvVar;
+    use kube::ResourceExt;
 
     fn id_of(a: &crac_api::CracApp) -> String {
-        checkpoint_id(&validate(a).unwrap(), a.spec.checkpoint.engine, "agent:1")
+        let refresh = a
+            .annotations()
+            .get(crac_api::labels::CHECKPOINT_REQUESTED_AT)
+            .map(String::as_str);
+        checkpoint_id(
+            &validate(a).unwrap(),
+            a.spec.checkpoint.engine,
+            "agent:1",
+            refresh,
+        )
     }
 
     #[test]
@@ -85,7 +105,17 @@ mod tests {
         a.spec.checkpoint.engine = Engine::Crac;
         assert_ne!(id_of(&a), base, "engine");
         let v = validate(&app()).unwrap();
-        assert_ne!(checkpoint_id(&v, Engine::Criu, "agent:2"), base, "agent");
+        assert_ne!(
+            checkpoint_id(&v, Engine::Criu, "agent:2", None),
+            base,
+            "agent"
+        );
+        let mut a = app();
+        a.annotations_mut().insert(
+            crac_api::labels::CHECKPOINT_REQUESTED_AT.into(),
+            "2026-11-24T10:00:00Z".into(),
+        );
+        assert_ne!(id_of(&a), base, "a requested refresh");
     }
 
     #[test]

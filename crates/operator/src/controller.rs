@@ -11,6 +11,8 @@ use crate::checkpoint_id::checkpoint_id;
 use crate::checkpoint_pod::{failure_of, summary_of};
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, ReasonLabel, ResultLabel};
+use crate::scale::{Cycle, Step};
+use crate::sleep;
 use crate::status::{
     CHECKPOINT_READY, CheckpointProgress, Observed, Rollout, conditions_for, phase_for,
     retry_backoff, transitions,
@@ -54,6 +56,28 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// First wait before retrying a failed checkpoint; doubles with each failure.
     pub retry_base: Duration,
+    /// Where the activator pods are.
+    pub activator: ActivatorRef,
+    /// Activator ports handed out, by port: `(namespace, app)`. Seeded from the apps' status.
+    pub activator_ports:
+        tokio::sync::Mutex<Option<std::collections::BTreeMap<i32, (String, String)>>>,
+}
+
+/// How the operator finds the activator pods it points sleeping apps' Services at.
+#[derive(Clone, Debug)]
+pub struct ActivatorRef {
+    pub namespace: String,
+    /// Label selector of the activator pods.
+    pub selector: String,
+}
+
+impl Default for ActivatorRef {
+    fn default() -> Self {
+        ActivatorRef {
+            namespace: "crac-system".into(),
+            selector: "app.kubernetes.io/name=crac-activator".into(),
+        }
+    }
 }
 
 impl Context {
@@ -73,6 +97,8 @@ impl Context {
             config,
             metrics,
             retry_base: Duration::from_secs(30),
+            activator: ActivatorRef::default(),
+            activator_ports: tokio::sync::Mutex::new(None),
         }
     }
 }
@@ -202,11 +228,17 @@ where
 async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
     let ns = app.namespace().unwrap_or_default();
     let previous = app.status.clone().unwrap_or_default();
+    // Carried over unless this reconcile changes them.
     let mut next = CracAppStatus {
         checkpoint: previous.checkpoint.clone(),
         pending_checkpoint: previous.pending_checkpoint.clone(),
         selector: Some(format!("{}={}", labels::APP, app_name(app))),
-        serving_mode: Some(ServingMode::Pods),
+        serving_mode: previous.serving_mode.or(Some(ServingMode::Pods)),
+        activator_ports: previous.activator_ports.clone(),
+        last_activity_time: previous.last_activity_time.clone(),
+        last_wake: previous.last_wake.clone(),
+        slept_at: previous.slept_at.clone(),
+        sleep_started_at: previous.sleep_started_at.clone(),
         ..Default::default()
     };
 
@@ -219,20 +251,25 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
                 message: e.to_string(),
             };
             let rollout = observe_rollout(ctx, &ns, app_name(app)).await?;
-            finish(app, ctx, next, progress, rollout).await?;
+            finish(app, ctx, next, progress, rollout, false).await?;
             return Ok(Action::await_change());
         }
     };
+    let refresh = app
+        .annotations()
+        .get(labels::CHECKPOINT_REQUESTED_AT)
+        .map(String::as_str);
     let id = checkpoint_id(
         &validated,
         app.spec.checkpoint.engine,
         &ctx.config.agent_image,
+        refresh,
     );
 
     // Storage.
     if let Some(problem) = storage_problem(app, ctx, &ns).await? {
         let rollout = observe_rollout(ctx, &ns, app_name(app)).await?;
-        finish(app, ctx, next, problem, rollout).await?;
+        finish(app, ctx, next, problem, rollout, false).await?;
         return Ok(Action::requeue(STORAGE_RETRY));
     }
     if let Some(claim) = images_claim_for(app) {
@@ -242,8 +279,19 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
     // Checkpoint.
     let (progress, requeue) = checkpoint(app, ctx, &validated, &id, &mut next).await?;
 
+    // Scale to zero: where the app is in its sleep/wake cycle, and the next step.
+    let now = Timestamp::now();
+    let ready_ips = ready_pod_ips(ctx, &ns, app_name(app)).await?;
+    let plan = sleep::plan(app, ctx, &previous, &ready_ips, now).await?;
+    let cycle_event = sleep::record(&plan, &previous, &mut next, now);
+    let ports = app_ports(&validated);
+    if plan.settings.enabled || !next.activator_ports.is_empty() {
+        let targets: Vec<i32> = ports.iter().map(|p| p.port).collect();
+        next.activator_ports = sleep::activator_ports(app, ctx, &previous, &targets).await?;
+    }
+
     // Restore rollout, from the newest published image.
-    let wanted = app.spec.replicas;
+    let wanted = plan.replicas(app.spec.replicas);
     let mut rollout = None;
     if let Some(image) = next.checkpoint.clone() {
         let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
@@ -279,19 +327,55 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
         }
     }
 
-    // Service and its endpoints.
-    let ports = app_ports(&validated);
+    // Service and its endpoints: the ready pods, or the activator while the app sleeps.
     if let Some(service) = service_for(app, &ports) {
         apply_object(&ctx.client, &ns, &service).await?;
-        let backends = Backends {
-            addresses: ready_pod_ips(ctx, &ns, app_name(app)).await?,
-            ports: ports.iter().map(|p| (p.clone(), p.port)).collect(),
+        let backends = match plan.serving_mode() {
+            ServingMode::Pods => Backends {
+                addresses: ready_ips,
+                ports: ports.iter().map(|p| (p.clone(), p.port)).collect(),
+            },
+            ServingMode::Activator => Backends {
+                addresses: sleep::activator_ips(ctx).await?,
+                ports: ports
+                    .iter()
+                    .zip(&next.activator_ports)
+                    .map(|(p, a)| (p.clone(), a.activator_port))
+                    .collect(),
+            },
         };
         apply_object(&ctx.client, &ns, &endpoint_slice_for(app, &backends)).await?;
     }
 
-    finish(app, ctx, next, progress, rollout).await?;
-    Ok(requeue.unwrap_or_else(|| Action::requeue(RESYNC)))
+    if let Some((reason, note)) = cycle_event {
+        publish(ctx, app, false, &reason, note).await;
+    }
+    let asleep = plan.cycle == Cycle::Asleep;
+    finish(app, ctx, next, progress, rollout, asleep).await?;
+    let cycle_requeue = match plan.step {
+        Step::Stay(after) => after,
+        _ => Duration::from_secs(1),
+    };
+    // The soonest of: a checkpoint retry's backoff, the sleep cycle's next look, a resync.
+    let after = requeue.unwrap_or(RESYNC).min(cycle_requeue).min(RESYNC);
+    Ok(Action::requeue(after))
+}
+
+async fn publish(ctx: &Context, app: &CracApp, warning: bool, reason: &str, note: String) {
+    let event = KubeEvent {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &app.object_ref(&())).await {
+        warn!(error = %e, "could not publish an Event");
+    }
 }
 
 /// Ensures a checkpoint Job for `id` exists while no image of `id` is published, and adopts
@@ -302,7 +386,7 @@ async fn checkpoint(
     validated: &ValidatedApp,
     id: &str,
     next: &mut CracAppStatus,
-) -> Result<(CheckpointProgress, Option<Action>)> {
+) -> Result<(CheckpointProgress, Option<Duration>)> {
     if next.checkpoint.as_ref().is_some_and(|c| c.id == id) {
         next.pending_checkpoint = None;
         return Ok((CheckpointProgress::Current, None));
@@ -336,7 +420,7 @@ async fn checkpoint(
                     reason,
                     message,
                 };
-                return Ok((progress, Some(Action::requeue(wait))));
+                return Ok((progress, Some(wait)));
             }
             let job = checkpoint_job_for(app, validated, id, pending.failures, &ctx.config);
             apply_object(&ctx.client, &ns, &job).await?;
@@ -395,7 +479,7 @@ async fn checkpoint(
                     reason,
                     message,
                 },
-                Some(Action::requeue(wait)),
+                Some(wait),
             ));
         }
         Some(_) => {
@@ -579,6 +663,7 @@ async fn finish(
     mut next: CracAppStatus,
     progress: CheckpointProgress,
     rollout: Option<Rollout>,
+    asleep: bool,
 ) -> Result<()> {
     let previous = app.status.clone().unwrap_or_default();
     let observed = Observed {
@@ -586,7 +671,7 @@ async fn finish(
         checkpoint: progress,
         has_image: next.checkpoint.is_some(),
         rollout: rollout.clone(),
-        asleep: false,
+        asleep,
     };
     next.phase = Some(phase_for(&observed));
     next.observed_generation = app.metadata.generation;

@@ -10,6 +10,8 @@ pub mod crds;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod scale;
 pub mod server;
+pub mod sleep;
 pub mod status;
 pub mod validate;

@@ -190,8 +190,8 @@ mod tests {
             .collect();
         assert_eq!(
             addrs,
-            ["127.100.1.1", "127.100.1.2"],
-            "sorted, so applies are stable"
+            ["10.244.1.1", "10.244.1.2"],
+            "sorted, loopback left out"
         );
         assert_eq!(slice.ports.unwrap()[0].port, Some(8080));
     }
