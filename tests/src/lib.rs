@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+pub mod activity;
 pub mod operator;
 
 /// The repository root.
@@ -131,6 +132,14 @@ impl Drop for TestNamespace {
                             .await;
                     }
                 }
+                // A stand-in activator pod of this test, if it made one.
+                let activators = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(
+                    client.clone(),
+                    operator::ACTIVATOR_NAMESPACE,
+                );
+                let _ = activators
+                    .delete(&format!("activator-{name}"), &DeleteParams::background())
+                    .await;
                 let _ = Api::<Namespace>::all(client)
                     .delete(&name, &DeleteParams::background())
                     .await;

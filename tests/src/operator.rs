@@ -13,6 +13,11 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use std::sync::Arc;
 
 pub const AGENT_IMAGE: &str = "crac-agent:test";
+/// Checkpoint retries wait this long at first in tests (30 s in production).
+pub const TEST_RETRY_BASE: std::time::Duration = std::time::Duration::from_secs(3);
+/// Tests put their stand-in activator pods here, labelled with the test's namespace.
+pub const ACTIVATOR_NAMESPACE: &str = "crac-test-activators";
+pub const ACTIVATOR_LABEL: &str = "crac.dev/test-activator-for";
 
 /// The operator, reconciling one namespace, until dropped.
 pub struct OperatorHandle {
@@ -26,16 +31,32 @@ impl Drop for OperatorHandle {
 }
 
 pub fn start_operator(client: &Client, namespace: &str) -> OperatorHandle {
+    // RUST_LOG=crac_operator=debug shows the operator's logs in a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         BuildConfig {
             agent_image: AGENT_IMAGE.into(),
         },
         metrics,
         format!("test-{namespace}"),
-    ));
+    );
+    ctx.retry_base = TEST_RETRY_BASE;
+    ctx.activator = crac_operator::controller::ActivatorRef {
+        namespace: ACTIVATOR_NAMESPACE.into(),
+        selector: format!("{ACTIVATOR_LABEL}={namespace}"),
+    };
+    // One operator would hand out activator ports cluster-wide; the in-process operators of
+    // tests running at once share one table so they never hand out the same port twice.
+    static PORTS: std::sync::OnceLock<crac_operator::controller::PortTable> =
+        std::sync::OnceLock::new();
+    ctx.activator_ports = PORTS.get_or_init(Default::default).clone();
+    let ctx = Arc::new(ctx);
     let task = tokio::spawn(controller::run(ctx, 4, Some(namespace.to_string()), || {}));
     OperatorHandle { task }
 }
@@ -119,4 +140,47 @@ pub fn failure(reason: &str, message: &str) -> AgentSummary {
         message: Some(message.into()),
         ..Default::default()
     }
+}
+
+/// Creates (once per test namespace) a pod standing in for the activator, on the node whose
+/// addresses EndpointSlices accept, and waits until it is ready. Returns its address.
+pub async fn stand_in_activator(client: &Client, test_namespace: &str) -> String {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::PostParams;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": ACTIVATOR_NAMESPACE}}))
+            .unwrap();
+    let _ = namespaces.create(&PostParams::default(), &ns).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ACTIVATOR_NAMESPACE);
+    crate::wait_for(
+        "the activators' namespace to admit pods",
+        std::time::Duration::from_secs(30),
+        || async {
+            let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+                Api::namespaced(client.clone(), ACTIVATOR_NAMESPACE);
+            sa.get_opt("default").await.ok().flatten()
+        },
+    )
+    .await;
+    let name = format!("activator-{test_namespace}");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name, "labels": { ACTIVATOR_LABEL: test_namespace } },
+        "spec": {
+            "nodeSelector": { "crac.dev/pod-addresses": "unroutable" },
+            "tolerations": [{ "key": "crac.dev/unroutable-pod-addresses", "operator": "Exists", "effect": "NoSchedule" }],
+            "containers": [{ "name": "activator", "image": "crac-activator:test" }]
+        }
+    }))
+    .unwrap();
+    let _ = pods.create(&PostParams::default(), &pod).await;
+    crate::wait_for(
+        "the stand-in activator to be ready",
+        std::time::Duration::from_secs(60),
+        || async {
+            let p = pods.get(&name).await.ok()?;
+            crac_operator::sleep::ready_ip(&p)
+        },
+    )
+    .await
 }

@@ -58,10 +58,13 @@ pub struct Context {
     pub retry_base: Duration,
     /// Where the activator pods are.
     pub activator: ActivatorRef,
-    /// Activator ports handed out, by port: `(namespace, app)`. Seeded from the apps' status.
-    pub activator_ports:
-        tokio::sync::Mutex<Option<std::collections::BTreeMap<i32, (String, String)>>>,
+    /// Activator ports handed out. Seeded from the apps' status.
+    pub activator_ports: PortTable,
 }
+
+/// Activator ports handed out, by port: `(namespace, app)`; `None` until seeded.
+pub type PortTable =
+    Arc<tokio::sync::Mutex<Option<std::collections::BTreeMap<i32, (String, String)>>>>;
 
 /// How the operator finds the activator pods it points sleeping apps' Services at.
 #[derive(Clone, Debug)]
@@ -98,7 +101,7 @@ impl Context {
             metrics,
             retry_base: Duration::from_secs(30),
             activator: ActivatorRef::default(),
-            activator_ports: tokio::sync::Mutex::new(None),
+            activator_ports: PortTable::default(),
         }
     }
 }
@@ -680,26 +683,8 @@ async fn finish(
         next.replicas = r.replicas;
         next.ready_replicas = r.ready;
     }
-    // Fields other writers own are left to them.
-    next.last_activity_time = previous.last_activity_time.clone();
-    next.last_wake = previous.last_wake.clone();
-    next.activator_ports = previous.activator_ports.clone();
-
     for t in transitions(&previous.conditions, &next.conditions) {
-        let event = KubeEvent {
-            type_: if t.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: t.reason,
-            note: Some(t.note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &app.object_ref(&())).await {
-            warn!(error = %e, "could not publish an Event");
-        }
+        publish(ctx, app, t.warning, &t.reason, t.note).await;
     }
 
     let mut comparable = previous.clone();

@@ -10,6 +10,7 @@ pub mod crds;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod policies;
 pub mod scale;
 pub mod server;
 pub mod sleep;

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use crac_operator::build::BuildConfig;
-use crac_operator::controller::{self, Context};
+use crac_operator::controller::{self, ActivatorRef, Context};
 use crac_operator::leader::{self, LeaseSettings};
 use crac_operator::metrics::Metrics;
 use crac_operator::server::{self, Health};
@@ -35,6 +35,16 @@ struct Args {
     /// This replica's name in the Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Namespace of the activator pods sleeping apps' Services point at.
+    #[arg(long, env = "CRAC_ACTIVATOR_NAMESPACE", default_value = "crac-system")]
+    activator_namespace: String,
+    /// Label selector of the activator pods.
+    #[arg(
+        long,
+        env = "CRAC_ACTIVATOR_SELECTOR",
+        default_value = "app.kubernetes.io/name=crac-activator"
+    )]
+    activator_selector: String,
     /// Reconcile CracApps of this namespace only (default: all namespaces).
     #[arg(long, env = "CRAC_WATCH_NAMESPACE")]
     namespace: Option<String>,
@@ -87,13 +97,22 @@ async fn main() -> anyhow::Result<()> {
         health.ready.store(false, Ordering::Relaxed);
     }
 
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client,
         BuildConfig {
             agent_image: args.agent_image,
         },
         metrics,
         identity,
+    );
+    ctx.activator = ActivatorRef {
+        namespace: args.activator_namespace,
+        selector: args.activator_selector,
+    };
+    let ctx = Arc::new(ctx);
+    tokio::spawn(crac_operator::policies::keep_status(
+        ctx.client.clone(),
+        Duration::from_secs(10),
     ));
     let ready = health.clone();
     let run = controller::run(ctx, args.concurrency, args.namespace, move || {

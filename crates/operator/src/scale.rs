@@ -210,13 +210,18 @@ pub fn next_step(s: &Situation) -> Step {
             if !s.settings.enabled {
                 return Step::Stay(Duration::from_secs(300));
             }
-            if s.activity.open_connections > 0 {
-                return Step::Stay(poll);
-            }
+            // Asked to sleep: drain now; the drain still waits for open connections to end.
             if s.sleep_requested {
                 return Step::StartDrain {
                     why: "asked to sleep".into(),
                 };
+            }
+            if s.activity.open_connections > 0 {
+                return Step::Stay(poll);
+            }
+            // An app whose pods could not all report is not known to be idle.
+            if s.activity.reporting < s.activity.asked || s.activity.asked == 0 {
+                return Step::Stay(poll);
             }
             if s.over_cap {
                 return Step::StartDrain {
@@ -226,10 +231,6 @@ pub fn next_step(s: &Situation) -> Step {
                         s.settings.max_awake.unwrap_or(0)
                     ),
                 };
-            }
-            // An app whose pods could not all report is not known to be idle.
-            if s.activity.reporting < s.activity.asked || s.activity.asked == 0 {
-                return Step::Stay(poll);
             }
             let threshold = if s.settings.quiet {
                 s.settings.idle_after.min(QUIET_HOURS_IDLE)

@@ -94,11 +94,12 @@ pub async fn plan(
         (Some(max), Some(name)) if watching => over_cap(app, ctx, name, max, &policies).await?,
         _ => false,
     };
+    // The idle clock starts no earlier than the app became available (now, if it has not).
     let idle_since = [
         activity.last_activity,
         previous.last_activity_time.as_ref().map(|t| t.0),
         previous.last_wake.as_ref().map(|w| w.at.0),
-        available_since(previous),
+        Some(available_since(previous).unwrap_or(now)),
     ]
     .into_iter()
     .flatten()
@@ -167,7 +168,8 @@ pub fn record(
             next.slept_at = Some(Time(now));
             Some(("Sleeping".into(), "drained; scaled to zero".into()))
         }
-        Step::Wake => (plan.previous_cycle == Cycle::Asleep).then(|| {
+        // Once: the first wake step still sees the asleep phase.
+        Step::Wake => (previous.phase == Some(crac_api::cracapp::Phase::ScaledToZero)).then(|| {
             (
                 "Waking".into(),
                 "a wake was requested; scaling back up".into(),
@@ -244,7 +246,8 @@ async fn over_cap(
             .map(|n| (n.name_any(), n.metadata.labels.unwrap_or_default()))
             .collect();
     let empty = BTreeMap::new();
-    let mut awake: Vec<(Option<Timestamp>, String, String)> = apps
+    // Sorted longest-idle first; an app that never reported counts as just active.
+    let mut awake: Vec<(Timestamp, String, String)> = apps
         .iter()
         .filter(|a| {
             let labels = namespaces
@@ -262,7 +265,7 @@ async fn over_cap(
                 .status
                 .as_ref()
                 .and_then(|s| s.last_activity_time.as_ref())
-                .map(|t| t.0);
+                .map_or(Timestamp::MAX, |t| t.0);
             (last, a.namespace().unwrap_or_default(), a.name_any())
         })
         .collect();

@@ -1,0 +1,416 @@
+//! Scale to zero on the real control plane: drain, sleep, wake; the idle timer; a policy's
+//! cap on awake apps; and the whole path with the real activator binary and real HTTP.
+//! Restore pods have loopback addresses, so the tests serve the agent's activity endpoint
+//! (and the app itself) on them.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use crac_api::CracApp;
+use crac_api::cracapp::{Phase, ServingMode};
+use crac_api::labels;
+use crac_tests::activity::{ActivityServer, report};
+use crac_tests::operator::{
+    end_checkpoint_pod, example_app, running_job_pods, stand_in_activator, start_operator, success,
+};
+use crac_tests::{TestNamespace, install_crds, kubeconfig_path, repo_root, wait_for};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// These tests serve on pod addresses, and kwok hands a deleted pod's address to the next
+/// pod at once: run them one at a time so one test's stand-in never answers for another's pod.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn sleepy_app(name: &str, idle_after: &str) -> CracApp {
+    let mut app = example_app(name, &format!("{name}:1"));
+    app.spec.replicas = 1;
+    app.spec.scale_to_zero = Some(crac_api::cracapp::ScaleToZeroSpec {
+        enabled: Some(true),
+        idle_after: Some(idle_after.into()),
+        wake_timeout: Some("30s".into()),
+    });
+    app
+}
+
+async fn status(apps: &Api<CracApp>, name: &str) -> crac_api::CracAppStatus {
+    apps.get(name).await.unwrap().status.unwrap_or_default()
+}
+
+/// Creates the app, publishes its image as the agent would, and waits for Ready.
+async fn make_ready(ns: &TestNamespace, app: &CracApp) {
+    let name = app.metadata.name.clone().unwrap();
+    let apps: Api<CracApp> = ns.api();
+    apps.create(&PostParams::default(), app).await.unwrap();
+    let jobs: Api<Job> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let (id, pod) = wait_for("a running checkpoint pod", DEADLINE, || async {
+        let job = jobs
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|j| {
+                j.metadata
+                    .name
+                    .as_deref()
+                    .unwrap_or_default()
+                    .starts_with(&format!("{name}-ckpt-"))
+            })?;
+        let pod = running_job_pods(&pods, job.metadata.name.as_deref()?)
+            .await
+            .into_iter()
+            .next()?;
+        Some((
+            job.metadata.annotations?[labels::CHECKPOINT_ID_ANNOTATION].clone(),
+            pod,
+        ))
+    })
+    .await;
+    end_checkpoint_pod(&pods, &pod, &success(&id)).await;
+    wait_for(&format!("{name} Ready"), DEADLINE, || async {
+        (status(&apps, &name).await.phase? == Phase::Ready).then_some(())
+    })
+    .await;
+}
+
+/// Addresses of the app's ready restore pods.
+async fn restore_pod_ips(ns: &TestNamespace, app: &str) -> Vec<String> {
+    let pods: Api<Pod> = ns.api();
+    let selector = format!("{}={app},{}=restore", labels::APP, labels::COMPONENT);
+    pods.list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter_map(crac_operator::sleep::ready_ip)
+        .collect()
+}
+
+async fn annotate(apps: &Api<CracApp>, name: &str, key: &str) {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({ "metadata": { "annotations": { key: now } } });
+    apps.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
+async fn replicas(ns: &TestNamespace, name: &str) -> i32 {
+    let d = ns.api::<Deployment>().get(name).await.unwrap();
+    d.spec.unwrap().replicas.unwrap_or(0)
+}
+
+#[tokio::test]
+async fn asked_to_sleep_it_drains_then_scales_to_zero_and_a_wake_request_brings_it_back() {
+    let _serial = SERIAL.lock().await;
+    let ns = TestNamespace::new("stz-cycle").await;
+    install_crds(&ns.client).await;
+    let activator_ip = stand_in_activator(&ns.client, &ns.name).await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let apps: Api<CracApp> = ns.api();
+    make_ready(&ns, &sleepy_app("nap", "30m")).await;
+    let ip = restore_pod_ips(&ns, "nap").await.pop().unwrap();
+    // A caller is still connected.
+    let agent = ActivityServer::start(&ip, report(1, 0)).await;
+
+    annotate(&apps, "nap", labels::SLEEP_REQUESTED_AT).await;
+    let s = wait_for("the drain to start", DEADLINE, || async {
+        let s = status(&apps, "nap").await;
+        (s.serving_mode? == ServingMode::Activator).then_some(s)
+    })
+    .await;
+    let port = s.activator_ports[0].activator_port;
+    // The Service now sends new requests to the activator, at the app's activator port.
+    let slices: Api<EndpointSlice> = ns.api();
+    let slice = wait_for("the slice on the activator", DEADLINE, || async {
+        let slice = slices.get("nap-crac").await.ok()?;
+        let ports = slice.ports.clone()?;
+        (ports[0].port == Some(port)).then_some(slice)
+    })
+    .await;
+    let endpoints = slice.endpoints.clone().unwrap_or_default();
+    assert_eq!(endpoints.len(), 1, "{slice:?}");
+    assert_eq!(endpoints[0].addresses, [activator_ip]);
+    // The open connection holds the pods up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        replicas(&ns, "nap").await,
+        1,
+        "draining waits for open connections"
+    );
+
+    agent.set(0, None);
+    wait_for("scaled to zero", DEADLINE, || async {
+        let s = status(&apps, "nap").await;
+        (s.phase? == Phase::ScaledToZero && s.slept_at.is_some()).then_some(())
+    })
+    .await;
+    assert_eq!(replicas(&ns, "nap").await, 0);
+    let app = apps.get("nap").await.unwrap();
+    assert_eq!(app.spec.replicas, 1, "the user's spec is never rewritten");
+    let cond = app
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "ScaledToZero")
+        .unwrap();
+    assert_eq!(cond.status, "True");
+    drop(agent);
+
+    // The activator asks for a wake the way it does: status.wakeRequestedAt, its own manager.
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({ "status": { "wakeRequestedAt": now } });
+    apps.patch_status(
+        "nap",
+        &PatchParams {
+            field_manager: Some("crac-activator".into()),
+            ..Default::default()
+        },
+        &Patch::Merge(patch),
+    )
+    .await
+    .unwrap();
+    let s = wait_for("awake again", DEADLINE, || async {
+        let s = status(&apps, "nap").await;
+        (s.phase? == Phase::Ready && s.serving_mode? == ServingMode::Pods).then_some(s)
+    })
+    .await;
+    let wake = s.last_wake.unwrap();
+    assert!(wake.latency_ms.unwrap() >= 0);
+    assert!(s.slept_at.is_none());
+    assert_eq!(replicas(&ns, "nap").await, 1);
+    let events: Api<k8s_openapi::api::core::v1::Event> = ns.api();
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for r in ["Draining", "Sleeping", "Waking", "Woken"] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no {r} Event in {reasons:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_app_idle_for_idle_after_goes_to_sleep_by_itself() {
+    let _serial = SERIAL.lock().await;
+    let ns = TestNamespace::new("stz-idle").await;
+    install_crds(&ns.client).await;
+    stand_in_activator(&ns.client, &ns.name).await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let apps: Api<CracApp> = ns.api();
+    make_ready(&ns, &sleepy_app("quiet", "30s")).await;
+    let ip = restore_pod_ips(&ns, "quiet").await.pop().unwrap();
+    let agent = ActivityServer::start(&ip, report(0, 120)).await;
+    // 30 s is the shortest idleAfter the API accepts; the clock runs from the app's Ready.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        status(&apps, "quiet").await.phase,
+        Some(Phase::Ready),
+        "not idle long enough yet"
+    );
+    wait_for(
+        "asleep after idleAfter",
+        Duration::from_secs(90),
+        || async { (status(&apps, "quiet").await.phase? == Phase::ScaledToZero).then_some(()) },
+    )
+    .await;
+    drop(agent);
+}
+
+#[tokio::test]
+async fn a_policy_caps_awake_apps_and_the_longest_idle_sleeps_first() {
+    let _serial = SERIAL.lock().await;
+    let ns = TestNamespace::new("stz-policy").await;
+    install_crds(&ns.client).await;
+    stand_in_activator(&ns.client, &ns.name).await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let policies: Api<crac_api::CracScalePolicy> = Api::all(ns.client.clone());
+    let policy: crac_api::CracScalePolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "crac.dev/v1alpha1", "kind": "CracScalePolicy",
+        "metadata": { "name": ns.name },
+        "spec": {
+            "selector": { "matchLabels": { "policy-test": ns.name } },
+            "scaleToZero": { "enabled": true, "idleAfter": "1h" },
+            "maxAwake": 1
+        }
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+
+    let labelled = |name: &str| {
+        let mut app = example_app(name, &format!("{name}:1"));
+        app.spec.replicas = 1;
+        app.metadata.labels = Some([("policy-test".to_string(), ns.name.clone())].into());
+        app
+    };
+    make_ready(&ns, &labelled("older")).await;
+    make_ready(&ns, &labelled("newer")).await;
+    let older_ip = restore_pod_ips(&ns, "older").await.pop().unwrap();
+    let newer_ip = restore_pod_ips(&ns, "newer").await.pop().unwrap();
+    let older_agent = ActivityServer::start(&older_ip, report(0, 600)).await;
+    let _b = ActivityServer::start(&newer_ip, report(0, 5)).await;
+
+    let apps: Api<CracApp> = ns.api();
+    wait_for("the longest-idle app to sleep", DEADLINE, || async {
+        (status(&apps, "older").await.phase? == Phase::ScaledToZero).then_some(())
+    })
+    .await;
+    assert_eq!(
+        status(&apps, "newer").await.phase,
+        Some(Phase::Ready),
+        "one may stay awake"
+    );
+    drop(older_agent);
+    let _ = policies.delete(&ns.name, &Default::default()).await;
+}
+
+#[tokio::test]
+async fn a_request_to_a_sleeping_app_wakes_it_through_the_real_activator() {
+    let _serial = SERIAL.lock().await;
+    let ns = TestNamespace::new("stz-e2e").await;
+    install_crds(&ns.client).await;
+    stand_in_activator(&ns.client, &ns.name).await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let apps: Api<CracApp> = ns.api();
+    make_ready(&ns, &sleepy_app("web", "30m")).await;
+    let ip = restore_pod_ips(&ns, "web").await.pop().unwrap();
+    let agent = ActivityServer::start(&ip, report(0, 0)).await;
+    annotate(&apps, "web", labels::SLEEP_REQUESTED_AT).await;
+    let asleep = wait_for("asleep", DEADLINE, || async {
+        let s = status(&apps, "web").await;
+        (s.phase? == Phase::ScaledToZero).then_some(s)
+    })
+    .await;
+    drop(agent);
+    let port = asleep.activator_ports[0].activator_port;
+
+    // The real activator, on its own loopback address (others may run beside it).
+    let activator = Activator::start("127.0.0.3").await;
+    // As kube-proxy would route the Service's ClusterIP to the activator's port for this app.
+    let caller = tokio::spawn(get(format!("127.0.0.3:{port}"), "/hello"));
+
+    // The operator wakes the app; as soon as its pod has an address, the app answers on it.
+    let pod_ip = wait_for("a woken pod", DEADLINE, || async {
+        restore_pod_ips(&ns, "web").await.pop()
+    })
+    .await;
+    let app = tokio::spawn(serve_app(pod_ip.clone()));
+    let (code, body) = tokio::time::timeout(Duration::from_secs(45), caller)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, format!("hello from {pod_ip}"));
+    let s = wait_for("Ready on the pods again", DEADLINE, || async {
+        let s = status(&apps, "web").await;
+        (s.serving_mode? == ServingMode::Pods && s.phase? == Phase::Ready).then_some(s)
+    })
+    .await;
+    assert!(s.last_wake.unwrap().latency_ms.is_some());
+    app.abort();
+    drop(activator);
+}
+
+/// The activator binary, stopped when dropped.
+struct Activator(std::process::Child);
+
+impl Activator {
+    async fn start(address: &str) -> Self {
+        let bin = workspace_binary("crac-activator", "crac-activator");
+        let admin = format!("{address}:19090");
+        let child = std::process::Command::new(bin)
+            .args(["--kubeconfig", kubeconfig_path().to_str().unwrap()])
+            .args(["--listen-address", address, "--admin-address", &admin])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let handle = Activator(child);
+        wait_for("the activator's /readyz", DEADLINE, || async {
+            let (code, _) = get(admin.clone(), "/readyz").await;
+            (code == 200).then_some(())
+        })
+        .await;
+        handle
+    }
+}
+
+impl Drop for Activator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Builds (when needed) and locates a binary of another workspace crate.
+fn workspace_binary(package: &str, bin: &str) -> std::path::PathBuf {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", package, "--bin", bin])
+        .current_dir(repo_root())
+        .status()
+        .unwrap();
+    assert!(status.success(), "cargo build -p {package}");
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), Into::into);
+    target.join("debug").join(bin)
+}
+
+/// One HTTP/1.0 GET; `(0, error)` when the connection fails.
+async fn get(address: String, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(&address).await else {
+        return (0, "connect failed".into());
+    };
+    let request = format!("GET {path} HTTP/1.0\r\nHost: web\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return (0, "write failed".into());
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// The "app": answers every request with its address, on `ip:8080`.
+async fn serve_app(ip: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind((ip.as_str(), 8080))
+        .await
+        .unwrap();
+    loop {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let body = format!("hello from {ip}");
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
