@@ -23,6 +23,19 @@ build: ## Build every binary (debug) and the static agent (release)
 crds: ## Regenerate crds/ (and the chart's copy) from crates/api
 	$(CARGO) run -q -p crac-operator --bin crdgen > crds/crds.yaml
 	@if [ -d charts/crac-operator/crds ]; then cp crds/crds.yaml charts/crac-operator/crds/crds.yaml; fi
+	scripts/render-manifests
+
+.PHONY: helm-lint
+helm-lint: ## Lint the Helm chart (Helm is built once from its Go module, tests/helm)
+	scripts/helm lint --strict charts/crac-operator
+
+.PHONY: manifests
+manifests: ## Regenerate deploy/crac-operator.yaml from the chart
+	scripts/render-manifests
+
+.PHONY: images
+images: ## Build the operator, activator and agent images (prints the commands without a container engine)
+	scripts/images
 
 .PHONY: cluster-up
 cluster-up: deps ## Start the test control plane (etcd, apiserver, controller-manager, scheduler, kwok)
@@ -37,7 +50,8 @@ criu: deps ## Fetch CRIU 4.2.1 and its libraries from Debian unstable into the c
 	scripts/fetch-criu >/dev/null
 
 .PHONY: test
-test: deps cluster-up criu ## Unit, control-plane, agent (real JVM + CRIU) and data-path tests
+test: deps cluster-up criu ## Unit, control-plane, agent (real JVM + CRIU), data-path, install and CLI tests
+	scripts/helm version >/dev/null
 	$(CARGO) test --workspace --no-fail-fast
 
 .PHONY: lint

@@ -481,6 +481,11 @@ async fn helm_install_runs_the_operator_with_minimal_rbac() {
         "install-test".into(),
     ));
     let operator = tokio::spawn(controller::run(ctx, 4, Some(ns.name.clone()), || {}));
+    // The operator binary also keeps the policies' status (its own loop, beside the controller).
+    let policy_status = tokio::spawn(crac_operator::policies::keep_status(
+        operator_client.clone(),
+        std::time::Duration::from_secs(1),
+    ));
 
     // The activator's watches and a wake request, as its ServiceAccount.
     let activator_registry = Arc::new(crac_activator::registry::Registry::new(Arc::new(
@@ -577,6 +582,7 @@ async fn helm_install_runs_the_operator_with_minimal_rbac() {
     .await;
 
     operator.abort();
+    policy_status.abort();
     for w in watches {
         w.abort();
     }
