@@ -51,13 +51,23 @@ impl Drop for Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_on_the_real_control_plane_holds_wakes_and_forwards_to_a_ready_pod() {
-    let Some(client) = cluster_client().await else {
-        eprintln!(
-            "SKIPPED: no control plane at {} (run tests/cluster/up)",
+    // Start the test control plane when none runs (idempotent); never skip.
+    let up = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/cluster/up");
+    let started = tokio::task::spawn_blocking(move || std::process::Command::new(up).output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.status.success(),
+        "tests/cluster/up failed: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let client = cluster_client().await.unwrap_or_else(|| {
+        panic!(
+            "no control plane answers at {}",
             kubeconfig_path().display()
-        );
-        return;
-    };
+        )
+    });
     let ssa = PatchParams::apply("crac-activator-test").force();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     if crds.get_opt("cracapps.crac.dev").await.unwrap().is_none() {
