@@ -20,8 +20,9 @@ build: ## Build every binary (debug) and the static agent (release)
 	crates/agent/build-static >/dev/null
 
 .PHONY: crds
-crds: ## Regenerate crds/ (and the chart's copy) from crates/api
+crds: ## Regenerate crds/, the chart's copy, deploy/ and docs/reference.md from crates/api
 	$(CARGO) run -q -p crac-operator --bin crdgen > crds/crds.yaml
+	$(CARGO) run -q -p crac-operator --bin crdgen -- --reference > docs/reference.md
 	@if [ -d charts/crac-operator/crds ]; then cp crds/crds.yaml charts/crac-operator/crds/crds.yaml; fi
 	scripts/render-manifests
 

@@ -290,15 +290,16 @@ async fn spec_change_takes_a_new_checkpoint_while_old_pods_keep_serving() {
         template.spec.unwrap().containers[0].image.as_deref(),
         Some("shop:1")
     );
-    let status = status_of(&apps, "shop").await;
+    // The status is written just after the Job is created: wait for it rather than race it.
+    let status = wait_for("CheckpointReady: Checkpointing", DEADLINE, || async {
+        let s = status_of(&apps, "shop").await;
+        (condition(&s, "CheckpointReady")?.reason == "Checkpointing").then_some(s)
+    })
+    .await;
     assert_eq!(
         status.phase,
         Some(crac_api::cracapp::Phase::Ready),
         "still serving"
-    );
-    assert_eq!(
-        condition(&status, "CheckpointReady").unwrap().reason,
-        "Checkpointing"
     );
 
     // Once the new image is published, the Deployment moves to it.

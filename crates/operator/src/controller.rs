@@ -198,6 +198,11 @@ fn error_policy(app: Arc<CracApp>, error: &Error, _ctx: Arc<Context>) -> Action 
         {
             Action::requeue(Duration::from_secs(2))
         }
+        // The namespace is being deleted: its objects go with it, nothing to retry hot.
+        _ if error.namespace_terminating() => {
+            tracing::debug!(app = %app.name_any(), "namespace terminating");
+            Action::requeue(Duration::from_secs(60))
+        }
         _ => {
             warn!(app = %app.name_any(), reason = error.metric_label(), error = %error, "reconcile failed");
             Action::requeue(Duration::from_secs(5))

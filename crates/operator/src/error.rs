@@ -21,4 +21,21 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The API server refused a write because the namespace is being deleted.
+    pub fn namespace_terminating(&self) -> bool {
+        let api = match self {
+            Error::Kube(kube::Error::Api(e)) => Some(e),
+            Error::Finalizer(inner) => match &**inner {
+                kube::runtime::finalizer::Error::ApplyFailed(Error::Kube(kube::Error::Api(e))) => {
+                    Some(e)
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        api.is_some_and(|e| e.code == 403 && e.message.contains("being terminated"))
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

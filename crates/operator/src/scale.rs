@@ -278,6 +278,18 @@ fn elapsed(from: Timestamp, to: Timestamp) -> Duration {
     Duration::try_from(to.duration_since(from)).unwrap_or(Duration::ZERO)
 }
 
+/// Whether `me` is among the longest-idle of `awake` beyond `max`, the apps a policy's cap
+/// puts to sleep first. Undecided (false) while any of them has not reported activity yet:
+/// acting on half the picture would put the wrong app to sleep.
+pub fn sleeps_first<K: Ord + Clone>(awake: &[(Option<Timestamp>, K)], max: usize, me: &K) -> bool {
+    if awake.len() <= max || awake.iter().any(|(last, _)| last.is_none()) {
+        return false;
+    }
+    let mut sorted = awake.to_vec();
+    sorted.sort();
+    sorted[..awake.len() - max].iter().any(|(_, key)| key == me)
+}
+
 /// Activator ports are handed out from this range, one per app port, unique cluster-wide.
 pub const ACTIVATOR_PORTS: std::ops::Range<i32> = 20000..30000;
 
@@ -501,6 +513,20 @@ mod tests {
         assert!(in_quiet_hours(&[w("12:00", "13:00")], 12 * 60 + 30));
         assert!(!in_quiet_hours(&[], 0));
         assert_eq!(minute_of_day(t(86_400 + 90)), 1);
+    }
+
+    #[test]
+    fn the_cap_sleeps_the_longest_idle_and_waits_for_every_report() {
+        let awake = vec![(Some(t(100)), "b"), (Some(t(50)), "a"), (Some(t(300)), "c")];
+        assert!(sleeps_first(&awake, 2, &"a"), "idle since 50: first to go");
+        assert!(!sleeps_first(&awake, 2, &"b"));
+        assert!(sleeps_first(&awake, 1, &"b"));
+        assert!(!sleeps_first(&awake, 3, &"a"), "within the cap");
+        let unknown = vec![(Some(t(50)), "a"), (None, "b")];
+        assert!(
+            !sleeps_first(&unknown, 1, &"a"),
+            "not before every app reported"
+        );
     }
 
     #[test]

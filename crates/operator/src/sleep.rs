@@ -91,7 +91,9 @@ pub async fn plan(
         Activity::default()
     };
     let over_cap = match (settings.max_awake, &settings.policy) {
-        (Some(max), Some(name)) if watching => over_cap(app, ctx, name, max, &policies).await?,
+        (Some(max), Some(name)) if watching => {
+            over_cap(app, ctx, name, max, &policies, activity.last_activity).await?
+        }
         _ => false,
     };
     // The idle clock starts no earlier than the app became available (now, if it has not).
@@ -126,7 +128,16 @@ pub async fn plan(
         (Step::Serve { .. }, _) => Cycle::Awake,
         (Step::Stay(_), c) => c,
     };
-    tracing::debug!(app = %app.name_any(), ?step, "scale to zero");
+    tracing::debug!(
+        app = %app.name_any(),
+        ?step,
+        reporting = situation.activity.reporting,
+        asked = situation.activity.asked,
+        open = situation.activity.open_connections,
+        over_cap,
+        policy = ?situation.settings.policy,
+        "scale to zero"
+    );
     Ok(Plan {
         settings,
         step,
@@ -232,6 +243,7 @@ async fn over_cap(
     policy: &str,
     max: i32,
     policies: &[CracScalePolicy],
+    my_last_activity: Option<Timestamp>,
 ) -> Result<bool> {
     let apps = Api::<CracApp>::all(ctx.client.clone())
         .list(&ListParams::default())
@@ -246,8 +258,8 @@ async fn over_cap(
             .map(|n| (n.name_any(), n.metadata.labels.unwrap_or_default()))
             .collect();
     let empty = BTreeMap::new();
-    // Sorted longest-idle first; an app that never reported counts as just active.
-    let mut awake: Vec<(Timestamp, String, String)> = apps
+    let me = (app.namespace().unwrap_or_default(), app.name_any());
+    let awake: Vec<(Option<Timestamp>, (String, String))> = apps
         .iter()
         .filter(|a| {
             let labels = namespaces
@@ -261,26 +273,27 @@ async fn over_cap(
                 .is_none_or(|s| s.slept_at.is_none() && s.checkpoint.is_some())
         })
         .map(|a| {
-            let last = a
-                .status
-                .as_ref()
-                .and_then(|s| s.last_activity_time.as_ref())
-                .map_or(Timestamp::MAX, |t| t.0);
-            (last, a.namespace().unwrap_or_default(), a.name_any())
+            let key = (a.namespace().unwrap_or_default(), a.name_any());
+            // This app's own activity is fresh; the others' comes from their status.
+            let last = if key == me {
+                my_last_activity
+            } else {
+                a.status
+                    .as_ref()
+                    .and_then(|s| s.last_activity_time.as_ref())
+                    .map(|t| t.0)
+            };
+            (last, key)
         })
         .collect();
-    let allowed = usize::try_from(max).unwrap_or(0);
-    if awake.len() <= allowed {
-        return Ok(false);
-    }
-    awake.sort();
-    let me = (app.namespace().unwrap_or_default(), app.name_any());
-    Ok(awake[..awake.len() - allowed]
-        .iter()
-        .any(|(_, ns, name)| (ns, name) == (&me.0, &me.1)))
+    Ok(scale::sleeps_first(
+        &awake,
+        usize::try_from(max).unwrap_or(0),
+        &me,
+    ))
 }
 
-/// Asks each ready pod's agent for its activity, 1 s each at most, all at once.
+/// Asks each ready pod's agent for its activity, 2 s each at most, all at once.
 async fn poll_activity(ips: &[String]) -> Activity {
     let reports = futures::future::join_all(ips.iter().map(|ip| fetch_activity(ip))).await;
     let mut activity = Activity {
@@ -318,7 +331,7 @@ async fn fetch_activity(ip: &str) -> Option<ActivityReport> {
         head.split(' ').nth(1).filter(|code| *code == "200")?;
         serde_json::from_str(body).ok()
     };
-    tokio::time::timeout(Duration::from_secs(1), exchange)
+    tokio::time::timeout(Duration::from_secs(2), exchange)
         .await
         .ok()
         .flatten()
