@@ -202,6 +202,7 @@ pub const USAGE: &str = "usage:
   crac-agent restore [flags] -- <command...>      restore the image (or fall back to cold start)
   crac-agent run [flags] -- <command...>          plain start (for comparison)
   crac-agent install <dest-path>                  copy this binary to dest-path (mode 0755)
+  crac-agent clean <image-dir>                    remove an app's images (used before deletion)
 flags (each overrides its environment variable):
   --image-dir DIR        CRAC_IMAGE_DIR
   --checkpoint-id ID     CRAC_CHECKPOINT_ID

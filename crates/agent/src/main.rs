@@ -26,6 +26,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("install") => std::process::exit(install(args.get(1).map(String::as_str))),
+        Some("clean") => std::process::exit(clean(args.get(1).map(String::as_str))),
         Some("-h" | "--help" | "help") => {
             println!("{}", config::USAGE);
             return;
@@ -100,6 +101,29 @@ fn install(dest: Option<&str>) -> i32 {
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             eprintln!("crac-agent: cannot install to {}: {e}", dest.display());
+            1
+        }
+    }
+}
+
+/// Removes an app's image directory from a shared claim (the operator runs this in a Job
+/// before a CracApp that used an `existingClaim` goes). A directory already gone is success.
+fn clean(dir: Option<&str>) -> i32 {
+    let Some(dir) = dir else {
+        eprintln!("usage: crac-agent clean <image-dir>");
+        return 2;
+    };
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {
+            eprintln!("crac-agent: removed {dir}");
+            0
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("crac-agent: {dir} does not exist; nothing to remove");
+            0
+        }
+        Err(e) => {
+            eprintln!("crac-agent: cannot remove {dir}: {e}");
             1
         }
     }
