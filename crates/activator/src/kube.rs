@@ -120,10 +120,17 @@ pub async fn watch_apps(client: Client, registry: Arc<Registry>, default_wake_ti
     }
 }
 
-/// Watches pods labelled `crac.dev/app` in every namespace and keeps each app's ready pods.
+/// Watches the restore pods (labelled `crac.dev/app`, component `restore`) in every namespace
+/// and keeps each app's ready pods. Checkpoint and cleanup pods carry the app label too but
+/// never serve.
 pub async fn watch_pods(client: Client, registry: Arc<Registry>) {
     let api: Api<Pod> = Api::all(client);
-    let config = watcher::Config::default().labels(crac_api::labels::APP);
+    let selector = format!(
+        "{},{}=restore",
+        crac_api::labels::APP,
+        crac_api::labels::COMPONENT
+    );
+    let config = watcher::Config::default().labels(&selector);
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
     let mut index = PodIndex::default();
     loop {

@@ -179,13 +179,16 @@ pub fn pod_entry(pod: &Pod) -> Option<PodEntry> {
     })
 }
 
-/// The pod's IP if it should receive traffic: Ready condition True, not terminating, an IP
-/// assigned.
+/// The pod's IP if it should receive traffic: Running, Ready condition True, not
+/// terminating, an IP assigned. (A pod that has ended can still carry a stale Ready.)
 pub fn ready_ip(pod: &Pod) -> Option<IpAddr> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
     let status = pod.status.as_ref()?;
+    if status.phase.as_deref() != Some("Running") {
+        return None;
+    }
     let ready = status
         .conditions
         .as_ref()?
@@ -385,6 +388,7 @@ mod tests {
             pod.metadata.deletion_timestamp = Some(Time(Default::default()));
         }
         pod.status = Some(PodStatus {
+            phase: Some("Running".into()),
             pod_ip: ip.map(String::from),
             conditions: Some(vec![PodCondition {
                 type_: "Ready".into(),
@@ -493,6 +497,13 @@ mod tests {
             assert_eq!(conflicts.len(), 1);
             assert_eq!(conflicts[0].winner, AppKey::new("ns", "a-app"));
         }
+    }
+
+    #[test]
+    fn an_ended_pod_with_a_stale_ready_condition_gets_no_traffic() {
+        let mut ended = pod("ns", "p", Some("a"), true, Some("10.0.0.1"), false);
+        ended.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        assert_eq!(ready_ip(&ended), None);
     }
 
     #[test]

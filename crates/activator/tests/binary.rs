@@ -131,9 +131,9 @@ fn pod_json(rv: &str, ready: bool) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "demo-0", "namespace": "shop", "resourceVersion": rv,
-                     "labels": {"crac.dev/app": "demo"}},
+                     "labels": {"crac.dev/app": "demo", "app.kubernetes.io/component": "restore"}},
         "spec": {"containers": [{"name": "app", "image": "demo"}]},
-        "status": {"podIP": "127.0.0.1",
+        "status": {"podIP": "127.0.0.1", "phase": "Running",
                    "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
     })
 }

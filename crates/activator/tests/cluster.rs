@@ -187,7 +187,7 @@ async fn binary_on_the_real_control_plane_holds_wakes_and_forwards_to_a_ready_po
     // marks it Ready; the app process listens on that address.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "demo-0", "labels": {(crac_api::labels::APP): "demo"}},
+        "metadata": {"name": "demo-0", "labels": {(crac_api::labels::APP): "demo", (crac_api::labels::COMPONENT): "restore"}},
         "spec": {"containers": [{"name": "app", "image": "demo"}]}
     }))
     .unwrap();

@@ -647,20 +647,7 @@ async fn ready_pod_ips(ctx: &Context, ns: &str, app: &str) -> Result<Vec<String>
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns);
     let selector = format!("{}={app},{}=restore", labels::APP, labels::COMPONENT);
     let list = pods.list(&ListParams::default().labels(&selector)).await?;
-    Ok(list
-        .items
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter_map(|p| {
-            let status = p.status.as_ref()?;
-            let ready = status
-                .conditions
-                .iter()
-                .flatten()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            ready.then(|| status.pod_ip.clone()).flatten()
-        })
-        .collect())
+    Ok(list.items.iter().filter_map(sleep::ready_ip).collect())
 }
 
 /// Computes phase and conditions, publishes an Event per transition, and writes the status

@@ -398,12 +398,16 @@ pub async fn activator_ips(ctx: &Context) -> Result<Vec<String>> {
     Ok(list.items.iter().filter_map(ready_ip).collect())
 }
 
-/// A pod's address when it is ready and not terminating.
+/// A pod's address when it runs, is ready and is not terminating.
 pub fn ready_ip(pod: &Pod) -> Option<String> {
     if pod.meta().deletion_timestamp.is_some() {
         return None;
     }
     let status = pod.status.as_ref()?;
+    // A pod that has ended can still carry a stale Ready condition.
+    if status.phase.as_deref() != Some("Running") {
+        return None;
+    }
     let ready = status
         .conditions
         .iter()
