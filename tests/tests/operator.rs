@@ -738,3 +738,43 @@ async fn only_one_replica_holds_the_leader_lease() {
         "an expired lease is taken over"
     );
 }
+
+#[tokio::test]
+async fn kubectl_scale_works_through_the_scale_subresource() {
+    let ns = setup("op-scale").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    create_and_make_ready(&ns, &example_app("sized", "sized:1")).await;
+    // What `kubectl scale` and a HorizontalPodAutoscaler do.
+    let out = crac_tests::kubectl(&["-n", &ns.name, "scale", "cracapp/sized", "--replicas=3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deployments: Api<Deployment> = ns.api();
+    wait_for("the Deployment at 3 replicas", DEADLINE, || async {
+        (deployments.get("sized").await.ok()?.spec?.replicas? == 3).then_some(())
+    })
+    .await;
+    let apps: Api<CracApp> = ns.api();
+    let status = wait_for("3 ready replicas in status", DEADLINE, || async {
+        let s = status_of(&apps, "sized").await;
+        (s.ready_replicas == 3).then_some(s)
+    })
+    .await;
+    // The scale subresource reports what an autoscaler needs.
+    let scale = crac_tests::kubectl(&[
+        "-n",
+        &ns.name,
+        "get",
+        "--raw",
+        &format!(
+            "/apis/crac.dev/v1alpha1/namespaces/{}/cracapps/sized/scale",
+            ns.name
+        ),
+    ]);
+    let scale: serde_json::Value = serde_json::from_slice(&scale.stdout).unwrap();
+    assert_eq!(scale["spec"]["replicas"], 3);
+    assert_eq!(scale["status"]["replicas"], 3);
+    assert_eq!(scale["status"]["selector"], status.selector.unwrap());
+}
