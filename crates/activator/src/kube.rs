@@ -125,11 +125,7 @@ pub async fn watch_apps(client: Client, registry: Arc<Registry>, default_wake_ti
 /// never serve.
 pub async fn watch_pods(client: Client, registry: Arc<Registry>) {
     let api: Api<Pod> = Api::all(client);
-    let selector = format!(
-        "{},{}=restore",
-        crac_api::labels::APP,
-        crac_api::labels::COMPONENT
-    );
+    let selector = crac_api::serving::restore_pods_selector(None);
     let config = watcher::Config::default().labels(&selector);
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
     let mut index = PodIndex::default();

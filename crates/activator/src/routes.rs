@@ -179,25 +179,9 @@ pub fn pod_entry(pod: &Pod) -> Option<PodEntry> {
     })
 }
 
-/// The pod's IP if it should receive traffic: Running, Ready condition True, not
-/// terminating, an IP assigned. (A pod that has ended can still carry a stale Ready.)
+/// The pod's IP if it should receive traffic (the rule shared with the operator).
 pub fn ready_ip(pod: &Pod) -> Option<IpAddr> {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return None;
-    }
-    let status = pod.status.as_ref()?;
-    if status.phase.as_deref() != Some("Running") {
-        return None;
-    }
-    let ready = status
-        .conditions
-        .as_ref()?
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    if !ready {
-        return None;
-    }
-    status.pod_ip.as_deref()?.parse().ok()
+    crac_api::serving::serving_address(pod)?.parse().ok()
 }
 
 /// Ready pods per app, each app's list in the order its pods became ready, so "the first ready

@@ -6,6 +6,7 @@ pub mod cracapp;
 pub mod duration;
 pub mod labels;
 pub mod policy;
+pub mod serving;
 
 pub use cracapp::{CracApp, CracAppSpec, CracAppStatus};
 pub use policy::{CracScalePolicy, CracScalePolicySpec};

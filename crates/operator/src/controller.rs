@@ -645,7 +645,7 @@ async fn observe_rollout(ctx: &Context, ns: &str, name: &str) -> Result<Option<R
 /// Addresses of the app's restore pods that are ready and not terminating.
 async fn ready_pod_ips(ctx: &Context, ns: &str, app: &str) -> Result<Vec<String>> {
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns);
-    let selector = format!("{}={app},{}=restore", labels::APP, labels::COMPONENT);
+    let selector = crac_api::serving::restore_pods_selector(Some(app));
     let list = pods.list(&ListParams::default().labels(&selector)).await?;
     Ok(list.items.iter().filter_map(sleep::ready_ip).collect())
 }

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -398,20 +398,7 @@ pub async fn activator_ips(ctx: &Context) -> Result<Vec<String>> {
     Ok(list.items.iter().filter_map(ready_ip).collect())
 }
 
-/// A pod's address when it runs, is ready and is not terminating.
+/// A pod's address when it serves (the rule shared with the activator).
 pub fn ready_ip(pod: &Pod) -> Option<String> {
-    if pod.meta().deletion_timestamp.is_some() {
-        return None;
-    }
-    let status = pod.status.as_ref()?;
-    // A pod that has ended can still carry a stale Ready condition.
-    if status.phase.as_deref() != Some("Running") {
-        return None;
-    }
-    let ready = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    ready.then(|| status.pod_ip.clone()).flatten()
+    crac_api::serving::serving_address(pod).map(String::from)
 }
