@@ -184,3 +184,56 @@ pub async fn stand_in_activator(client: &Client, test_namespace: &str) -> String
     )
     .await
 }
+
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The app's status (default when it has none yet).
+pub async fn status_of(apps: &Api<CracApp>, name: &str) -> crac_api::CracAppStatus {
+    apps.get(name).await.unwrap().status.unwrap_or_default()
+}
+
+/// Waits for the app's running checkpoint Job and its running pod.
+pub async fn running_checkpoint(
+    ns: &crate::TestNamespace,
+    app: &str,
+) -> (k8s_openapi::api::batch::v1::Job, String) {
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let checkpoints =
+        ListParams::default().labels(&format!("{}=checkpoint", crac_api::labels::COMPONENT));
+    crate::wait_for(
+        &format!("a running checkpoint pod of {app}"),
+        DEADLINE,
+        || async {
+            let list = jobs.list(&checkpoints).await.ok()?;
+            let job = list.items.into_iter().find(|j| {
+                let name = j.metadata.name.as_deref().unwrap_or_default();
+                name.starts_with(&format!("{app}-ckpt-"))
+                    && j.status.as_ref().and_then(|s| s.active).unwrap_or(0) > 0
+            })?;
+            let pod = running_job_pods(&pods, job.metadata.name.as_deref()?)
+                .await
+                .into_iter()
+                .next()?;
+            Some((job, pod))
+        },
+    )
+    .await
+}
+
+/// Creates the app, publishes its image as the agent would, waits for Ready; returns the id.
+pub async fn create_and_make_ready(ns: &crate::TestNamespace, app: &CracApp) -> String {
+    let name = app.metadata.name.clone().unwrap();
+    let apps: Api<CracApp> = ns.api();
+    apps.create(&kube::api::PostParams::default(), app)
+        .await
+        .unwrap();
+    let (job, pod) = running_checkpoint(ns, &name).await;
+    let id = job.metadata.annotations.unwrap()[crac_api::labels::CHECKPOINT_ID_ANNOTATION].clone();
+    end_checkpoint_pod(&ns.api(), &pod, &success(&id)).await;
+    crate::wait_for(&format!("{name} to be Ready"), DEADLINE, || async {
+        (status_of(&apps, &name).await.phase? == crac_api::cracapp::Phase::Ready).then_some(())
+    })
+    .await;
+    id
+}

@@ -9,8 +9,8 @@ use crac_api::CracApp;
 use crac_api::agent as contract;
 use crac_api::labels;
 use crac_tests::operator::{
-    AGENT_IMAGE, end_checkpoint_pod, example_app, failure, running_job_pods, start_operator,
-    success,
+    AGENT_IMAGE, create_and_make_ready, end_checkpoint_pod, example_app, failure,
+    running_checkpoint, running_job_pods, start_operator, status_of, success,
 };
 use crac_tests::{TestNamespace, install_crds, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -28,65 +28,11 @@ async fn setup(prefix: &str) -> TestNamespace {
     ns
 }
 
-fn checkpoint_jobs(ns: &TestNamespace) -> ListParams {
-    let _ = ns;
-    ListParams::default().labels(&format!("{}=checkpoint", labels::COMPONENT))
-}
-
-/// Waits for the app's single running checkpoint Job and its running pod.
-async fn running_checkpoint(
-    ns: &TestNamespace,
-    app: &str,
-    id_prefix: Option<&str>,
-) -> (Job, String) {
-    let jobs: Api<Job> = ns.api();
-    let pods: Api<Pod> = ns.api();
-    wait_for(
-        &format!("a running checkpoint pod of {app}"),
-        DEADLINE,
-        || async {
-            let list = jobs.list(&checkpoint_jobs(ns)).await.ok()?;
-            let job = list.items.into_iter().find(|j| {
-                let name = j.metadata.name.as_deref().unwrap_or_default();
-                name.starts_with(&format!("{app}-ckpt-"))
-                    && id_prefix.is_none_or(|p| name.contains(p))
-                    && j.status.as_ref().and_then(|s| s.active).unwrap_or(0) > 0
-            })?;
-            let pod = running_job_pods(&pods, job.metadata.name.as_deref()?)
-                .await
-                .into_iter()
-                .next()?;
-            Some((job, pod))
-        },
-    )
-    .await
-}
-
-async fn status_of(apps: &Api<CracApp>, name: &str) -> crac_api::CracAppStatus {
-    apps.get(name).await.unwrap().status.unwrap_or_default()
-}
-
 fn condition<'a>(
     status: &'a crac_api::CracAppStatus,
     type_: &str,
 ) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     status.conditions.iter().find(|c| c.type_ == type_)
-}
-
-/// Creates the app and takes it to Ready, returning the published checkpoint id.
-async fn create_and_make_ready(ns: &TestNamespace, app: &CracApp) -> String {
-    let name = app.metadata.name.clone().unwrap();
-    let apps: Api<CracApp> = ns.api();
-    apps.create(&PostParams::default(), app).await.unwrap();
-    let (job, pod) = running_checkpoint(ns, &name, None).await;
-    let id = job.metadata.annotations.unwrap()[labels::CHECKPOINT_ID_ANNOTATION].clone();
-    end_checkpoint_pod(&ns.api(), &pod, &success(&id)).await;
-    wait_for(&format!("{name} to be Ready"), DEADLINE, || async {
-        let s = status_of(&apps, &name).await;
-        (s.phase? == crac_api::cracapp::Phase::Ready).then_some(())
-    })
-    .await;
-    id
 }
 
 #[tokio::test]
@@ -112,7 +58,7 @@ async fn create_checkpoints_then_rolls_out_restore_pods_to_ready() {
     apps.create(&PostParams::default(), &app).await.unwrap();
 
     // The claim and the checkpoint Job look as specified.
-    let (job, pod) = running_checkpoint(&ns, "demo", None).await;
+    let (job, pod) = running_checkpoint(&ns, "demo").await;
     let claims: Api<PersistentVolumeClaim> = ns.api();
     let claim = claims.get("demo-crac-images").await.unwrap();
     assert_eq!(
@@ -274,7 +220,7 @@ async fn spec_change_takes_a_new_checkpoint_while_old_pods_keep_serving() {
     apps.patch("shop", &PatchParams::default(), &Patch::Merge(patch))
         .await
         .unwrap();
-    let (job, pod) = running_checkpoint(&ns, "shop", None).await;
+    let (job, pod) = running_checkpoint(&ns, "shop").await;
     let second = job.metadata.annotations.unwrap()[labels::CHECKPOINT_ID_ANNOTATION].clone();
     assert_ne!(first, second, "the image is part of the checkpoint id");
 
@@ -367,7 +313,7 @@ async fn checkpoint_failure_is_reported_with_the_agents_reason_and_retried_with_
     apps.create(&PostParams::default(), &example_app("slow", "slow:1"))
         .await
         .unwrap();
-    let (job, pod) = running_checkpoint(&ns, "slow", None).await;
+    let (job, pod) = running_checkpoint(&ns, "slow").await;
     let first_job = job.metadata.name.clone().unwrap();
     let reason = "the app did not answer GET /ready on port 8080 within 600s";
     end_checkpoint_pod(&ns.api(), &pod, &failure("ReadinessTimeout", reason)).await;
@@ -402,7 +348,7 @@ async fn checkpoint_failure_is_reported_with_the_agents_reason_and_retried_with_
     let jobs: Api<Job> = ns.api();
     let count = jobs.list(&ListParams::default()).await.unwrap().items.len();
     assert_eq!(count, 1, "the retry waits for its backoff");
-    let (retry, _) = running_checkpoint(&ns, "slow", None).await;
+    let (retry, _) = running_checkpoint(&ns, "slow").await;
     let retry_name = retry.metadata.name.clone().unwrap();
     assert_ne!(retry_name, first_job);
     assert!(retry_name.ends_with("-1"), "{retry_name}");
@@ -563,7 +509,7 @@ async fn a_restarted_operator_converges_without_duplicate_jobs() {
     apps.create(&PostParams::default(), &example_app("again", "again:1"))
         .await
         .unwrap();
-    let (job, pod) = running_checkpoint(&ns, "again", None).await;
+    let (job, pod) = running_checkpoint(&ns, "again").await;
     drop(operator);
 
     let operator = start_operator(&ns.client, &ns.name);

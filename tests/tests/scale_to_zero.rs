@@ -10,11 +10,10 @@ use crac_api::cracapp::{Phase, ServingMode};
 use crac_api::labels;
 use crac_tests::activity::{ActivityServer, report};
 use crac_tests::operator::{
-    end_checkpoint_pod, example_app, running_job_pods, stand_in_activator, start_operator, success,
+    create_and_make_ready, example_app, stand_in_activator, start_operator, status_of,
 };
 use crac_tests::{TestNamespace, install_crds, kubeconfig_path, repo_root, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -35,48 +34,6 @@ fn sleepy_app(name: &str, idle_after: &str) -> CracApp {
         wake_timeout: Some("30s".into()),
     });
     app
-}
-
-async fn status(apps: &Api<CracApp>, name: &str) -> crac_api::CracAppStatus {
-    apps.get(name).await.unwrap().status.unwrap_or_default()
-}
-
-/// Creates the app, publishes its image as the agent would, and waits for Ready.
-async fn make_ready(ns: &TestNamespace, app: &CracApp) {
-    let name = app.metadata.name.clone().unwrap();
-    let apps: Api<CracApp> = ns.api();
-    apps.create(&PostParams::default(), app).await.unwrap();
-    let jobs: Api<Job> = ns.api();
-    let pods: Api<Pod> = ns.api();
-    let (id, pod) = wait_for("a running checkpoint pod", DEADLINE, || async {
-        let job = jobs
-            .list(&ListParams::default())
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .find(|j| {
-                j.metadata
-                    .name
-                    .as_deref()
-                    .unwrap_or_default()
-                    .starts_with(&format!("{name}-ckpt-"))
-            })?;
-        let pod = running_job_pods(&pods, job.metadata.name.as_deref()?)
-            .await
-            .into_iter()
-            .next()?;
-        Some((
-            job.metadata.annotations?[labels::CHECKPOINT_ID_ANNOTATION].clone(),
-            pod,
-        ))
-    })
-    .await;
-    end_checkpoint_pod(&pods, &pod, &success(&id)).await;
-    wait_for(&format!("{name} Ready"), DEADLINE, || async {
-        (status(&apps, &name).await.phase? == Phase::Ready).then_some(())
-    })
-    .await;
 }
 
 /// Addresses of the app's ready restore pods.
@@ -113,14 +70,14 @@ async fn asked_to_sleep_it_drains_then_scales_to_zero_and_a_wake_request_brings_
     let activator_ip = stand_in_activator(&ns.client, &ns.name).await;
     let _operator = start_operator(&ns.client, &ns.name);
     let apps: Api<CracApp> = ns.api();
-    make_ready(&ns, &sleepy_app("nap", "30m")).await;
+    create_and_make_ready(&ns, &sleepy_app("nap", "30m")).await;
     let ip = restore_pod_ips(&ns, "nap").await.pop().unwrap();
     // A caller is still connected.
     let agent = ActivityServer::start(&ip, report(1, 0)).await;
 
     annotate(&apps, "nap", labels::SLEEP_REQUESTED_AT).await;
     let s = wait_for("the drain to start", DEADLINE, || async {
-        let s = status(&apps, "nap").await;
+        let s = status_of(&apps, "nap").await;
         (s.serving_mode? == ServingMode::Activator).then_some(s)
     })
     .await;
@@ -146,7 +103,7 @@ async fn asked_to_sleep_it_drains_then_scales_to_zero_and_a_wake_request_brings_
 
     agent.set(0, None);
     wait_for("scaled to zero", DEADLINE, || async {
-        let s = status(&apps, "nap").await;
+        let s = status_of(&apps, "nap").await;
         (s.phase? == Phase::ScaledToZero && s.slept_at.is_some()).then_some(())
     })
     .await;
@@ -177,7 +134,7 @@ async fn asked_to_sleep_it_drains_then_scales_to_zero_and_a_wake_request_brings_
     .await
     .unwrap();
     let s = wait_for("awake again", DEADLINE, || async {
-        let s = status(&apps, "nap").await;
+        let s = status_of(&apps, "nap").await;
         (s.phase? == Phase::Ready && s.serving_mode? == ServingMode::Pods).then_some(s)
     })
     .await;
@@ -210,20 +167,20 @@ async fn an_app_idle_for_idle_after_goes_to_sleep_by_itself() {
     stand_in_activator(&ns.client, &ns.name).await;
     let _operator = start_operator(&ns.client, &ns.name);
     let apps: Api<CracApp> = ns.api();
-    make_ready(&ns, &sleepy_app("quiet", "30s")).await;
+    create_and_make_ready(&ns, &sleepy_app("quiet", "30s")).await;
     let ip = restore_pod_ips(&ns, "quiet").await.pop().unwrap();
     let agent = ActivityServer::start(&ip, report(0, 120)).await;
     // 30 s is the shortest idleAfter the API accepts; the clock runs from the app's Ready.
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(
-        status(&apps, "quiet").await.phase,
+        status_of(&apps, "quiet").await.phase,
         Some(Phase::Ready),
         "not idle long enough yet"
     );
     wait_for(
         "asleep after idleAfter",
         Duration::from_secs(90),
-        || async { (status(&apps, "quiet").await.phase? == Phase::ScaledToZero).then_some(()) },
+        || async { (status_of(&apps, "quiet").await.phase? == Phase::ScaledToZero).then_some(()) },
     )
     .await;
     drop(agent);
@@ -258,8 +215,8 @@ async fn a_policy_caps_awake_apps_and_the_longest_idle_sleeps_first() {
         app.metadata.labels = Some([("policy-test".to_string(), ns.name.clone())].into());
         app
     };
-    make_ready(&ns, &labelled("older")).await;
-    make_ready(&ns, &labelled("newer")).await;
+    create_and_make_ready(&ns, &labelled("older")).await;
+    create_and_make_ready(&ns, &labelled("newer")).await;
     let older_ip = restore_pod_ips(&ns, "older").await.pop().unwrap();
     let newer_ip = restore_pod_ips(&ns, "newer").await.pop().unwrap();
     let older_agent = ActivityServer::start(&older_ip, report(0, 600)).await;
@@ -267,11 +224,11 @@ async fn a_policy_caps_awake_apps_and_the_longest_idle_sleeps_first() {
 
     let apps: Api<CracApp> = ns.api();
     wait_for("the longest-idle app to sleep", DEADLINE, || async {
-        (status(&apps, "older").await.phase? == Phase::ScaledToZero).then_some(())
+        (status_of(&apps, "older").await.phase? == Phase::ScaledToZero).then_some(())
     })
     .await;
     assert_eq!(
-        status(&apps, "newer").await.phase,
+        status_of(&apps, "newer").await.phase,
         Some(Phase::Ready),
         "one may stay awake"
     );
@@ -287,12 +244,12 @@ async fn a_request_to_a_sleeping_app_wakes_it_through_the_real_activator() {
     stand_in_activator(&ns.client, &ns.name).await;
     let _operator = start_operator(&ns.client, &ns.name);
     let apps: Api<CracApp> = ns.api();
-    make_ready(&ns, &sleepy_app("web", "30m")).await;
+    create_and_make_ready(&ns, &sleepy_app("web", "30m")).await;
     let ip = restore_pod_ips(&ns, "web").await.pop().unwrap();
     let agent = ActivityServer::start(&ip, report(0, 0)).await;
     annotate(&apps, "web", labels::SLEEP_REQUESTED_AT).await;
     let asleep = wait_for("asleep", DEADLINE, || async {
-        let s = status(&apps, "web").await;
+        let s = status_of(&apps, "web").await;
         (s.phase? == Phase::ScaledToZero).then_some(s)
     })
     .await;
@@ -317,7 +274,7 @@ async fn a_request_to_a_sleeping_app_wakes_it_through_the_real_activator() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body, format!("hello from {pod_ip}"));
     let s = wait_for("Ready on the pods again", DEADLINE, || async {
-        let s = status(&apps, "web").await;
+        let s = status_of(&apps, "web").await;
         (s.serving_mode? == ServingMode::Pods && s.phase? == Phase::Ready).then_some(s)
     })
     .await;
