@@ -453,10 +453,6 @@ pub struct CracAppStatus {
     /// waits for the pods' open connections to end before scaling to zero.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sleep_started_at: Option<Time>,
-
-    /// Restore pods that fell back to a cold start since the image was published.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cold_starts: Option<i32>,
 }
 
 /// A published checkpoint image.
