@@ -300,40 +300,35 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
 
     // Restore rollout, from the newest published image.
     let wanted = plan.replicas(app.spec.replicas);
-    let mut rollout = None;
-    if let Some(image) = next.checkpoint.clone() {
-        let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
-        let existing = deployments.get_opt(app_name(app)).await?;
-        let desired = if image.id == id {
-            Some(restore_deployment_for(
-                app,
-                &validated,
-                &id,
+    let rollout = match next.checkpoint.clone() {
+        None => None,
+        Some(image) if image.id == id => {
+            let desired = restore_deployment_for(app, &validated, &id, wanted, &ctx.config);
+            Some(rollout_of(
+                &apply_object(&ctx.client, &ns, &desired).await?,
                 wanted,
-                &ctx.config,
             ))
-        } else {
+        }
+        Some(image) => {
             // The spec moved on but its image is not ready: keep the pods on the template
             // that matches the published image, so they never restore it with another JAR.
-            existing
-                .as_ref()
-                .filter(|d| restored_id(d) == Some(image.id.as_str()))
-                .map(|d| {
+            let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
+            match deployments.get_opt(app_name(app)).await? {
+                Some(old) if restored_id(&old) == Some(image.id.as_str()) => {
                     let mut kept =
                         restore_deployment_for(app, &validated, &image.id, wanted, &ctx.config);
-                    if let (Some(spec), Some(old)) = (kept.spec.as_mut(), d.spec.as_ref()) {
-                        spec.template = old.template.clone();
+                    if let (Some(spec), Some(old)) = (kept.spec.as_mut(), old.spec) {
+                        spec.template = old.template;
                     }
-                    kept
-                })
-        };
-        if let Some(desired) = desired {
-            let applied = apply_object(&ctx.client, &ns, &desired).await?;
-            rollout = Some(rollout_of(&applied, wanted));
-        } else {
-            rollout = existing.as_ref().map(|d| rollout_of(d, wanted));
+                    Some(rollout_of(
+                        &apply_object(&ctx.client, &ns, &kept).await?,
+                        wanted,
+                    ))
+                }
+                other => other.map(|d| rollout_of(&d, wanted)),
+            }
         }
-    }
+    };
 
     // Service and its endpoints: the ready pods, or the activator while the app sleeps.
     if let Some(service) = service_for(app, &ports) {
