@@ -84,14 +84,42 @@ pub fn is_activity(prev: &Sample, now: &Sample) -> bool {
     now.established > 0 || now.queued || now.peers.difference(&prev.peers).next().is_some()
 }
 
-fn read_sample(app_port: u16) -> Sample {
+fn read_rows() -> Vec<TcpRow> {
     let mut rows = Vec::new();
     for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
         if let Ok(text) = std::fs::read_to_string(path) {
             rows.extend(parse_proc_net_tcp(&text));
         }
     }
-    sample(&rows, app_port)
+    rows
+}
+
+fn read_sample(app_port: u16) -> Sample {
+    sample(&read_rows(), app_port)
+}
+
+const TCP_TIME_WAIT: u8 = 0x06;
+
+/// Sockets the app still holds on its port besides the listener: established ones and ones
+/// still closing (CLOSE_WAIT, LAST_ACK, ...). TIME_WAIT belongs to no process.
+pub fn app_held_connections(rows: &[TcpRow], app_port: u16) -> usize {
+    rows.iter()
+        .filter(|r| r.local_port == app_port && r.state != TCP_LISTEN && r.state != TCP_TIME_WAIT)
+        .count()
+}
+
+/// Waits up to `limit` until the app holds no connection on its port. CRIU cannot dump an
+/// open TCP connection without repairing it (which needs iptables and more privileges), and
+/// a server may close its side of a finished request a moment after the client did.
+pub fn wait_for_closed_connections(app_port: u16, limit: std::time::Duration) -> usize {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let held = app_held_connections(&read_rows(), app_port);
+        if held == 0 || std::time::Instant::now() >= deadline {
+            return held;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// RFC 3339 in UTC, second precision, without a date library.
@@ -250,6 +278,25 @@ garbage
         let rows6 = parse_proc_net_tcp(TCP6);
         assert_eq!(rows6.len(), 1);
         assert_eq!(rows6[0].rx_queue, 5);
+    }
+
+    #[test]
+    fn closing_connections_are_held_but_time_wait_is_not() {
+        let row = |port, state| TcpRow {
+            local_port: port,
+            remote: "0100007F:C350".into(),
+            state,
+            tx_queue: 0,
+            rx_queue: 0,
+        };
+        let rows = [
+            row(8080, TCP_LISTEN),
+            row(8080, TCP_TIME_WAIT),
+            row(8080, 0x08),
+            row(9000, TCP_ESTABLISHED),
+        ];
+        assert_eq!(app_held_connections(&rows, 8080), 1, "CLOSE_WAIT only");
+        assert_eq!(app_held_connections(&rows, 9000), 1);
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub fn dump_args(pid: i32, dir: &Path) -> Vec<String> {
         "--log-file".into(),
         DUMP_LOG.into(),
         "-v3".into(),
+        // A connection the app still holds (a keep-alive client, a server closing its side)
+        // is not dumped for repair, which would need iptables and more privileges: it comes
+        // back closed, as CRaC apps expect connections made before a checkpoint to be.
+        "--tcp-close".into(),
     ]
 }
 
@@ -43,6 +47,7 @@ pub fn restore_args(images: &Path, work: &Path, stdio: &[StdioPipe]) -> Vec<Stri
         "--log-file".into(),
         RESTORE_LOG.into(),
         "-v3".into(),
+        "--tcp-close".into(),
         "--restore-detached".into(),
         "--restore-sibling".into(),
         "--pidfile".into(),
@@ -275,7 +280,7 @@ mod tests {
     fn builds_dump_and_restore_commands() {
         assert_eq!(
             dump_args(201, Path::new("/crac/.tmp-x")).join(" "),
-            "dump --tree 201 --images-dir /crac/.tmp-x --log-file dump.log -v3"
+            "dump --tree 201 --images-dir /crac/.tmp-x --log-file dump.log -v3 --tcp-close"
         );
         let pipes = [
             StdioPipe { fd: 1, inode: 11 },
@@ -283,7 +288,7 @@ mod tests {
         ];
         let args = restore_args(Path::new("/crac/abc"), Path::new("/tmp/w"), &pipes).join(" ");
         assert!(args.starts_with("restore --images-dir /crac/abc --work-dir /tmp/w"));
-        assert!(args.contains("--restore-detached --restore-sibling"));
+        assert!(args.contains("--tcp-close --restore-detached --restore-sibling"));
         assert!(
             args.ends_with("--inherit-fd fd[1]:pipe:[11] --inherit-fd fd[2]:pipe:[12]"),
             "{args}"

@@ -310,6 +310,17 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
         }
     }
     s.warmup_ms = Some(ms(t_warm.elapsed()));
+    if let Some(port) = cfg
+        .app_port
+        .or_else(|| cfg.readiness.as_ref().map(|r| r.host_port().1))
+    {
+        let held = crate::activity::wait_for_closed_connections(port, Duration::from_secs(5));
+        if held > 0 {
+            log(format!(
+                "{held} connection(s) still open on port {port}; the dump may fail"
+            ));
+        }
+    }
     if let Some(sig) = sup.terminated_by() {
         return Err(Failure::new(
             reason::TERMINATED,
