@@ -80,7 +80,10 @@ pub fn classify_log(log: &str, restoring: bool) -> Failure {
                 .to_string()
         });
     let has = |s: &str| log.contains(s);
-    let (r, hint) = if has("Connected TCP socket") || has("--tcp-established") {
+    let (r, hint) = if has("Connected TCP socket")
+        || has("--tcp-established")
+        || has("Failed to lock TCP connection")
+    {
         (
             reason::OPEN_SOCKETS,
             "the JVM holds an established TCP connection (database pool, client, debugger): close it before the checkpoint or use engine crac with a Resource that closes it",
@@ -310,6 +313,14 @@ mod tests {
     #[test]
     fn classifies_criu_logs() {
         let c = |log: &str, r: bool| classify_log(log, r).reason;
+        // A held connection is the cause even when an unrelated rlimit warning comes first.
+        assert_eq!(
+            c(
+                "Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\nError (criu/sk-tcp.c:81): tcp: Failed to lock TCP connection 6e93d",
+                false
+            ),
+            reason::OPEN_SOCKETS
+        );
         assert_eq!(
             c(
                 "(00.1) Error (criu/sk-inet.c:199): inet: Connected TCP socket, consider using --tcp-established option.",
