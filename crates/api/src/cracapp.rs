@@ -100,9 +100,14 @@ fn default_replicas() -> i32 {
 }
 
 /// The pod template schema of Kubernetes, with a bound on the number of containers so the
-/// API server can cost the CEL rules that look for the `app` container.
+/// API server can cost the CEL rules that look for the `app` container, and without
+/// Kubernetes' own field descriptions (they are the Pod reference's; kept, they make the CRD
+/// 500 KB, past what a client-side `kubectl apply` can store).
 fn pod_template_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut schema = generator.subschema_for::<PodTemplateSpec>();
+    if let Some(map) = schema.as_object_mut() {
+        map.values_mut().for_each(strip_descriptions);
+    }
     let containers = schema
         .get_mut("properties")
         .and_then(|p| p.get_mut("spec"))
@@ -118,6 +123,17 @@ fn pod_template_schema(generator: &mut schemars::SchemaGenerator) -> schemars::S
         }
     }
     schema
+}
+
+fn strip_descriptions(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.remove("description");
+            map.values_mut().for_each(strip_descriptions);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_descriptions),
+        _ => {}
+    }
 }
 
 /// Which checkpoint engine the agent drives.
