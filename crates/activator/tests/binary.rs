@@ -178,16 +178,6 @@ async fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
     ))
 }
 
-/// Kills the child if the test fails before it exits.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigterm() {
     let backend = start_backend(None).await;
@@ -280,23 +270,7 @@ async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigte
         "{metrics}"
     );
 
-    let pid = child.0.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let exit = within(Duration::from_secs(15), "exit after SIGTERM", async {
-        loop {
-            if let Some(status) = child.0.try_wait().unwrap() {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let exit = child.terminate().await;
     assert!(exit.success(), "exit status after SIGTERM: {exit}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -40,15 +40,6 @@ async fn cluster_client() -> Option<Client> {
     Some(client)
 }
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_on_the_real_control_plane_holds_wakes_and_forwards_to_a_ready_pod() {
     // Start the test control plane when none runs (idempotent); never skip.
@@ -222,22 +213,6 @@ async fn binary_on_the_real_control_plane_holds_wakes_and_forwards_to_a_ready_po
         1
     );
 
-    let pid = child.0.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let exit = within(Duration::from_secs(15), "exit after SIGTERM", async {
-        loop {
-            if let Some(status) = child.0.try_wait().unwrap() {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let exit = child.terminate().await;
     assert!(exit.success(), "{exit}");
 }

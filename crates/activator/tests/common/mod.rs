@@ -395,3 +395,36 @@ pub async fn within<T>(
         Err(_) => panic!("{what}: no result within {limit:?}"),
     }
 }
+
+/// A spawned binary, killed if the test fails before it exits.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Child {
+    /// Sends SIGTERM and waits (15 s at most) for the process to exit; returns its status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.0.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        within(Duration::from_secs(15), "exit after SIGTERM", async {
+            loop {
+                if let Some(status) = self.0.try_wait().unwrap() {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
