@@ -97,6 +97,19 @@ impl TestNamespace {
         TestNamespace { name, client }
     }
 
+    /// The reasons of every Event in the namespace.
+    pub async fn event_reasons(&self) -> Vec<String> {
+        let events: Api<k8s_openapi::api::core::v1::Event> = self.api();
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+
     pub fn api<K>(&self) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,

@@ -181,15 +181,7 @@ async fn create_checkpoints_then_rolls_out_restore_pods_to_ready() {
     );
 
     // Events tell the story.
-    let events: Api<Event> = ns.api();
-    let reasons: Vec<String> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
+    let reasons = ns.event_reasons().await;
     for expected in ["Checkpointing", "CheckpointPublished", "PodsReady"] {
         assert!(
             reasons.iter().any(|r| r == expected),

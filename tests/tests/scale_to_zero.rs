@@ -142,15 +142,7 @@ async fn asked_to_sleep_it_drains_then_scales_to_zero_and_a_wake_request_brings_
     assert!(wake.latency_ms.unwrap() >= 0);
     assert!(s.slept_at.is_none());
     assert_eq!(replicas(&ns, "nap").await, 1);
-    let events: Api<k8s_openapi::api::core::v1::Event> = ns.api();
-    let reasons: Vec<String> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
+    let reasons = ns.event_reasons().await;
     for r in ["Draining", "Sleeping", "Waking", "Woken"] {
         assert!(
             reasons.iter().any(|x| x == r),
