@@ -716,3 +716,37 @@ async fn kubectl_scale_works_through_the_scale_subresource() {
     assert_eq!(scale["status"]["replicas"], 3);
     assert_eq!(scale["status"]["selector"], status.selector.unwrap());
 }
+
+#[tokio::test]
+async fn objects_changed_or_deleted_by_someone_else_are_put_back() {
+    let ns = setup("op-drift").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    create_and_make_ready(&ns, &example_app("drift", "drift:1")).await;
+    let deployments: Api<Deployment> = ns.api();
+    let slices: Api<EndpointSlice> = ns.api();
+    wait_for("the slice", DEADLINE, || async {
+        slices.get_opt("drift-crac").await.unwrap()
+    })
+    .await;
+
+    // The operator skips applies that would change nothing; a change it did not make is
+    // still seen (the object's version moved) and undone.
+    let patch = serde_json::json!({ "spec": { "replicas": 5 } });
+    deployments
+        .patch("drift", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    slices
+        .delete("drift-crac", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("replicas back to the app's 2", DEADLINE, || async {
+        let d = deployments.get("drift").await.unwrap();
+        (d.spec?.replicas? == 2).then_some(())
+    })
+    .await;
+    wait_for("the slice back", DEADLINE, || async {
+        slices.get_opt("drift-crac").await.unwrap()
+    })
+    .await;
+}

@@ -13,6 +13,14 @@ pub fn restore_pods_selector(app: Option<&str>) -> String {
     }
 }
 
+/// Whether the pod is one of the app's restore pods: [`restore_pods_selector`] as a test.
+pub fn is_restore_pod_of(pod: &Pod, app: &str) -> bool {
+    let labels = pod.metadata.labels.as_ref();
+    let has =
+        |key: &str, value: &str| labels.and_then(|l| l.get(key)).map(String::as_str) == Some(value);
+    has(labels::APP, app) && has(labels::COMPONENT, "restore")
+}
+
 /// The pod's address when it should receive traffic: Running, Ready, not terminating, with an
 /// address. (A pod that has ended can still carry a stale Ready condition.)
 pub fn serving_address(pod: &Pod) -> Option<&str> {

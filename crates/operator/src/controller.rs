@@ -7,6 +7,7 @@ use crate::build::job::{checkpoint_job_for, checkpoint_job_name};
 use crate::build::pvc::images_claim_for;
 use crate::build::service::{Backends, app_ports, endpoint_slice_for, service_for};
 use crate::build::{BuildConfig, app_name, labels_for, owner_ref};
+use crate::cache::{self, Caches, cached};
 use crate::checkpoint_id::checkpoint_id;
 use crate::checkpoint_pod::{failure_of, summary_of};
 use crate::error::{Error, Result};
@@ -20,24 +21,28 @@ use crate::status::{
 use crate::validate::{ValidatedApp, validate};
 use crac_api::agent::AgentSummary;
 use crac_api::cracapp::{CheckpointStatus, CracAppStatus, PendingCheckpoint, ServingMode};
+use crac_api::policy::CracScalePolicy;
 use crac_api::{CracApp, labels};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Container, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
     PodTemplateSpec, Service, Volume, VolumeMount,
 };
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{Instrument, field, info, info_span, warn};
@@ -60,6 +65,8 @@ pub struct Context {
     pub activator: ActivatorRef,
     /// Activator ports handed out. Seeded from the apps' status.
     pub activator_ports: PortTable,
+    /// Pods and policies as the watches saw them.
+    pub caches: Caches,
 }
 
 /// Activator ports handed out, by port: `(namespace, app)`; `None` until seeded.
@@ -102,6 +109,7 @@ impl Context {
             retry_base: Duration::from_secs(30),
             activator: ActivatorRef::default(),
             activator_ports: PortTable::default(),
+            caches: Caches::default(),
         }
     }
 }
@@ -129,18 +137,72 @@ pub async fn run(
     let ns = namespace.as_deref();
     let owned =
         watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    let Some(writers) = ctx.caches.take_writers() else {
+        warn!("the controller already runs for this context");
+        return;
+    };
+    // The streams that trigger reconciles also fill the caches reconciles read from, so a
+    // reconcile triggered by a change always sees it.
+    let pods = watcher(api_in::<Pod>(&client, ns), owned.clone())
+        .default_backoff()
+        .modify(cache::slim)
+        .reflect(writers.pods)
+        .touched_objects();
+    let policies = watcher(
+        Api::<CracScalePolicy>::all(client.clone()),
+        Default::default(),
+    )
+    .default_backoff()
+    .reflect(writers.policies);
+    let jobs = watcher(api_in::<Job>(&client, ns), owned.clone())
+        .default_backoff()
+        .modify(cache::slim)
+        .reflect(writers.jobs)
+        .touched_objects();
+    let deployments = watcher(api_in::<Deployment>(&client, ns), owned.clone())
+        .default_backoff()
+        .modify(cache::slim)
+        .reflect(writers.deployments)
+        .touched_objects();
+    let services = watcher(
+        api_in::<PartialObjectMeta<Service>>(&client, ns),
+        owned.clone(),
+    )
+    .default_backoff()
+    .modify(cache::slim)
+    .reflect(writers.services)
+    .touched_objects();
+    let claims = watcher(
+        api_in::<PartialObjectMeta<PersistentVolumeClaim>>(&client, ns),
+        owned.clone(),
+    )
+    .default_backoff()
+    .modify(cache::slim)
+    .reflect(writers.claims)
+    .touched_objects();
+    let slices = watcher(
+        api_in::<PartialObjectMeta<EndpointSlice>>(&client, ns),
+        owned.clone(),
+    )
+    .default_backoff()
+    .modify(cache::slim)
+    .reflect(writers.slices)
+    .touched_objects();
     let controller = Controller::new(api_in::<CracApp>(&client, ns), watcher::Config::default())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .owns(api_in::<Job>(&client, ns), owned.clone())
-        .owns(api_in::<Deployment>(&client, ns), owned.clone())
-        .owns(api_in::<Service>(&client, ns), owned.clone())
-        .owns(api_in::<PersistentVolumeClaim>(&client, ns), owned.clone())
+        .owns_stream(jobs)
+        .owns_stream(deployments)
+        .owns_stream(services)
+        .owns_stream(claims)
+        .owns_stream(slices)
         // Pods carry no owner reference to the app; map them by their label. Checkpoint pod
         // failures and restore pods' readiness both change what the app's status says.
-        .watches(api_in::<Pod>(&client, ns), owned, |pod| {
+        .watches_stream(pods, |pod| {
             let app = pod.labels().get(labels::APP)?.clone();
             Some(kube::runtime::reflector::ObjectRef::new(&app).within(&pod.namespace()?))
-        });
+        })
+        // A policy's new spec may change every app's settings; its status writes do not.
+        .reconcile_all_on(policy_spec_changes(policies));
     let store = controller.store();
     tokio::spawn(async move {
         if store.wait_until_ready().await.is_ok() {
@@ -156,6 +218,25 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// One trigger per change of a policy's spec (a new generation) or deletion; the status
+/// writes `policies::keep_status` makes every few seconds trigger nothing.
+fn policy_spec_changes(
+    events: impl Stream<Item = Result<watcher::Event<CracScalePolicy>, watcher::Error>> + Send + 'static,
+) -> impl Stream<Item = ()> + Send + 'static {
+    let mut generations: HashMap<String, Option<i64>> = HashMap::new();
+    events.filter_map(move |event| {
+        let changed = match event {
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                let generation = p.metadata.generation;
+                generations.insert(p.name_any(), generation) != Some(generation)
+            }
+            Ok(watcher::Event::Delete(p)) => generations.remove(&p.name_any()).is_some(),
+            _ => false,
+        };
+        std::future::ready(changed.then_some(()))
+    })
 }
 
 async fn reconcile(app: Arc<CracApp>, ctx: Arc<Context>) -> Result<Action> {
@@ -232,9 +313,60 @@ where
         .await?)
 }
 
+/// Applies `obj` unless that would change nothing: the same object was applied last and is
+/// still at the version `live_version` (from the caches) that apply left it at. Returns what
+/// the API server answered, or `None` when nothing was sent.
+async fn apply_changed<K>(
+    ctx: &Context,
+    app: &CracApp,
+    obj: &K,
+    live_version: Option<String>,
+) -> Result<Option<K>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let ns = app.namespace().unwrap_or_default();
+    let owner = (ns.clone(), app_name(app).to_string());
+    let key = (
+        K::kind(&()).to_string(),
+        obj.meta().name.clone().unwrap_or_default(),
+    );
+    let hash = cache::body_hash(&serde_json::to_value(obj).expect("Kubernetes objects serialize"));
+    if let Some(live) = &live_version
+        && ctx.caches.applied.unchanged(&owner, &key, hash, live)
+    {
+        return Ok(None);
+    }
+    let answer = apply_object(&ctx.client, &ns, obj).await?;
+    let version = answer.meta().resource_version.clone().unwrap_or_default();
+    ctx.caches.applied.record(owner, key, hash, version);
+    Ok(Some(answer))
+}
+
+fn version_of<K: Resource>(object: Option<Arc<K>>) -> Option<String> {
+    object.and_then(|o| o.meta().resource_version.clone())
+}
+
+/// Applies the restore Deployment when it changed; the Deployment as it now is.
+async fn apply_deployment(
+    ctx: &Context,
+    app: &CracApp,
+    desired: &Deployment,
+) -> Result<Option<Deployment>> {
+    let ns = app.namespace().unwrap_or_default();
+    let live = cached(&ctx.caches.deployments, &ns, app_name(app));
+    let answer = apply_changed(ctx, app, desired, version_of(live.clone())).await?;
+    Ok(answer.or_else(|| live.map(|d| Deployment::clone(&d))))
+}
+
 /// The reconcile proper, for an app that is not being deleted.
 async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
     let ns = app.namespace().unwrap_or_default();
+    ctx.caches.ready().await?;
     let previous = app.status.clone().unwrap_or_default();
     // Carried over unless this reconcile changes them.
     let mut next = CracAppStatus {
@@ -258,7 +390,7 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
             let progress = CheckpointProgress::InvalidSpec {
                 message: e.to_string(),
             };
-            let rollout = observe_rollout(ctx, &ns, app_name(app)).await?;
+            let rollout = observe_rollout(ctx, &ns, app_name(app));
             finish(app, ctx, next, progress, rollout, false).await?;
             return Ok(Action::await_change());
         }
@@ -276,12 +408,13 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
 
     // Storage.
     if let Some(problem) = storage_problem(app, ctx, &ns).await? {
-        let rollout = observe_rollout(ctx, &ns, app_name(app)).await?;
+        let rollout = observe_rollout(ctx, &ns, app_name(app));
         finish(app, ctx, next, problem, rollout, false).await?;
         return Ok(Action::requeue(STORAGE_RETRY));
     }
     if let Some(claim) = images_claim_for(app) {
-        apply_object(&ctx.client, &ns, &claim).await?;
+        let live = cached(&ctx.caches.claims, &ns, &claim.name_any());
+        apply_changed(ctx, app, &claim, version_of(live)).await?;
     }
 
     // Checkpoint.
@@ -289,7 +422,7 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
 
     // Scale to zero: where the app is in its sleep/wake cycle, and the next step.
     let now = Timestamp::now();
-    let ready_ips = ready_pod_ips(ctx, &ns, app_name(app)).await?;
+    let ready_ips = ready_pod_ips(ctx, &ns, app_name(app));
     let plan = sleep::plan(app, ctx, &previous, &ready_ips, now).await?;
     let cycle_event = sleep::record(&plan, &previous, &mut next, now);
     let ports = app_ports(&validated);
@@ -304,26 +437,23 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
         None => None,
         Some(image) if image.id == id => {
             let desired = restore_deployment_for(app, &validated, &id, wanted, &ctx.config);
-            Some(rollout_of(
-                &apply_object(&ctx.client, &ns, &desired).await?,
-                wanted,
-            ))
+            apply_deployment(ctx, app, &desired)
+                .await?
+                .map(|d| rollout_of(&d, wanted))
         }
         Some(image) => {
             // The spec moved on but its image is not ready: keep the pods on the template
             // that matches the published image, so they never restore it with another JAR.
-            let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
-            match deployments.get_opt(app_name(app)).await? {
+            match cached(&ctx.caches.deployments, &ns, app_name(app)) {
                 Some(old) if restored_id(&old) == Some(image.id.as_str()) => {
                     let mut kept =
                         restore_deployment_for(app, &validated, &image.id, wanted, &ctx.config);
-                    if let (Some(spec), Some(old)) = (kept.spec.as_mut(), old.spec) {
-                        spec.template = old.template;
+                    if let (Some(spec), Some(old)) = (kept.spec.as_mut(), old.spec.as_ref()) {
+                        spec.template = old.template.clone();
                     }
-                    Some(rollout_of(
-                        &apply_object(&ctx.client, &ns, &kept).await?,
-                        wanted,
-                    ))
+                    apply_deployment(ctx, app, &kept)
+                        .await?
+                        .map(|d| rollout_of(&d, wanted))
                 }
                 other => other.map(|d| rollout_of(&d, wanted)),
             }
@@ -332,7 +462,8 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
 
     // Service and its endpoints: the ready pods, or the activator while the app sleeps.
     if let Some(service) = service_for(app, &ports) {
-        apply_object(&ctx.client, &ns, &service).await?;
+        let live = cached(&ctx.caches.services, &ns, &service.name_any());
+        apply_changed(ctx, app, &service, version_of(live)).await?;
         let backends = match plan.serving_mode() {
             ServingMode::Pods => Backends {
                 addresses: ready_ips,
@@ -347,7 +478,9 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
                     .collect(),
             },
         };
-        apply_object(&ctx.client, &ns, &endpoint_slice_for(app, &backends)).await?;
+        let slice = endpoint_slice_for(app, &backends);
+        let live = cached(&ctx.caches.slices, &ns, &slice.name_any());
+        apply_changed(ctx, app, &slice, version_of(live)).await?;
     }
 
     if let Some((reason, note)) = cycle_event {
@@ -404,9 +537,8 @@ async fn checkpoint(
             id: id.to_string(),
             ..Default::default()
         });
-    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &ns);
     let job_name = checkpoint_job_name(name, id, pending.failures);
-    let job = jobs.get_opt(&job_name).await?;
+    let job = cached(&ctx.caches.jobs, &ns, &job_name);
 
     let result = match job {
         None => {
@@ -426,9 +558,18 @@ async fn checkpoint(
                 return Ok((progress, Some(wait)));
             }
             let job = checkpoint_job_for(app, validated, id, pending.failures, &ctx.config);
-            apply_object(&ctx.client, &ns, &job).await?;
-            ctx.metrics.checkpoints_started.inc();
-            info!(job = %job_name, "checkpoint Job created");
+            // Until the watch delivers the new Job, a reconcile finds none and applies the same
+            // Job again (a no-op for the API server); only the first apply is counted.
+            let owner = (ns.clone(), name.to_string());
+            let first = !ctx
+                .caches
+                .applied
+                .knows(&owner, &("Job".into(), job_name.clone()));
+            apply_changed(ctx, app, &job, None).await?;
+            if first {
+                ctx.metrics.checkpoints_started.inc();
+                info!(job = %job_name, "checkpoint Job created");
+            }
             (
                 CheckpointProgress::Running {
                     attempt: pending.failures,
@@ -438,7 +579,7 @@ async fn checkpoint(
             )
         }
         Some(job) if job_finished(&job, "Complete") => {
-            let pods = job_pods(ctx, &ns, &job_name).await?;
+            let pods = job_pods(ctx, &ns, &job_name);
             let summary = pods
                 .iter()
                 .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
@@ -454,7 +595,7 @@ async fn checkpoint(
             return Ok((CheckpointProgress::Current, None));
         }
         Some(job) if job_finished(&job, "Failed") => {
-            let pods = job_pods(ctx, &ns, &job_name).await?;
+            let pods = job_pods(ctx, &ns, &job_name);
             let summary = newest_failure(&pods).unwrap_or_else(|| AgentSummary {
                 reason: job_condition_reason(&job, "Failed"),
                 message: Some("the checkpoint Job failed".into()),
@@ -486,7 +627,7 @@ async fn checkpoint(
             ));
         }
         Some(_) => {
-            let pods = job_pods(ctx, &ns, &job_name).await?;
+            let pods = job_pods(ctx, &ns, &job_name);
             let last_failure = newest_failure(&pods).map(|s| {
                 let (reason, message) = failure_of(&s);
                 format!("{reason}: {message}")
@@ -551,12 +692,9 @@ fn job_condition_reason(job: &Job, type_: &str) -> Option<String> {
         .clone()
 }
 
-async fn job_pods(ctx: &Context, ns: &str, job: &str) -> Result<Vec<Pod>> {
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns);
-    Ok(pods
-        .list(&ListParams::default().labels(&format!("job-name={job}")))
-        .await?
-        .items)
+fn job_pods(ctx: &Context, ns: &str, job: &str) -> Vec<Pod> {
+    let pods = ctx.caches.job_pods(ns, job);
+    pods.iter().map(|p| Pod::clone(p)).collect()
 }
 
 /// The report of the most recently created failed pod.
@@ -629,20 +767,17 @@ fn rollout_of(d: &Deployment, wanted: i32) -> Rollout {
     }
 }
 
-async fn observe_rollout(ctx: &Context, ns: &str, name: &str) -> Result<Option<Rollout>> {
-    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), ns);
-    Ok(deployments.get_opt(name).await?.map(|d| {
+fn observe_rollout(ctx: &Context, ns: &str, name: &str) -> Option<Rollout> {
+    cached(&ctx.caches.deployments, ns, name).map(|d| {
         let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
         rollout_of(&d, wanted)
-    }))
+    })
 }
 
 /// Addresses of the app's restore pods that are ready and not terminating.
-async fn ready_pod_ips(ctx: &Context, ns: &str, app: &str) -> Result<Vec<String>> {
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns);
-    let selector = crac_api::serving::restore_pods_selector(Some(app));
-    let list = pods.list(&ListParams::default().labels(&selector)).await?;
-    Ok(list.items.iter().filter_map(sleep::ready_ip).collect())
+fn ready_pod_ips(ctx: &Context, ns: &str, app: &str) -> Vec<String> {
+    let pods = ctx.caches.restore_pods(ns, app);
+    pods.iter().filter_map(|p| sleep::ready_ip(p)).collect()
 }
 
 /// Computes phase and conditions, publishes an Event per transition, and writes the status
@@ -693,10 +828,13 @@ async fn finish(
 /// Before a CracApp goes: its own claim goes with it (owner reference); images on a shared
 /// `existingClaim` are removed by a short Job running the agent's `clean` command.
 async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
+    let ns = app.namespace().unwrap_or_default();
+    ctx.caches
+        .applied
+        .forget(&(ns.clone(), app_name(app).to_string()));
     let Some(claim) = app.spec.checkpoint.storage.existing_claim.clone() else {
         return Ok(Action::await_change());
     };
-    let ns = app.namespace().unwrap_or_default();
     let name = format!("{}-crac-cleanup", app_name(app));
     let jobs = Api::<Job>::namespaced(ctx.client.clone(), &ns);
     match jobs.get_opt(&name).await? {

@@ -8,6 +8,8 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("cleaning the app's images from {claim} is still running")]
     CleanupPending { claim: String },
+    #[error("the operator's watch caches stopped")]
+    CacheGone,
 }
 
 impl Error {
@@ -17,6 +19,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Finalizer(_) => "finalizer",
             Error::CleanupPending { .. } => "cleanup_pending",
+            Error::CacheGone => "cache_gone",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! binary only parses flags and wires them together.
 
 pub mod build;
+pub mod cache;
 pub mod checkpoint_id;
 pub mod checkpoint_pod;
 pub mod controller;

@@ -60,10 +60,7 @@ pub async fn plan(
     ready_ips: &[String],
     now: Timestamp,
 ) -> Result<Plan> {
-    let policies = Api::<CracScalePolicy>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
+    let policies = ctx.caches.policies();
     let ns_labels = namespace_labels(ctx, app, &policies).await?;
     let policy = scale::governing_policy(app, &ns_labels, &policies);
     let settings = settings_for(app.spec.scale_to_zero.as_ref(), policy, now);

@@ -1,0 +1,227 @@
+//! What the operator's watches have seen, kept in memory, and what it last applied.
+//!
+//! With a thousand apps, most of the API server's work was the operator's own reads (a LIST of
+//! the namespace's pods, a GET of the Job on every reconcile) and server-side applies that
+//! changed nothing. Reads are served from stores filled by the watch streams that also
+//! trigger reconciles ([`crate::controller::run`]), so a reconcile triggered by a change always
+//! sees it. An object is applied again only when the operator wants something new, or when
+//! someone else changed it since the operator's last apply (its resourceVersion moved).
+//!
+//! A reconcile waits until every store holds a complete first listing, so it never mistakes
+//! "not loaded yet" for "no pods" (which would empty a Service) or "no policy".
+
+use crate::error::{Error, Result};
+use crac_api::policy::CracScalePolicy;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+/// Stores of what the watches saw. Objects the operator applies but only needs the version of
+/// are kept as metadata.
+pub struct Caches {
+    /// Pods the operator's objects created (checkpoint, restore and cleanup pods).
+    pub pods: Store<Pod>,
+    /// Every CracScalePolicy.
+    pub policies: Store<CracScalePolicy>,
+    pub jobs: Store<Job>,
+    pub deployments: Store<Deployment>,
+    pub services: Store<PartialObjectMeta<Service>>,
+    pub claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+    pub slices: Store<PartialObjectMeta<EndpointSlice>>,
+    /// What the operator last applied, per app.
+    pub applied: Applied,
+    writers: Mutex<Option<Writers>>,
+}
+
+/// The write ends, taken once by the controller that feeds them.
+pub struct Writers {
+    pub pods: Writer<Pod>,
+    pub policies: Writer<CracScalePolicy>,
+    pub jobs: Writer<Job>,
+    pub deployments: Writer<Deployment>,
+    pub services: Writer<PartialObjectMeta<Service>>,
+    pub claims: Writer<PartialObjectMeta<PersistentVolumeClaim>>,
+    pub slices: Writer<PartialObjectMeta<EndpointSlice>>,
+}
+
+impl Default for Caches {
+    fn default() -> Self {
+        let (pods, pods_writer) = reflector::store();
+        let (policies, policies_writer) = reflector::store();
+        let (jobs, jobs_writer) = reflector::store();
+        let (deployments, deployments_writer) = reflector::store();
+        let (services, services_writer) = reflector::store();
+        let (claims, claims_writer) = reflector::store();
+        let (slices, slices_writer) = reflector::store();
+        Caches {
+            pods,
+            policies,
+            jobs,
+            deployments,
+            services,
+            claims,
+            slices,
+            applied: Applied::default(),
+            writers: Mutex::new(Some(Writers {
+                pods: pods_writer,
+                policies: policies_writer,
+                jobs: jobs_writer,
+                deployments: deployments_writer,
+                services: services_writer,
+                claims: claims_writer,
+                slices: slices_writer,
+            })),
+        }
+    }
+}
+
+impl Caches {
+    /// The write ends; `None` after the first call (one controller feeds the stores).
+    pub fn take_writers(&self) -> Option<Writers> {
+        self.writers.lock().ok()?.take()
+    }
+
+    /// Returns once every store holds a complete listing.
+    pub async fn ready(&self) -> Result<()> {
+        let gone = |_| Error::CacheGone;
+        self.pods.wait_until_ready().await.map_err(gone)?;
+        self.policies.wait_until_ready().await.map_err(gone)?;
+        self.jobs.wait_until_ready().await.map_err(gone)?;
+        self.deployments.wait_until_ready().await.map_err(gone)?;
+        self.services.wait_until_ready().await.map_err(gone)?;
+        self.claims.wait_until_ready().await.map_err(gone)?;
+        self.slices.wait_until_ready().await.map_err(gone)
+    }
+
+    /// The app's restore pods (the pods that may serve).
+    pub fn restore_pods(&self, namespace: &str, app: &str) -> Vec<Arc<Pod>> {
+        self.pods.state_filter(|pod| {
+            pod.metadata.namespace.as_deref() == Some(namespace)
+                && crac_api::serving::is_restore_pod_of(pod, app)
+        })
+    }
+
+    /// The pods of one Job.
+    pub fn job_pods(&self, namespace: &str, job: &str) -> Vec<Arc<Pod>> {
+        self.pods.state_filter(|pod| {
+            pod.metadata.namespace.as_deref() == Some(namespace)
+                && pod.labels().get("job-name").map(String::as_str) == Some(job)
+        })
+    }
+
+    pub fn policies(&self) -> Vec<CracScalePolicy> {
+        self.policies
+            .state()
+            .iter()
+            .map(|p| CracScalePolicy::clone(p))
+            .collect()
+    }
+}
+
+/// The cached object of that name, if any.
+pub fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<Arc<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    store.get(&ObjectRef::new(name).within(namespace))
+}
+
+/// Drops what the operator never reads from a cached object, to keep the stores small.
+pub fn slim<K: kube::Resource>(object: &mut K) {
+    object.managed_fields_mut().clear();
+}
+
+/// For each app, each object the operator applied: a hash of what it sent and the
+/// resourceVersion the API server answered with.
+#[derive(Default)]
+pub struct Applied {
+    apps: Mutex<HashMap<AppKey, HashMap<ObjectKey, Sent>>>,
+}
+
+/// Namespace and name of an app.
+pub type AppKey = (String, String);
+/// Kind and name of an applied object.
+pub type ObjectKey = (String, String);
+/// The hash of what was sent, and the resourceVersion the API server answered with.
+type Sent = (u64, String);
+
+impl Applied {
+    /// Whether applying `body` again would change nothing: the same body was applied last, and
+    /// the object is still at the version that apply left it at.
+    pub fn unchanged(&self, app: &AppKey, key: &ObjectKey, body: u64, live: &str) -> bool {
+        let Ok(apps) = self.apps.lock() else {
+            return false;
+        };
+        apps.get(app)
+            .and_then(|objects| objects.get(key))
+            .is_some_and(|(hash, version)| *hash == body && version == live)
+    }
+
+    /// Records an apply; true when this object had not been applied before.
+    pub fn record(&self, app: AppKey, key: ObjectKey, body: u64, version: String) -> bool {
+        let Ok(mut apps) = self.apps.lock() else {
+            return true;
+        };
+        apps.entry(app)
+            .or_default()
+            .insert(key, (body, version))
+            .is_none()
+    }
+
+    /// Whether the operator applied this object before.
+    pub fn knows(&self, app: &AppKey, key: &ObjectKey) -> bool {
+        self.apps.lock().is_ok_and(|apps| {
+            apps.get(app)
+                .is_some_and(|objects| objects.contains_key(key))
+        })
+    }
+
+    /// Forgets an app (it is being deleted).
+    pub fn forget(&self, app: &AppKey) {
+        if let Ok(mut apps) = self.apps.lock() {
+            apps.remove(app);
+        }
+    }
+}
+
+/// A hash of an object as it would be sent.
+pub fn body_hash(body: &serde_json::Value) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    body.to_string().hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> (String, String) {
+        ("ns".into(), "demo".into())
+    }
+
+    #[test]
+    fn an_object_is_unchanged_only_with_the_same_body_at_the_version_left_by_the_apply() {
+        let applied = Applied::default();
+        let key: ObjectKey = ("Service".into(), "demo".into());
+        let body = body_hash(&serde_json::json!({ "spec": { "ports": [80] } }));
+        assert!(!applied.unchanged(&app(), &key, body, "7"), "never applied");
+        assert!(applied.record(app(), key.clone(), body, "7".into()));
+        assert!(applied.unchanged(&app(), &key, body, "7"));
+        assert!(
+            !applied.unchanged(&app(), &key, body, "8"),
+            "someone else changed it since"
+        );
+        let other = body_hash(&serde_json::json!({ "spec": { "ports": [81] } }));
+        assert!(!applied.unchanged(&app(), &key, other, "7"), "a new body");
+        assert!(!applied.record(app(), key.clone(), other, "9".into()));
+        applied.forget(&app());
+        assert!(!applied.unchanged(&app(), &key, other, "9"), "forgotten");
+    }
+}
