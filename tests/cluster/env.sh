@@ -22,6 +22,8 @@ kwok_port="${CRAC_KWOK_PORT:-16260}"
 pod_cidr="${CRAC_POD_CIDR:-127.100.0.1/16}"
 service_cidr="${CRAC_SERVICE_CIDR:-10.96.0.0/16}"
 nodes="${CRAC_NODES:-3}"
+# Requests per second (and burst) of the controller-manager's and scheduler's clients.
+controller_qps="${CRAC_CONTROLLER_QPS:-500}"
 
 # The binaries' directory for the current pins: a hash of the three go.sum files.
 bin_dir() {

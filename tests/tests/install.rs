@@ -480,7 +480,12 @@ async fn helm_install_runs_the_operator_with_minimal_rbac() {
         Arc::new(Metrics::register(&mut registry)),
         "install-test".into(),
     ));
-    let operator = tokio::spawn(controller::run(ctx, 4, Some(ns.name.clone()), || {}));
+    // What the binary's /readyz reports: set once the controller's watches have synced.
+    let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_synced = synced.clone();
+    let operator = tokio::spawn(controller::run(ctx, 4, Some(ns.name.clone()), move || {
+        on_synced.store(true, std::sync::atomic::Ordering::Relaxed)
+    }));
     // The operator binary also keeps the policies' status (its own loop, beside the controller).
     let policy_status = tokio::spawn(crac_operator::policies::keep_status(
         operator_client.clone(),
@@ -548,6 +553,16 @@ async fn helm_install_runs_the_operator_with_minimal_rbac() {
         let phase = apps.get("demo").await.ok()?.status?.phase?;
         (phase == crac_api::cracapp::Phase::Ready).then_some(())
     })
+    .await;
+    wait_for(
+        "the controller's watches synced (/readyz)",
+        DEADLINE,
+        || async {
+            synced
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then_some(())
+        },
+    )
     .await;
 
     // The activator asks for a wake the way it does for a held request.

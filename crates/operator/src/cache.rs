@@ -18,10 +18,13 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::reflector::store::{Writer, WriterDropped};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Stores of what the watches saw. Objects the operator applies but only needs the version of
 /// are kept as metadata.
@@ -38,6 +41,7 @@ pub struct Caches {
     /// What the operator last applied, per app.
     pub applied: Applied,
     writers: Mutex<Option<Writers>>,
+    all_ready: AtomicBool,
 }
 
 /// The write ends, taken once by the controller that feeds them.
@@ -69,6 +73,7 @@ impl Default for Caches {
             claims,
             slices,
             applied: Applied::default(),
+            all_ready: AtomicBool::new(false),
             writers: Mutex::new(Some(Writers {
                 pods: pods_writer,
                 policies: policies_writer,
@@ -90,14 +95,19 @@ impl Caches {
 
     /// Returns once every store holds a complete listing.
     pub async fn ready(&self) -> Result<()> {
+        if self.all_ready.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let gone = |_| Error::CacheGone;
-        self.pods.wait_until_ready().await.map_err(gone)?;
-        self.policies.wait_until_ready().await.map_err(gone)?;
-        self.jobs.wait_until_ready().await.map_err(gone)?;
-        self.deployments.wait_until_ready().await.map_err(gone)?;
-        self.services.wait_until_ready().await.map_err(gone)?;
-        self.claims.wait_until_ready().await.map_err(gone)?;
-        self.slices.wait_until_ready().await.map_err(gone)
+        until_ready(&self.pods).await.map_err(gone)?;
+        until_ready(&self.policies).await.map_err(gone)?;
+        until_ready(&self.jobs).await.map_err(gone)?;
+        until_ready(&self.deployments).await.map_err(gone)?;
+        until_ready(&self.services).await.map_err(gone)?;
+        until_ready(&self.claims).await.map_err(gone)?;
+        until_ready(&self.slices).await.map_err(gone)?;
+        self.all_ready.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The app's restore pods (the pods that may serve).
@@ -125,6 +135,23 @@ impl Caches {
     }
 }
 
+/// [`Store::wait_until_ready`] for any number of waiters. kube-runtime 5.0 wakes only the
+/// task that polled it last (its one-shot channel keeps one waker), so a second waiter could
+/// wait forever; polling again every 100 ms sees the value once it is there.
+pub async fn until_ready<K>(store: &Store<K>) -> Result<(), WriterDropped>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(result) = tokio::time::timeout(READY_POLL, store.wait_until_ready()).await {
+            return result;
+        }
+    }
+}
+
+const READY_POLL: Duration = Duration::from_millis(100);
+
 /// The cached object of that name, if any.
 pub fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<Arc<K>>
 where
@@ -136,6 +163,17 @@ where
 /// Drops what the operator never reads from a cached object, to keep the stores small.
 pub fn slim<K: kube::Resource>(object: &mut K) {
     object.managed_fields_mut().clear();
+}
+
+/// Pods and Jobs are read for their labels and status only.
+pub fn slim_pod(pod: &mut Pod) {
+    slim(pod);
+    pod.spec = None;
+}
+
+pub fn slim_job(job: &mut Job) {
+    slim(job);
+    job.spec = None;
 }
 
 /// For each app, each object the operator applied: a hash of what it sent and the

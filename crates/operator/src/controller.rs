@@ -145,7 +145,7 @@ pub async fn run(
     // reconcile triggered by a change always sees it.
     let pods = watcher(api_in::<Pod>(&client, ns), owned.clone())
         .default_backoff()
-        .modify(cache::slim)
+        .modify(cache::slim_pod)
         .reflect(writers.pods)
         .touched_objects();
     let policies = watcher(
@@ -156,7 +156,7 @@ pub async fn run(
     .reflect(writers.policies);
     let jobs = watcher(api_in::<Job>(&client, ns), owned.clone())
         .default_backoff()
-        .modify(cache::slim)
+        .modify(cache::slim_job)
         .reflect(writers.jobs)
         .touched_objects();
     let deployments = watcher(api_in::<Deployment>(&client, ns), owned.clone())
@@ -205,7 +205,7 @@ pub async fn run(
         .reconcile_all_on(policy_spec_changes(policies));
     let store = controller.store();
     tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
+        if cache::until_ready(&store).await.is_ok() {
             on_ready();
         }
     });
@@ -836,8 +836,8 @@ async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     };
     let name = format!("{}-crac-cleanup", app_name(app));
-    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &ns);
-    match jobs.get_opt(&name).await? {
+    ctx.caches.ready().await?;
+    match cached(&ctx.caches.jobs, &ns, &name) {
         None => {
             apply_object(
                 &ctx.client,
