@@ -15,8 +15,9 @@
 
 use anyhow::{Context as _, Result, bail};
 use crac_api::CracApp;
-use crac_api::agent::{AgentSummary, ENV_CHECKPOINT_ID, Outcome};
+use crac_api::agent::ENV_CHECKPOINT_ID;
 use crac_api::cracapp::Phase;
+use crac_bench::{checkpoint_id_of, end_checkpoint_pod, percentile, scrape};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::Client;
@@ -25,7 +26,6 @@ use kube::runtime::{WatchStreamExt, watcher};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Linux's USER_HZ on every architecture this runs on: /proc/<pid>/stat counts in 1/100 s.
 const CLK_TCK: f64 = 100.0;
@@ -98,23 +98,6 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) as f64 / CLK_TCK)
-}
-
-/// The operator's /metrics text (HTTP/1.0, so the body ends when the connection closes).
-async fn scrape(addr: &str) -> Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect to the operator's metrics at {addr}"))?;
-    stream
-        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .context("no HTTP body from /metrics")?;
-    Ok(body)
 }
 
 /// Sums of a histogram's cumulative buckets by upper bound, over every label set.
@@ -195,14 +178,6 @@ fn difference(after: &BTreeMap<u64, f64>, before: &BTreeMap<u64, f64>) -> BTreeM
         .collect()
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
-
 /// A CracApp as a user would write it (like tests/src/operator.rs's example), one replica.
 fn app(name: &str) -> Result<CracApp> {
     Ok(serde_json::from_value(serde_json::json!({
@@ -221,48 +196,6 @@ fn app(name: &str) -> Result<CracApp> {
             "checkpoint": { "engine": "criu" }
         }
     }))?)
-}
-
-/// Ends a checkpoint pod as the agent (and the kubelet) would on success.
-async fn end_checkpoint_pod(pods: &Api<Pod>, pod: &str, id: &str) -> Result<()> {
-    let summary = AgentSummary {
-        outcome: Some(Outcome::Checkpointed),
-        checkpoint_id: Some(id.into()),
-        engine: Some("criu".into()),
-        jdk: Some("17.0.15".into()),
-        image_bytes: Some(59_000_000),
-        checkpoint_ms: Some(900),
-        ..Default::default()
-    };
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let status = serde_json::json!({
-        "status": {
-            "phase": "Succeeded",
-            "conditions": [{ "type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now }],
-            "containerStatuses": [{
-                "name": "app", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
-                "state": { "terminated": {
-                    "exitCode": 0, "reason": "Completed",
-                    "message": serde_json::to_string(&summary)?,
-                    "startedAt": now, "finishedAt": now
-                }}
-            }]
-        }
-    });
-    pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(status))
-        .await?;
-    Ok(())
-}
-
-fn checkpoint_id_of(pod: &Pod) -> Option<String> {
-    let spec = pod.spec.as_ref()?;
-    let app = spec.containers.iter().find(|c| c.name == "app")?;
-    app.env
-        .as_ref()?
-        .iter()
-        .find(|e| e.name == ENV_CHECKPOINT_ID)?
-        .value
-        .clone()
 }
 
 #[derive(Default, Clone)]
