@@ -52,7 +52,7 @@ impl WakeClient for KubeWaker {
     fn request_wake<'a>(&'a self, app: &'a AppKey) -> BoxFuture<'a, Result<(), WakeError>> {
         Box::pin(async move {
             let api: Api<CracApp> = Api::namespaced(self.client.clone(), &app.namespace);
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             let patch = serde_json::json!({ "status": { "wakeRequestedAt": now } });
             let params = PatchParams {
                 field_manager: Some(FIELD_MANAGER.into()),

@@ -137,9 +137,14 @@ mod tests {
             images.persistent_volume_claim.as_ref().unwrap().read_only,
             Some(true)
         );
-        assert!(
-            c.readiness_probe.is_some(),
-            "the user's readiness probe is kept"
+        let probe = c
+            .readiness_probe
+            .as_ref()
+            .expect("the user's readiness probe is kept");
+        assert_eq!(
+            probe.period_seconds,
+            Some(1),
+            "probed every second when the user set no period"
         );
     }
 

@@ -127,6 +127,13 @@ pub fn inject_agent(
             container.readiness_probe = None;
         }
         Mode::Restore => {
+            // A restore answers in a few hundred milliseconds; at the default period (10 s)
+            // the first probe usually comes too early and the next one a whole period later,
+            // which would dwarf the restore (and every wake). Once a second, unless the user
+            // chose a period.
+            if let Some(probe) = container.readiness_probe.as_mut() {
+                probe.period_seconds.get_or_insert(1);
+            }
             container
                 .ports
                 .get_or_insert_with(Vec::new)
