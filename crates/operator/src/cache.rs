@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Stores of what the watches saw. Objects the operator applies but only needs the version of
 /// are kept as metadata.
@@ -40,6 +40,8 @@ pub struct Caches {
     pub slices: Store<PartialObjectMeta<EndpointSlice>>,
     /// What the operator last applied, per app.
     pub applied: Applied,
+    /// Versions of apps whose status the operator has since written (see [`Superseded`]).
+    pub superseded: Superseded,
     writers: Mutex<Option<Writers>>,
     all_ready: AtomicBool,
 }
@@ -73,6 +75,7 @@ impl Default for Caches {
             claims,
             slices,
             applied: Applied::default(),
+            superseded: Superseded::default(),
             all_ready: AtomicBool::new(false),
             writers: Mutex::new(Some(Writers {
                 pods: pods_writer,
@@ -229,6 +232,40 @@ impl Applied {
     }
 }
 
+/// For each app, the resourceVersion it had when the operator last wrote its status. A
+/// reconcile handed exactly that version (the cache has not caught up with the write yet,
+/// and some other change triggered it) would work from a status already replaced, and repeat
+/// its Events; it is skipped, because the write's own watch event brings the app back. Only
+/// for a few seconds after the write: should a write have changed nothing (no new version, no
+/// event), the app is reconciled normally again.
+#[derive(Default)]
+pub struct Superseded {
+    apps: Mutex<HashMap<AppKey, (String, Instant)>>,
+}
+
+const SUPERSEDED_FOR: Duration = Duration::from_secs(10);
+
+impl Superseded {
+    pub fn record(&self, app: AppKey, version: String) {
+        if let Ok(mut apps) = self.apps.lock() {
+            apps.insert(app, (version, Instant::now()));
+        }
+    }
+
+    pub fn is_superseded(&self, app: &AppKey, version: &str) -> bool {
+        self.apps.lock().is_ok_and(|apps| {
+            apps.get(app)
+                .is_some_and(|(v, at)| v == version && at.elapsed() < SUPERSEDED_FOR)
+        })
+    }
+
+    pub fn forget(&self, app: &AppKey) {
+        if let Ok(mut apps) = self.apps.lock() {
+            apps.remove(app);
+        }
+    }
+}
+
 /// A hash of an object as it would be sent.
 pub fn body_hash(body: &serde_json::Value) -> u64 {
     let mut hasher = DefaultHasher::new();
@@ -261,5 +298,19 @@ mod tests {
         assert!(!applied.record(app(), key.clone(), other, "9".into()));
         applied.forget(&app());
         assert!(!applied.unchanged(&app(), &key, other, "9"), "forgotten");
+    }
+
+    #[test]
+    fn only_the_exact_version_a_status_write_replaced_is_superseded() {
+        let superseded = Superseded::default();
+        assert!(!superseded.is_superseded(&app(), "5"));
+        superseded.record(app(), "5".into());
+        assert!(superseded.is_superseded(&app(), "5"));
+        assert!(
+            !superseded.is_superseded(&app(), "6"),
+            "the write's own version"
+        );
+        superseded.forget(&app());
+        assert!(!superseded.is_superseded(&app(), "5"));
     }
 }

@@ -51,6 +51,9 @@ use tracing::{Instrument, field, info, info_span, warn};
 pub const FINALIZER: &str = "crac.dev/cleanup-images";
 /// Periodic resync of a healthy app (catches drift nobody told us about).
 const RESYNC: Duration = Duration::from_secs(300);
+/// How soon to look again at an app skipped because the cache still held a version whose
+/// status the operator has since replaced.
+const SUPERSEDED_RETRY: Duration = Duration::from_secs(2);
 /// How soon to look again at a storage problem the operator cannot fix itself.
 const STORAGE_RETRY: Duration = Duration::from_secs(300);
 
@@ -367,6 +370,13 @@ async fn apply_deployment(
 async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
     let ns = app.namespace().unwrap_or_default();
     ctx.caches.ready().await?;
+    let key = (ns.clone(), app_name(app).to_string());
+    let version = app.metadata.resource_version.clone().unwrap_or_default();
+    if ctx.caches.superseded.is_superseded(&key, &version) {
+        // The status was written since; that write's watch event reconciles again. The
+        // requeue is only a safety net.
+        return Ok(Action::requeue(SUPERSEDED_RETRY));
+    }
     let previous = app.status.clone().unwrap_or_default();
     // Carried over unless this reconcile changes them.
     let mut next = CracAppStatus {
@@ -822,6 +832,13 @@ async fn finish(
     });
     api.patch_status(app_name(app), &apply_params(), &Patch::Apply(patch))
         .await?;
+    if let Some(version) = app.metadata.resource_version.clone() {
+        let key = (
+            app.namespace().unwrap_or_default(),
+            app_name(app).to_string(),
+        );
+        ctx.caches.superseded.record(key, version);
+    }
     Ok(())
 }
 
@@ -829,9 +846,9 @@ async fn finish(
 /// `existingClaim` are removed by a short Job running the agent's `clean` command.
 async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
     let ns = app.namespace().unwrap_or_default();
-    ctx.caches
-        .applied
-        .forget(&(ns.clone(), app_name(app).to_string()));
+    let key = (ns.clone(), app_name(app).to_string());
+    ctx.caches.applied.forget(&key);
+    ctx.caches.superseded.forget(&key);
     let Some(claim) = app.spec.checkpoint.storage.existing_claim.clone() else {
         return Ok(Action::await_change());
     };
