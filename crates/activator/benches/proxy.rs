@@ -1,9 +1,19 @@
 //! Side-by-side measurements on loopback, in one run:
 //! 1. latency (p50, p99) of one caller calling a backend directly vs through the activator with
 //!    the app awake (proxy mode), and the difference;
-//! 2. throughput with 16 concurrent keep-alive callers, direct vs through the activator, against
-//!    a backend that does nothing (the worst case: the proxy's own CPU competes with the caller
-//!    and the backend on 2 cores) and against one that spends 100 us of CPU per request;
+//! 2. throughput with 16 concurrent keep-alive callers, direct vs through the activator,
+//!    against three backends:
+//!
+//!    - one that does nothing: the worst case. The activator does about as much HTTP work per
+//!      request as the caller and the backend together, and on 2 cores all three compete for
+//!      the CPU, so the ratio is bounded near (caller + backend CPU) / (caller + activator +
+//!      backend CPU), about 0.5, however cheap the proxy is made. The CPU each party spent per
+//!      request is printed to show it;
+//!    - one that spends 100 us of CPU per request;
+//!    - a real JVM: `examples/hello-app` (JDK `HttpServer`), compiled with `javac` and run as a
+//!      plain `java` process on 127.0.0.1, warmed up, then measured direct, via the activator,
+//!      via the activator, direct (the two of each averaged, so JIT drift favours neither).
+//!      Skipped, with a message, when `java` or `javac` is missing;
 //! 3. time from a request arriving for an asleep app to its first response byte, when the wake
 //!    itself is instant (the pod turns ready the moment it is asked for): the activator's own
 //!    share of a wake, against the same fresh-connection request sent directly.
@@ -15,6 +25,8 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +46,10 @@ const SEQUENTIAL_REQUESTS: usize = 5_000;
 const CONCURRENT_CALLERS: usize = 16;
 const CONCURRENT_REQUESTS_EACH: usize = 1_500;
 const WAKES: usize = 300;
+/// Requests each caller sends to warm the JVM up (JIT) before it is measured.
+const JVM_WARMUP_EACH: usize = 2_000;
+/// The cores the bench assumes it shares (the machine).
+const CORES: f64 = 2.0;
 
 fn runtime_thread(name: &str) -> tokio::runtime::Handle {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -86,6 +102,214 @@ async fn start_backend_with_work(work: Duration) -> u16 {
         }
     });
     port
+}
+
+/// CPU time the calling thread has run so far (Linux `schedstat`; zero elsewhere).
+fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
+}
+
+/// CPU time of a runtime's thread (each bench runtime has exactly one).
+async fn runtime_cpu(rt: &tokio::runtime::Handle) -> Duration {
+    rt.spawn(async { thread_cpu() }).await.unwrap()
+}
+
+/// CPU time of a whole process, all its threads (Linux `/proc/<pid>/stat`, in clock ticks of
+/// 10 ms; zero elsewhere).
+fn process_cpu(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Where CPU went during one measured run.
+#[derive(Clone, Copy)]
+struct Cpu {
+    caller: Duration,
+    activator: Duration,
+    backend: Duration,
+}
+
+/// Reads the CPU time of the caller (this thread), the activator's runtime and the backend.
+struct CpuProbe<'a> {
+    activator: &'a tokio::runtime::Handle,
+    backend: Backend<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum Backend<'a> {
+    Runtime(&'a tokio::runtime::Handle),
+    Process(u32),
+}
+
+impl CpuProbe<'_> {
+    async fn read(&self) -> Cpu {
+        Cpu {
+            caller: thread_cpu(),
+            activator: runtime_cpu(self.activator).await,
+            backend: match self.backend {
+                Backend::Runtime(rt) => runtime_cpu(rt).await,
+                Backend::Process(pid) => process_cpu(pid),
+            },
+        }
+    }
+
+    /// Throughput of `concurrent`, and the CPU each party spent per request.
+    async fn concurrent(&self, port: u16, each: usize) -> (f64, Vec<Duration>, Cpu) {
+        let before = self.read().await;
+        let (rps, latencies) = concurrent(port, each).await;
+        let after = self.read().await;
+        let cpu = per_request(before, after, latencies.len());
+        (rps, latencies, cpu)
+    }
+}
+
+/// One throughput comparison, printed side by side.
+struct Throughput {
+    direct_rps: f64,
+    direct_p99: Duration,
+    direct_cpu: Cpu,
+    proxy_rps: f64,
+    proxy_p99: Duration,
+    proxy_cpu: Cpu,
+}
+
+impl Throughput {
+    fn print(&self) {
+        println!(
+            "   direct {:>8.0} req/s (p99 {:>7.1} us)   via activator {:>8.0} req/s (p99 {:>7.1} us)   ratio {:.2}",
+            self.direct_rps,
+            us(self.direct_p99),
+            self.proxy_rps,
+            us(self.proxy_p99),
+            self.proxy_rps / self.direct_rps
+        );
+        let (d, p) = (self.direct_cpu, self.proxy_cpu);
+        let direct_total = d.caller + d.backend;
+        let proxy_total = p.caller + p.activator + p.backend;
+        println!(
+            "   CPU per request: direct caller {:.1} + backend {:.1} = {:.1} us;   via activator caller {:.1} + activator {:.1} + backend {:.1} = {:.1} us",
+            us(d.caller),
+            us(d.backend),
+            us(direct_total),
+            us(p.caller),
+            us(p.activator),
+            us(p.backend),
+            us(proxy_total),
+        );
+        // Each party is one thread (the JVM: one handler thread, plus GC and JIT): it can use
+        // one core at most, and all together two.
+        let bound = |parts: &[Duration], total: Duration| {
+            let busiest = parts.iter().max().copied().unwrap_or_default();
+            1.0 / us(busiest).max(us(total) / CORES)
+        };
+        let ceiling = bound(&[p.caller, p.activator, p.backend], proxy_total)
+            / bound(&[d.caller, d.backend], direct_total);
+        println!(
+            "   ratio these CPU costs allow: {:.2} with {CORES} idle cores, {:.2} when the cores are saturated (shared machine)",
+            ceiling.min(1.0),
+            us(direct_total) / us(proxy_total)
+        );
+    }
+}
+
+/// CPU per request between two readings.
+fn per_request(before: Cpu, after: Cpu, requests: usize) -> Cpu {
+    let each = |a: Duration, b: Duration| b.saturating_sub(a) / requests.max(1) as u32;
+    Cpu {
+        caller: each(before.caller, after.caller),
+        activator: each(before.activator, after.activator),
+        backend: each(before.backend, after.backend),
+    }
+}
+
+/// `examples/hello-app` running as a plain `java` process on 127.0.0.1; killed on drop.
+struct HelloApp {
+    child: std::process::Child,
+    classes: PathBuf,
+    port: u16,
+}
+
+impl HelloApp {
+    /// Compiles and starts the app, or says why it cannot.
+    fn start() -> Result<HelloApp, String> {
+        let src =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello-app/src/Hello.java");
+        let classes =
+            std::env::temp_dir().join(format!("crac-activator-bench-hello-{}", std::process::id()));
+        std::fs::create_dir_all(&classes)
+            .map_err(|e| format!("creating {}: {e}", classes.display()))?;
+        let javac = Command::new("javac")
+            .arg("-d")
+            .arg(&classes)
+            .arg(&src)
+            .status()
+            .map_err(|e| format!("javac not runnable ({e}); install a JDK 17+"))?;
+        if !javac.success() {
+            return Err(format!("javac failed on {}", src.display()));
+        }
+        let port = std::net::TcpListener::bind((LOOPBACK, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // As hello-app's README runs it, plus TCP_NODELAY: the JDK HttpServer leaves Nagle on
+        // by default and writes each response as two segments (head, then body), so on a
+        // keep-alive connection every response waits for the caller's delayed ACK (~40 ms on
+        // Linux), direct or proxied alike: about 350 req/s for 16 callers, which measures the
+        // ACK timer, not the app. Servers apps run on (Tomcat, Netty) set TCP_NODELAY.
+        let child = Command::new("java")
+            .args([
+                "-XX:-UsePerfData",
+                "-Dsun.net.httpserver.nodelay=true",
+                "-cp",
+            ])
+            .arg(&classes)
+            .args(["Hello", &port.to_string()])
+            .env("HELLO_HOST", "127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("java not runnable ({e}); install a JDK 17+"))?;
+        let mut app = HelloApp {
+            child,
+            classes,
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect((LOOPBACK, port)).is_err() {
+            if let Ok(Some(status)) = app.child.try_wait() {
+                return Err(format!("hello-app exited at start: {status}"));
+            }
+            if Instant::now() > deadline {
+                return Err("hello-app did not listen within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(app)
+    }
+}
+
+impl Drop for HelloApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.classes);
+    }
 }
 
 /// The pod turns ready the moment the wake is asked for.
@@ -184,12 +408,35 @@ async fn first_byte(port: u16) -> Duration {
     elapsed
 }
 
+/// Serves `key` on a new activator port forwarding to `target_port` on 127.0.0.1, its pod
+/// ready; returns the activator port.
+async fn add_app(activator: &Activator, key: AppKey, target_port: u16) -> u16 {
+    let port = std::net::TcpListener::bind((LOOPBACK, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    activator.registry().upsert_app(AppConfig {
+        key: key.clone(),
+        ports: vec![PortMapping {
+            activator_port: port,
+            target_port,
+        }],
+        wake_timeout: Duration::from_secs(30),
+        serving_mode: None,
+    });
+    assert!(activator.wait_listening(port, Duration::from_secs(5)).await);
+    activator.registry().set_ready_pods(&key, vec![LOOPBACK]);
+    port
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run quickly then.
     let quick = !std::env::args().any(|a| a == "--bench");
     let scale = if quick { 20 } else { 1 };
 
     let backend_rt = runtime_thread("backend");
+    let busy_rt = runtime_thread("busy-backend");
     let activator_rt = runtime_thread("activator");
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -197,64 +444,35 @@ fn main() {
         .unwrap();
 
     let backend_port = backend_rt.block_on(start_backend());
-    let busy_rt = runtime_thread("busy-backend");
     let busy_port = busy_rt.block_on(start_backend_with_work(BUSY_WORK));
-    let busy_key = AppKey::new("bench", "busy");
+    let hello = HelloApp::start();
     let waker = Arc::new(InstantWaker {
         registry: Mutex::new(None),
     });
+    let activator = Activator::new(
+        Config {
+            listen_ip: LOOPBACK,
+            ..Config::default()
+        },
+        waker.clone() as Arc<dyn WakeClient>,
+    );
+    *waker.registry.lock().unwrap() = Some(Arc::clone(activator.registry()));
     let key = AppKey::new("bench", "demo");
-    let (activator, proxy_port, busy_proxy_port) = activator_rt.block_on({
-        let waker = Arc::clone(&waker);
+    let (proxy_port, busy_proxy_port, hello_proxy_port) = activator_rt.block_on({
+        let activator = Arc::clone(&activator);
         let key = key.clone();
-        let busy_key = busy_key.clone();
+        let hello_port = hello.as_ref().ok().map(|h| h.port);
         async move {
-            let activator = Activator::new(
-                Config {
-                    listen_ip: LOOPBACK,
-                    ..Config::default()
-                },
-                waker.clone() as Arc<dyn WakeClient>,
-            );
-            *waker.registry.lock().unwrap() = Some(Arc::clone(activator.registry()));
             activator.start();
-            let port = std::net::TcpListener::bind((LOOPBACK, 0))
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            activator.registry().upsert_app(AppConfig {
-                key,
-                ports: vec![PortMapping {
-                    activator_port: port,
-                    target_port: backend_port,
-                }],
-                wake_timeout: Duration::from_secs(30),
-                serving_mode: None,
-            });
-            assert!(activator.wait_listening(port, Duration::from_secs(5)).await);
-            let busy = std::net::TcpListener::bind((LOOPBACK, 0))
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            activator.registry().upsert_app(AppConfig {
-                key: busy_key,
-                ports: vec![PortMapping {
-                    activator_port: busy,
-                    target_port: busy_port,
-                }],
-                wake_timeout: Duration::from_secs(30),
-                serving_mode: None,
-            });
-            assert!(activator.wait_listening(busy, Duration::from_secs(5)).await);
-            (activator, port, busy)
+            let proxy = add_app(&activator, key, backend_port).await;
+            let busy = add_app(&activator, AppKey::new("bench", "busy"), busy_port).await;
+            let hello = match hello_port {
+                Some(port) => Some(add_app(&activator, AppKey::new("bench", "hello"), port).await),
+                None => None,
+            };
+            (proxy, busy, hello)
         }
     });
-    activator.registry().set_ready_pods(&key, vec![LOOPBACK]);
-    activator
-        .registry()
-        .set_ready_pods(&busy_key, vec![LOOPBACK]);
 
     client_rt.block_on(async {
         // Warm both paths (connections, allocator, caches).
@@ -279,35 +497,93 @@ fn main() {
 
         println!();
         println!(
-            "2. {CONCURRENT_CALLERS} concurrent callers, keep-alive, {} requests each (throughput)",
+            "2. {CONCURRENT_CALLERS} concurrent callers, keep-alive, {} requests each (throughput), against a backend that does nothing",
             CONCURRENT_REQUESTS_EACH / scale
         );
-        let (direct_rps, direct_lat) = concurrent(backend_port, CONCURRENT_REQUESTS_EACH / scale).await;
-        let (proxy_rps, proxy_lat) = concurrent(proxy_port, CONCURRENT_REQUESTS_EACH / scale).await;
-        println!(
-            "   direct {:>8.0} req/s (p99 {:>7.1} us)   via activator {:>8.0} req/s (p99 {:>7.1} us)   ratio {:.2}",
+        let probe = CpuProbe {
+            activator: &activator_rt,
+            backend: Backend::Runtime(&backend_rt),
+        };
+        let (direct_rps, direct_lat, direct_cpu) = probe.concurrent(backend_port, CONCURRENT_REQUESTS_EACH / scale).await;
+        let (proxy_rps, proxy_lat, proxy_cpu) = probe.concurrent(proxy_port, CONCURRENT_REQUESTS_EACH / scale).await;
+        Throughput {
             direct_rps,
-            us(percentile(&direct_lat, 0.99)),
+            direct_p99: percentile(&direct_lat, 0.99),
+            direct_cpu,
             proxy_rps,
-            us(percentile(&proxy_lat, 0.99)),
-            proxy_rps / direct_rps
-        );
+            proxy_p99: percentile(&proxy_lat, 0.99),
+            proxy_cpu,
+        }
+        .print();
 
         println!();
         println!(
             "2b. the same against an app spending {} us of CPU per request",
             BUSY_WORK.as_micros()
         );
-        let (direct_rps, direct_lat) = concurrent(busy_port, CONCURRENT_REQUESTS_EACH / scale / 3).await;
-        let (proxy_rps, proxy_lat) = concurrent(busy_proxy_port, CONCURRENT_REQUESTS_EACH / scale / 3).await;
-        println!(
-            "   direct {:>8.0} req/s (p99 {:>7.1} us)   via activator {:>8.0} req/s (p99 {:>7.1} us)   ratio {:.2}",
+        let probe = CpuProbe {
+            activator: &activator_rt,
+            backend: Backend::Runtime(&busy_rt),
+        };
+        let (direct_rps, direct_lat, direct_cpu) = probe.concurrent(busy_port, CONCURRENT_REQUESTS_EACH / scale / 3).await;
+        let (proxy_rps, proxy_lat, proxy_cpu) = probe.concurrent(busy_proxy_port, CONCURRENT_REQUESTS_EACH / scale / 3).await;
+        Throughput {
             direct_rps,
-            us(percentile(&direct_lat, 0.99)),
+            direct_p99: percentile(&direct_lat, 0.99),
+            direct_cpu,
             proxy_rps,
-            us(percentile(&proxy_lat, 0.99)),
-            proxy_rps / direct_rps
-        );
+            proxy_p99: percentile(&proxy_lat, 0.99),
+            proxy_cpu,
+        }
+        .print();
+
+        println!();
+        match (&hello, hello_proxy_port) {
+            (Ok(app), Some(hello_proxy_port)) => {
+                let each = CONCURRENT_REQUESTS_EACH / scale;
+                println!(
+                    "2c. the same against a real JVM (examples/hello-app, `java` on 127.0.0.1), after {} warm-up requests each way; direct, via, via, direct, {each} requests each run",
+                    CONCURRENT_CALLERS * JVM_WARMUP_EACH / scale
+                );
+                concurrent(app.port, JVM_WARMUP_EACH / scale).await;
+                concurrent(hello_proxy_port, JVM_WARMUP_EACH / scale).await;
+                let probe = CpuProbe {
+                    activator: &activator_rt,
+                    backend: Backend::Process(app.child.id()),
+                };
+                let d1 = probe.concurrent(app.port, each).await;
+                let p1 = probe.concurrent(hello_proxy_port, each).await;
+                let p2 = probe.concurrent(hello_proxy_port, each).await;
+                let d2 = probe.concurrent(app.port, each).await;
+                let mean_cpu = |a: Cpu, b: Cpu| Cpu {
+                    caller: (a.caller + b.caller) / 2,
+                    activator: (a.activator + b.activator) / 2,
+                    backend: (a.backend + b.backend) / 2,
+                };
+                let p99 = |a: &[Duration], b: &[Duration]| {
+                    let mut all: Vec<Duration> = a.iter().chain(b).copied().collect();
+                    all.sort();
+                    percentile(&all, 0.99)
+                };
+                Throughput {
+                    direct_rps: (d1.0 + d2.0) / 2.0,
+                    direct_p99: p99(&d1.1, &d2.1),
+                    direct_cpu: mean_cpu(d1.2, d2.2),
+                    proxy_rps: (p1.0 + p2.0) / 2.0,
+                    proxy_p99: p99(&p1.1, &p2.1),
+                    proxy_cpu: mean_cpu(p1.2, p2.2),
+                }
+                .print();
+                println!(
+                    "   (runs: direct {:.0} / {:.0} req/s, via activator {:.0} / {:.0} req/s; the JVM's CPU is its whole process, counted in 10 ms ticks)",
+                    d1.0, d2.0, p1.0, p2.0
+                );
+            }
+            _ => {
+                let why = hello.as_ref().err().map_or("not registered", String::as_str);
+                println!("2c. real JVM backend: SKIPPED: {why}");
+            }
+        }
 
         println!();
         println!("3. asleep app, instant wake, fresh connection, {} requests (time to first response byte)", WAKES / scale);
@@ -334,9 +610,10 @@ fn main() {
             .metrics()
             .encode()
             .lines()
-            .find(|l| l.starts_with("crac_activator_wakes_total{"))
+            .find(|l| l.starts_with("crac_activator_wakes_total{") && l.contains("app=\"demo\""))
             .map(String::from)
             .unwrap_or_default();
         println!("   ({wakes})");
     });
+    drop(hello);
 }

@@ -132,28 +132,42 @@ impl AppState {
         exclude: &[IpAddr],
         arrived: Instant,
     ) -> Pick {
-        {
-            let b = self.backends.borrow();
-            if b.removed {
-                return Pick::Failed("the app was deleted".into());
-            }
-            if exclude.is_empty() {
-                if let Some(ip) = self.rr.pick(&b.ips) {
-                    return Pick::Ready { ip, held: false };
-                }
-            } else {
-                let usable: Vec<IpAddr> = b
-                    .ips
-                    .iter()
-                    .copied()
-                    .filter(|ip| !exclude.contains(ip))
-                    .collect();
-                if let Some(ip) = self.rr.pick(&usable) {
-                    return Pick::Ready { ip, held: false };
-                }
-            }
+        if let Some(pick) = self.pick_ready(exclude) {
+            return pick;
         }
+        // Boxed: holding is the rare path, and its state would otherwise enlarge every
+        // request's future.
+        Box::pin(self.hold(ctx, exclude, arrived)).await
+    }
 
+    /// A ready pod not in `exclude`, round-robin, or the app's removal; `None` when the request
+    /// has to be held.
+    fn pick_ready(&self, exclude: &[IpAddr]) -> Option<Pick> {
+        let b = self.backends.borrow();
+        if b.removed {
+            return Some(Pick::Failed("the app was deleted".into()));
+        }
+        let ip = if exclude.is_empty() {
+            self.rr.pick(&b.ips)
+        } else {
+            let usable: Vec<IpAddr> = b
+                .ips
+                .iter()
+                .copied()
+                .filter(|ip| !exclude.contains(ip))
+                .collect();
+            self.rr.pick(&usable)
+        };
+        ip.map(|ip| Pick::Ready { ip, held: false })
+    }
+
+    /// Holds a request until a pod is ready, the wake fails, or the deadline passes.
+    async fn hold(
+        self: &Arc<Self>,
+        ctx: &HoldContext,
+        exclude: &[IpAddr],
+        arrived: Instant,
+    ) -> Pick {
         let Some(_slot) = HeldSlot::acquire(self, ctx.max_queue) else {
             return Pick::QueueFull;
         };

@@ -13,6 +13,7 @@ use hyper::body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -29,6 +30,25 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 /// Body of every request sent to a pod: the caller's, streamed, or empty for a replay.
 pub type OutBody = Either<Incoming, Empty<Bytes>>;
 
+/// The caller at the other end of one connection, worked out once per connection rather than
+/// once per request.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub addr: SocketAddr,
+    /// `X-Forwarded-For` for a request that carries none: the caller's IP (always a valid
+    /// header value; `None` would give 400, as an invalid one did before).
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl Caller {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            forwarded_for: HeaderValue::try_from(addr.ip().to_string()).ok(),
+        }
+    }
+}
+
 /// Everything the request path needs.
 pub struct Proxy {
     pub registry: Arc<Registry>,
@@ -41,12 +61,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Handles one request that arrived on `local_port` from `peer`.
+    /// Handles one request that arrived on `local_port` from `caller`.
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
         local_port: u16,
-        peer: SocketAddr,
+        caller: &Caller,
     ) -> Response<ProxyBody> {
         let arrived = Instant::now();
         let Some(route) = self.registry.route(local_port) else {
@@ -56,7 +76,7 @@ impl Proxy {
         let app = route.app;
         let upgrade = is_upgrade(&req);
         let h2 = req.version() == Version::HTTP_2;
-        if let Err(status) = prepare_request(&mut req, peer, h2, upgrade) {
+        if let Err(status) = prepare_request(&mut req, caller, h2, upgrade) {
             return plain(status, "malformed request\n");
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -160,9 +180,28 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Whether a header is one of those that describe one hop (RFC 9110 §7.6.1), or `Connection`,
+/// which may name more.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::UPGRADE
+        || name == header::TRANSFER_ENCODING
+        || name == header::TRAILER
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes the headers that describe one hop (RFC 9110 §7.6.1), and those the `Connection`
 /// header names. An upgrade keeps `Connection: upgrade` and `Upgrade`, which the pod needs.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most requests and many responses carry none of them: one pass over the few names present
+    // is cheaper than a dozen hashed removals.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -201,9 +240,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Rewrites a request for the pod: hop-by-hop headers out, `X-Forwarded-For` in, and the URI
 /// in the form the outgoing protocol wants (origin-form plus Host for HTTP/1.1, absolute for h2).
+/// The common case (an origin-form HTTP/1.1 request, an absolute `http` h2 request) keeps its
+/// URI untouched; the others are rebuilt from their parts, never reparsed.
 fn prepare_request<B>(
     req: &mut Request<B>,
-    peer: SocketAddr,
+    caller: &Caller,
     h2: bool,
     upgrade: bool,
 ) -> Result<(), StatusCode> {
@@ -212,47 +253,57 @@ fn prepare_request<B>(
     // The activator's hyper server already answered `Expect: 100-continue`.
     headers.remove(header::EXPECT);
     let forwarded = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {}", peer.ip()),
-        _ => peer.ip().to_string(),
+        Some(prior) if !prior.trim().is_empty() => {
+            HeaderValue::try_from(format!("{prior}, {}", caller.addr.ip()))
+                .map_err(|_| StatusCode::BAD_REQUEST)?
+        }
+        _ => caller
+            .forwarded_for
+            .clone()
+            .ok_or(StatusCode::BAD_REQUEST)?,
     };
-    let forwarded = HeaderValue::from_str(&forwarded).map_err(|_| StatusCode::BAD_REQUEST)?;
     headers.insert(X_FORWARDED_FOR.clone(), forwarded);
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
 
-    let authority = req.uri().authority().cloned();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".to_owned());
+    let uri = req.uri();
     if h2 {
-        let authority = match authority {
-            Some(a) => a.to_string(),
-            None => req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-                .ok_or(StatusCode::BAD_REQUEST)?,
-        };
-        *req.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-            .map_err(|_| StatusCode::BAD_REQUEST)?;
+        if uri.scheme() != Some(&Scheme::HTTP) || uri.authority().is_none() {
+            let authority = match uri.authority() {
+                Some(a) => a.clone(),
+                None => req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                    .ok_or(StatusCode::BAD_REQUEST)?,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(authority);
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(PathAndQuery::from_static("/"));
+            }
+            *req.uri_mut() = Uri::from_parts(parts).map_err(|_| StatusCode::BAD_REQUEST)?;
+        }
         *req.version_mut() = Version::HTTP_2;
     } else {
-        if let Some(authority) = authority
-            && !req.headers().contains_key(header::HOST)
-        {
-            let host =
-                HeaderValue::from_str(authority.as_str()).map_err(|_| StatusCode::BAD_REQUEST)?;
-            req.headers_mut().insert(header::HOST, host);
+        if uri.scheme().is_some() || uri.authority().is_some() {
+            // Absolute- or authority-form: the pod gets origin-form and the authority as Host.
+            if let Some(authority) = uri.authority()
+                && !req.headers().contains_key(header::HOST)
+            {
+                let host = HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| StatusCode::BAD_REQUEST)?;
+                req.headers_mut().insert(header::HOST, host);
+            }
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(path);
         }
-        *req.uri_mut() = path.parse().map_err(|_| StatusCode::BAD_REQUEST)?;
         if req.version() != Version::HTTP_10 {
             *req.version_mut() = Version::HTTP_11;
         }
@@ -291,7 +342,7 @@ pub enum SendError {
 /// Connections to pods, reused across requests: idle HTTP/1.1 connections per pod address,
 /// and one multiplexed h2 connection per pod address.
 pub struct Pool {
-    h1_idle: Arc<Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<OutBody>>>>>,
+    h1_idle: Arc<IdleH1>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<OutBody>>>,
     connect_timeout: Duration,
     max_idle_per_backend: usize,
@@ -317,6 +368,9 @@ impl Pool {
         Ok(TokioIo::new(stream))
     }
 
+    /// Callers box this future: a new connection is the rare path, and its handshake state
+    /// would otherwise make every request's future (moved into hyper per request) kilobytes
+    /// larger.
     async fn connect_h1(
         &self,
         addr: SocketAddr,
@@ -366,7 +420,7 @@ impl Pool {
     ) -> Result<Response<Incoming>, SendError> {
         if upgrade {
             // An upgraded connection is never returned to the pool.
-            let mut sender = match self.connect_h1(addr, true).await {
+            let mut sender = match Box::pin(self.connect_h1(addr, true)).await {
                 Ok(s) => s,
                 Err(err) => return Err(err.not_sent(req)),
             };
@@ -409,7 +463,7 @@ impl Pool {
                 },
             }
         }
-        let mut sender = match self.connect_h1(addr, false).await {
+        let mut sender = match Box::pin(self.connect_h1(addr, false)).await {
             Ok(s) => s,
             Err(err) => return Err(err.not_sent(req)),
         };
@@ -442,18 +496,18 @@ impl Pool {
     }
 
     /// Puts the connection back once the response body has been read to the end (HTTP/1.1
-    /// carries one exchange at a time).
+    /// carries one exchange at a time): at once when it is already (a short body that came
+    /// with the head), else from a task that waits for it.
     fn return_when_ready(&self, addr: SocketAddr, mut sender: http1::SendRequest<OutBody>) {
+        if sender.is_ready() {
+            put_idle(&self.h1_idle, self.max_idle_per_backend, addr, sender);
+            return;
+        }
         let idle = Arc::clone(&self.h1_idle);
         let max = self.max_idle_per_backend;
         tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
-            let list = idle.entry(addr).or_default();
-            if list.len() < max {
-                list.push(sender);
+            if sender.ready().await.is_ok() {
+                put_idle(&idle, max, addr, sender);
             }
         });
     }
@@ -482,7 +536,7 @@ impl Pool {
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&addr);
         }
-        let mut sender = match self.connect_h2(addr).await {
+        let mut sender = match Box::pin(self.connect_h2(addr)).await {
             Ok(s) => s,
             Err(err) => return Err(err.not_sent(req)),
         };
@@ -500,6 +554,16 @@ impl Pool {
                 None => Err(SendError::Failed(err.into_error())),
             },
         }
+    }
+}
+
+type IdleH1 = Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<OutBody>>>>;
+
+fn put_idle(idle: &IdleH1, max: usize, addr: SocketAddr, sender: http1::SendRequest<OutBody>) {
+    let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
+    let list = idle.entry(addr).or_default();
+    if list.len() < max {
+        list.push(sender);
     }
 }
 
@@ -545,8 +609,8 @@ mod tests {
         builder.body(()).expect("request")
     }
 
-    fn peer() -> SocketAddr {
-        "127.0.0.1:4000".parse().expect("addr")
+    fn peer() -> Caller {
+        Caller::new("127.0.0.1:4000".parse().expect("addr"))
     }
 
     #[test]
@@ -565,7 +629,7 @@ mod tests {
             ],
             "/a?b=c",
         );
-        prepare_request(&mut req, peer(), false, false).expect("prepare");
+        prepare_request(&mut req, &peer(), false, false).expect("prepare");
         let h = req.headers();
         for gone in [
             "connection",
@@ -594,7 +658,7 @@ mod tests {
             "/ws",
         );
         assert!(is_upgrade(&req));
-        prepare_request(&mut req, peer(), false, true).expect("prepare");
+        prepare_request(&mut req, &peer(), false, true).expect("prepare");
         assert_eq!(req.headers()["connection"], "upgrade");
         assert_eq!(req.headers()["upgrade"], "websocket");
         assert_eq!(req.headers()["te"], "trailers");
@@ -604,19 +668,45 @@ mod tests {
     #[test]
     fn absolute_form_becomes_origin_form_with_host_for_http1_and_absolute_for_h2() {
         let mut req = request(&[], "http://demo.shop:8080/x");
-        prepare_request(&mut req, peer(), false, false).expect("prepare");
+        prepare_request(&mut req, &peer(), false, false).expect("prepare");
         assert_eq!(req.uri(), "/x");
         assert_eq!(req.headers()["host"], "demo.shop:8080");
 
         let mut req = request(&[("host", "demo.shop")], "/y");
-        prepare_request(&mut req, peer(), true, false).expect("prepare");
+        prepare_request(&mut req, &peer(), true, false).expect("prepare");
         assert_eq!(req.uri(), "http://demo.shop/y");
         assert_eq!(req.version(), Version::HTTP_2);
 
         let mut req = request(&[], "/z");
         assert_eq!(
-            prepare_request(&mut req, peer(), true, false),
+            prepare_request(&mut req, &peer(), true, false),
             Err(StatusCode::BAD_REQUEST)
         );
+
+        // An h2 caller's own scheme is replaced: the pod is spoken to in cleartext.
+        let mut req = request(&[], "https://demo.shop/s?q=1");
+        prepare_request(&mut req, &peer(), true, false).expect("prepare");
+        assert_eq!(req.uri(), "http://demo.shop/s?q=1");
+
+        // Authority-form (CONNECT) becomes `/` with the authority as Host.
+        let mut req = request(&[], "demo.shop:443");
+        prepare_request(&mut req, &peer(), false, false).expect("prepare");
+        assert_eq!(req.uri(), "/");
+        assert_eq!(req.headers()["host"], "demo.shop:443");
+    }
+
+    #[test]
+    fn a_request_without_hop_by_hop_headers_keeps_everything_and_gains_forwarded_headers() {
+        let mut req = request(&[("host", "demo"), ("accept", "*/*"), ("x-a", "1")], "/p?q");
+        prepare_request(&mut req, &peer(), false, false).expect("prepare");
+        let h = req.headers();
+        assert_eq!(h.len(), 5);
+        assert_eq!(h["host"], "demo");
+        assert_eq!(h["accept"], "*/*");
+        assert_eq!(h["x-a"], "1");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(req.uri(), "/p?q");
+        assert_eq!(req.version(), Version::HTTP_11);
     }
 }
