@@ -168,15 +168,48 @@ pub fn slim<K: kube::Resource>(object: &mut K) {
     object.managed_fields_mut().clear();
 }
 
-/// Pods and Jobs are read for their labels and status only.
+/// Pods and Jobs are read for their labels and status only. (A thousand apps keep two
+/// thousand pods in the store; what is dropped here is most of each.)
 pub fn slim_pod(pod: &mut Pod) {
-    slim(pod);
+    slim_meta(pod);
     pod.spec = None;
+    if let Some(status) = pod.status.as_mut() {
+        // Kept: phase, reason, message, podIP, the Ready condition, how containers ended.
+        status.host_ip = None;
+        status.host_ips = None;
+        status.pod_ips = None;
+        status.qos_class = None;
+        status.start_time = None;
+        status.init_container_statuses = None;
+        status.ephemeral_container_statuses = None;
+        status.resource_claim_statuses = None;
+        if let Some(conditions) = status.conditions.as_mut() {
+            conditions.retain(|c| c.type_ == "Ready");
+        }
+        for c in status.container_statuses.iter_mut().flatten() {
+            c.image = String::new();
+            c.image_id = String::new();
+            c.container_id = None;
+            c.allocated_resources = None;
+            c.resources = None;
+            c.volume_mounts = None;
+            c.user = None;
+        }
+    }
 }
 
 pub fn slim_job(job: &mut Job) {
-    slim(job);
+    slim_meta(job);
     job.spec = None;
+}
+
+/// Metadata the operator never reads from pods and Jobs.
+fn slim_meta<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.generate_name = None;
+    meta.finalizers = None;
 }
 
 /// For each app, each object the operator applied: a hash of what it sent and the
@@ -298,6 +331,39 @@ mod tests {
         assert!(!applied.record(app(), key.clone(), other, "9".into()));
         applied.forget(&app());
         assert!(!applied.unchanged(&app(), &key, other, "9"), "forgotten");
+    }
+
+    #[test]
+    fn a_slimmed_pod_still_says_whether_it_serves_and_how_its_app_ended() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p", "labels": { "crac.dev/app": "demo" },
+                          "ownerReferences": [{ "apiVersion": "v1", "kind": "X", "name": "x", "uid": "u" }] },
+            "spec": { "containers": [{ "name": "app", "image": "demo:1" }] },
+            "status": {
+                "phase": "Running", "podIP": "10.0.0.7", "hostIP": "10.1.0.1",
+                "conditions": [{ "type": "Ready", "status": "True" },
+                               { "type": "PodScheduled", "status": "True" }],
+                "containerStatuses": [{ "name": "app", "image": "demo:1", "imageID": "sha",
+                    "ready": true, "restartCount": 0,
+                    "state": { "terminated": { "exitCode": 0, "message": "{\"outcome\":\"checkpointed\"}" } } }]
+            }
+        }))
+        .expect("test pod parses");
+        slim_pod(&mut pod);
+        assert!(pod.spec.is_none() && pod.metadata.owner_references.is_none());
+        assert_eq!(crac_api::serving::serving_address(&pod), Some("10.0.0.7"));
+        let status = pod.status.as_ref().expect("status kept");
+        assert_eq!(status.conditions.as_ref().map(Vec::len), Some(1));
+        let ended = status.container_statuses.as_ref().expect("kept")[0]
+            .state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .and_then(|t| t.message.clone());
+        assert_eq!(ended.as_deref(), Some("{\"outcome\":\"checkpointed\"}"));
+        assert_eq!(
+            pod.labels().get("crac.dev/app").map(String::as_str),
+            Some("demo")
+        );
     }
 
     #[test]
