@@ -203,11 +203,11 @@ pub fn slim_job(job: &mut Job) {
     job.spec = None;
 }
 
-/// Metadata the operator never reads from pods and Jobs.
+/// Metadata the operator never reads from pods and Jobs. Owner references stay: they are how
+/// a Job's change finds its app to reconcile.
 fn slim_meta<K: kube::Resource>(object: &mut K) {
     let meta = object.meta_mut();
     meta.managed_fields = None;
-    meta.owner_references = None;
     meta.generate_name = None;
     meta.finalizers = None;
 }
@@ -350,7 +350,11 @@ mod tests {
         }))
         .expect("test pod parses");
         slim_pod(&mut pod);
-        assert!(pod.spec.is_none() && pod.metadata.owner_references.is_none());
+        assert!(pod.spec.is_none());
+        assert!(
+            pod.metadata.owner_references.is_some(),
+            "owners find the app to reconcile"
+        );
         assert_eq!(crac_api::serving::serving_address(&pod), Some("10.0.0.7"));
         let status = pod.status.as_ref().expect("status kept");
         assert_eq!(status.conditions.as_ref().map(Vec::len), Some(1));
