@@ -28,14 +28,12 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Container, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
-    PodTemplateSpec, Service, Volume, VolumeMount,
+    PodTemplateSpec, Volume, VolumeMount,
 };
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -146,51 +144,33 @@ pub async fn run(
     };
     // The streams that trigger reconciles also fill the caches reconciles read from, so a
     // reconcile triggered by a change always sees it.
-    let pods = watcher(api_in::<Pod>(&client, ns), owned.clone())
-        .default_backoff()
-        .modify(cache::slim_pod)
-        .reflect(writers.pods)
-        .touched_objects();
+    let pods = cached_stream(
+        api_in::<Pod>(&client, ns),
+        &owned,
+        cache::slim_pod,
+        writers.pods,
+    );
     let policies = watcher(
         Api::<CracScalePolicy>::all(client.clone()),
         Default::default(),
     )
     .default_backoff()
     .reflect(writers.policies);
-    let jobs = watcher(api_in::<Job>(&client, ns), owned.clone())
-        .default_backoff()
-        .modify(cache::slim_job)
-        .reflect(writers.jobs)
-        .touched_objects();
-    let deployments = watcher(api_in::<Deployment>(&client, ns), owned.clone())
-        .default_backoff()
-        .modify(cache::slim)
-        .reflect(writers.deployments)
-        .touched_objects();
-    let services = watcher(
-        api_in::<PartialObjectMeta<Service>>(&client, ns),
-        owned.clone(),
-    )
-    .default_backoff()
-    .modify(cache::slim)
-    .reflect(writers.services)
-    .touched_objects();
-    let claims = watcher(
-        api_in::<PartialObjectMeta<PersistentVolumeClaim>>(&client, ns),
-        owned.clone(),
-    )
-    .default_backoff()
-    .modify(cache::slim)
-    .reflect(writers.claims)
-    .touched_objects();
-    let slices = watcher(
-        api_in::<PartialObjectMeta<EndpointSlice>>(&client, ns),
-        owned.clone(),
-    )
-    .default_backoff()
-    .modify(cache::slim)
-    .reflect(writers.slices)
-    .touched_objects();
+    let jobs = cached_stream(
+        api_in::<Job>(&client, ns),
+        &owned,
+        cache::slim_job,
+        writers.jobs,
+    );
+    let deployments = cached_stream(
+        api_in::<Deployment>(&client, ns),
+        &owned,
+        cache::slim,
+        writers.deployments,
+    );
+    let services = cached_stream(api_in(&client, ns), &owned, cache::slim, writers.services);
+    let claims = cached_stream(api_in(&client, ns), &owned, cache::slim, writers.claims);
+    let slices = cached_stream(api_in(&client, ns), &owned, cache::slim, writers.slices);
     let controller = Controller::new(api_in::<CracApp>(&client, ns), watcher::Config::default())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .owns_stream(jobs)
@@ -221,6 +201,30 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The objects the operator owns of one kind, as a trigger stream that also fills the cache
+/// `writer` (slimmed by `slim` first).
+fn cached_stream<K>(
+    api: Api<K>,
+    config: &watcher::Config,
+    slim: fn(&mut K),
+    writer: kube::runtime::reflector::store::Writer<K>,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(api, config.clone())
+        .default_backoff()
+        .modify(slim)
+        .reflect(writer)
+        .touched_objects()
 }
 
 /// One trigger per change of a policy's spec (a new generation) or deletion; the status
