@@ -139,6 +139,36 @@ fn counters(text: &str, name: &str) -> BTreeMap<String, f64> {
     out
 }
 
+/// The API server's request counts by resource, subresource and verb (WATCH and the API
+/// server's own health checks left out), from its `/metrics`.
+async fn api_requests(client: &Client) -> Result<BTreeMap<String, f64>> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(request).await?;
+    let mut out = BTreeMap::new();
+    for (labels, count) in counters(&text, "apiserver_request_total{") {
+        // `name="value",...`; none of these values holds a quote or a comma.
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .filter_map(|pair| pair.split_once('='))
+                .find(|(k, _)| *k == name)
+                .map_or(String::new(), |(_, v)| v.trim_matches('"').to_string())
+        };
+        let (resource, subresource, verb) =
+            (label("resource"), label("subresource"), label("verb"));
+        if verb == "WATCH" || resource.is_empty() {
+            continue;
+        }
+        let key = if subresource.is_empty() {
+            format!("{verb} {resource}")
+        } else {
+            format!("{verb} {resource}/{subresource}")
+        };
+        *out.entry(key).or_insert(0.0) += count;
+    }
+    Ok(out)
+}
+
 /// The q-quantile of a cumulative histogram, interpolating linearly within its bucket.
 fn quantile(hist: &BTreeMap<u64, f64>, q: f64) -> Option<String> {
     let total = *hist.get(&u64::MAX)?;
@@ -245,6 +275,7 @@ async fn main() -> Result<()> {
     tracked.extend(args.pids.iter().cloned());
     tracked.push(("bench driver (this)".into(), std::process::id()));
     let cpu_before: Vec<Option<f64>> = tracked.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+    let requests_before = api_requests(&client).await?;
 
     let start = Instant::now();
     let progress = Arc::new(Mutex::new(Progress::default()));
@@ -411,6 +442,7 @@ async fn main() -> Result<()> {
     let elapsed = start.elapsed();
     let cpu_after: Vec<Option<f64>> = tracked.iter().map(|(_, p)| cpu_seconds(*p)).collect();
     let metrics_after = scrape(&args.metrics).await?;
+    let requests_after = api_requests(&client).await?;
     let (_, hwm_ready) = memory_kib(op).unwrap_or_default();
 
     // Idle: does the operator settle once everything is Ready?
@@ -539,6 +571,27 @@ async fn main() -> Result<()> {
         }
     }
     println!("  - sum of the above: {total:.1} s");
+    // What the API server was asked for, from every client (operator, controllers, kwok, this
+    // driver): where its CPU went.
+    let mut requests: Vec<(String, f64)> = requests_after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v - requests_before.get(k).copied().unwrap_or(0.0),
+            )
+        })
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    requests.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let all: f64 = requests.iter().map(|(_, v)| v).sum();
+    println!(
+        "- API requests from the first create to all Ready (all clients, WATCH excluded): {all:.0}, {:.1} per app; the most frequent, per app:",
+        all / n as f64
+    );
+    for (key, count) in requests.iter().take(14) {
+        println!("  - {key}: {:.2}", count / n as f64);
+    }
 
     // Clean up while the operator still runs: its finalizer removes each app's images.
     tracker.abort();

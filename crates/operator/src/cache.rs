@@ -36,7 +36,7 @@ pub struct Caches {
     pub jobs: Store<Job>,
     pub deployments: Store<Deployment>,
     pub services: Store<PartialObjectMeta<Service>>,
-    pub claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+    pub claims: Store<PersistentVolumeClaim>,
     pub slices: Store<PartialObjectMeta<EndpointSlice>>,
     /// What the operator last applied, per app.
     pub applied: Applied,
@@ -53,7 +53,7 @@ pub struct Writers {
     pub jobs: Writer<Job>,
     pub deployments: Writer<Deployment>,
     pub services: Writer<PartialObjectMeta<Service>>,
-    pub claims: Writer<PartialObjectMeta<PersistentVolumeClaim>>,
+    pub claims: Writer<PersistentVolumeClaim>,
     pub slices: Writer<PartialObjectMeta<EndpointSlice>>,
 }
 
@@ -212,8 +212,8 @@ fn slim_meta<K: kube::Resource>(object: &mut K) {
     meta.finalizers = None;
 }
 
-/// For each app, each object the operator applied: a hash of what it sent and the
-/// resourceVersion the API server answered with.
+/// For each app, each object the operator applied: a hash of what it sent, and the
+/// resourceVersions at which the object is known to hold it.
 #[derive(Default)]
 pub struct Applied {
     apps: Mutex<HashMap<AppKey, HashMap<ObjectKey, Sent>>>,
@@ -223,30 +223,114 @@ pub struct Applied {
 pub type AppKey = (String, String);
 /// Kind and name of an applied object.
 pub type ObjectKey = (String, String);
-/// The hash of what was sent, and the resourceVersion the API server answered with.
-type Sent = (u64, String);
 
-impl Applied {
-    /// Whether applying `body` again would change nothing: the same body was applied last, and
-    /// the object is still at the version that apply left it at.
-    pub fn unchanged(&self, app: &AppKey, key: &ObjectKey, body: u64, live: &str) -> bool {
-        let Ok(apps) = self.apps.lock() else {
-            return false;
-        };
-        apps.get(app)
-            .and_then(|objects| objects.get(key))
-            .is_some_and(|(hash, version)| *hash == body && version == live)
+struct Sent {
+    hash: u64,
+    /// The version an apply answered with, the version it was applied over (a cache that lags
+    /// may still show that one), and versions found to hold what was sent. Newest last.
+    versions: Vec<String>,
+}
+
+/// Enough versions for a cache a few writes behind.
+const VERSIONS_KEPT: usize = 8;
+
+impl Sent {
+    fn remember(&mut self, version: String) {
+        if self.versions.contains(&version) {
+            return;
+        }
+        if self.versions.len() == VERSIONS_KEPT {
+            self.versions.remove(0);
+        }
+        self.versions.push(version);
+    }
+}
+
+/// What a cache holds of an object the operator applies.
+pub struct Live {
+    pub version: String,
+    /// The whole object, when the cache keeps more than its metadata.
+    pub object: Option<serde_json::Value>,
+}
+
+impl Live {
+    pub fn of<K: kube::Resource + serde::Serialize>(object: &K) -> Live {
+        Live {
+            version: object.meta().resource_version.clone().unwrap_or_default(),
+            object: serde_json::to_value(object).ok(),
+        }
     }
 
-    /// Records an apply; true when this object had not been applied before.
-    pub fn record(&self, app: AppKey, key: ObjectKey, body: u64, version: String) -> bool {
+    /// For caches of metadata only.
+    pub fn version_of<K: kube::Resource>(object: &K) -> Live {
+        Live {
+            version: object.meta().resource_version.clone().unwrap_or_default(),
+            object: None,
+        }
+    }
+}
+
+impl Applied {
+    /// Whether applying `body` (hashed `hash`) again would change nothing: it is what was
+    /// applied last, and the live object still holds it. Others' writes that leave the
+    /// operator's fields alone (a Deployment's status, a claim's binding) are not changes.
+    pub fn unchanged(
+        &self,
+        app: &AppKey,
+        key: &ObjectKey,
+        hash: u64,
+        body: &serde_json::Value,
+        live: &Live,
+    ) -> bool {
+        let Ok(mut apps) = self.apps.lock() else {
+            return false;
+        };
+        let Some(sent) = apps.get_mut(app).and_then(|objects| objects.get_mut(key)) else {
+            return false;
+        };
+        if sent.hash != hash {
+            return false;
+        }
+        if sent.versions.contains(&live.version) {
+            return true;
+        }
+        if live.object.as_ref().is_some_and(|o| holds(o, body)) {
+            sent.remember(live.version.clone());
+            return true;
+        }
+        false
+    }
+
+    /// Records an apply of a body hashed `hash` over version `over` (none: created) that
+    /// answered with version `answered`; true when this object had not been applied before.
+    pub fn record(
+        &self,
+        app: AppKey,
+        key: ObjectKey,
+        hash: u64,
+        over: Option<String>,
+        answered: String,
+    ) -> bool {
         let Ok(mut apps) = self.apps.lock() else {
             return true;
         };
-        apps.entry(app)
-            .or_default()
-            .insert(key, (body, version))
-            .is_none()
+        let objects = apps.entry(app).or_default();
+        let first = !objects.contains_key(&key);
+        let sent = objects.entry(key).or_insert_with(|| Sent {
+            hash,
+            versions: Vec::new(),
+        });
+        if sent.hash != hash {
+            sent.hash = hash;
+            sent.versions.clear();
+        }
+        // The object at `over` had the operator's apply made on top of it: seen again (from a
+        // lagging cache) it needs nothing more.
+        if let Some(over) = over {
+            sent.remember(over);
+        }
+        sent.remember(answered);
+        first
     }
 
     /// Whether the operator applied this object before.
@@ -262,6 +346,34 @@ impl Applied {
         if let Ok(mut apps) = self.apps.lock() {
             apps.remove(app);
         }
+    }
+}
+
+/// Whether `live` already holds everything in `sent`: each field sent has the same value
+/// there (fields the API server or others added do not matter). Lists must match item by
+/// item; an empty value sent matches a missing one (the API server drops them). When unsure it
+/// says no, which costs one apply that changes nothing.
+pub fn holds(live: &serde_json::Value, sent: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (sent, live) {
+        (Value::Object(sent), Value::Object(live)) => sent.iter().all(|(k, v)| match live.get(k) {
+            Some(l) => holds(l, v),
+            None => is_empty(v),
+        }),
+        (Value::Array(sent), Value::Array(live)) => {
+            sent.len() == live.len() && sent.iter().zip(live).all(|(s, l)| holds(l, s))
+        }
+        (Value::Null, _) => true,
+        (sent, live) => sent == live,
+    }
+}
+
+fn is_empty(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Null => true,
+        serde_json::Value::Object(m) => m.is_empty(),
+        serde_json::Value::Array(a) => a.is_empty(),
+        _ => false,
     }
 }
 
@@ -314,23 +426,82 @@ mod tests {
         ("ns".into(), "demo".into())
     }
 
+    fn version(v: &str) -> Live {
+        Live {
+            version: v.into(),
+            object: None,
+        }
+    }
+
     #[test]
-    fn an_object_is_unchanged_only_with_the_same_body_at_the_version_left_by_the_apply() {
+    fn an_object_is_unchanged_with_the_same_body_at_a_version_the_apply_accounts_for() {
         let applied = Applied::default();
         let key: ObjectKey = ("Service".into(), "demo".into());
-        let body = body_hash(&serde_json::json!({ "spec": { "ports": [80] } }));
-        assert!(!applied.unchanged(&app(), &key, body, "7"), "never applied");
-        assert!(applied.record(app(), key.clone(), body, "7".into()));
-        assert!(applied.unchanged(&app(), &key, body, "7"));
+        let sent = serde_json::json!({ "spec": { "ports": [80] } });
+        let hash = body_hash(&sent);
+        let unchanged = |hash, v| applied.unchanged(&app(), &key, hash, &sent, &version(v));
+        assert!(!unchanged(hash, "7"), "never applied");
+        assert!(applied.record(app(), key.clone(), hash, Some("6".into()), "7".into()));
+        assert!(unchanged(hash, "7"), "the version the apply answered with");
         assert!(
-            !applied.unchanged(&app(), &key, body, "8"),
-            "someone else changed it since"
+            unchanged(hash, "6"),
+            "a cache that has not seen the apply yet"
         );
+        assert!(!unchanged(hash, "8"), "someone else changed it since");
         let other = body_hash(&serde_json::json!({ "spec": { "ports": [81] } }));
-        assert!(!applied.unchanged(&app(), &key, other, "7"), "a new body");
-        assert!(!applied.record(app(), key.clone(), other, "9".into()));
+        assert!(!unchanged(other, "7"), "a new body");
+        assert!(!applied.record(app(), key.clone(), other, Some("7".into()), "9".into()));
+        assert!(
+            !unchanged(hash, "9"),
+            "the old body is not the last applied"
+        );
         applied.forget(&app());
-        assert!(!applied.unchanged(&app(), &key, other, "9"), "forgotten");
+        assert!(!unchanged(other, "9"), "forgotten");
+    }
+
+    #[test]
+    fn others_writes_that_leave_the_operators_fields_alone_change_nothing() {
+        let applied = Applied::default();
+        let key: ObjectKey = ("Deployment".into(), "demo".into());
+        let sent = serde_json::json!({
+            "metadata": { "name": "demo", "labels": { "crac.dev/app": "demo" } },
+            "spec": { "replicas": 2, "template": { "spec": {
+                "containers": [{ "name": "app", "image": "demo:1", "args": [] }],
+                "volumes": [{ "name": "agent", "emptyDir": {} }] } } }
+        });
+        let hash = body_hash(&sent);
+        applied.record(app(), key.clone(), hash, None, "7".into());
+        let at = |v: &str, object: serde_json::Value| Live {
+            version: v.into(),
+            object: Some(object),
+        };
+        let mut live = sent.clone();
+        live["metadata"]["resourceVersion"] = "8".into();
+        live["metadata"]["labels"]["added-by"] = "someone".into();
+        live["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = "Always".into();
+        live["spec"]["template"]["spec"]["containers"][0]
+            .as_object_mut()
+            .expect("a container")
+            .remove("args");
+        live["status"] = serde_json::json!({ "readyReplicas": 2 });
+        assert!(applied.unchanged(&app(), &key, hash, &sent, &at("8", live.clone())));
+
+        let mut edited = live.clone();
+        edited["spec"]["replicas"] = 5.into();
+        assert!(!applied.unchanged(&app(), &key, hash, &sent, &at("9", edited)));
+        let mut more = live.clone();
+        more["spec"]["template"]["spec"]["volumes"] =
+            serde_json::json!([{ "name": "agent", "emptyDir": {} }, { "name": "x" }]);
+        assert!(
+            !applied.unchanged(&app(), &key, hash, &sent, &at("10", more)),
+            "lists must match item by item"
+        );
+        let mut gone = live;
+        gone["metadata"]["labels"]
+            .as_object_mut()
+            .expect("labels")
+            .remove("crac.dev/app");
+        assert!(!applied.unchanged(&app(), &key, hash, &sent, &at("11", gone)));
     }
 
     #[test]

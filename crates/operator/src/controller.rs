@@ -7,7 +7,7 @@ use crate::build::job::{checkpoint_job_for, checkpoint_job_name};
 use crate::build::pvc::images_claim_for;
 use crate::build::service::{Backends, app_ports, endpoint_slice_for, service_for};
 use crate::build::{BuildConfig, app_name, labels_for, owner_ref};
-use crate::cache::{self, Caches, cached};
+use crate::cache::{self, Caches, Live, cached};
 use crate::checkpoint_id::checkpoint_id;
 use crate::checkpoint_pod::{failure_of, summary_of};
 use crate::error::{Error, Result};
@@ -171,7 +171,15 @@ pub async fn run(
     let services = cached_stream(api_in(&client, ns), &owned, cache::slim, writers.services);
     let claims = cached_stream(api_in(&client, ns), &owned, cache::slim, writers.claims);
     let slices = cached_stream(api_in(&client, ns), &owned, cache::slim, writers.slices);
-    let controller = Controller::new(api_in::<CracApp>(&client, ns), watcher::Config::default())
+    // The apps themselves, without their managedFields: parsed, those were most of an app's
+    // memory (about 40 KiB each), and the operator never reads them.
+    let (apps, apps_writer) = kube::runtime::reflector::store();
+    let app_changes = watcher(api_in::<CracApp>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .modify(cache::slim)
+        .reflect(apps_writer)
+        .applied_objects();
+    let controller = Controller::for_stream(app_changes, apps)
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .owns_stream(jobs)
         .owns_stream(deployments)
@@ -320,14 +328,14 @@ where
         .await?)
 }
 
-/// Applies `obj` unless that would change nothing: the same object was applied last and is
-/// still at the version `live_version` (from the caches) that apply left it at. Returns what
-/// the API server answered, or `None` when nothing was sent.
+/// Applies `obj` unless that would change nothing: the same object was applied last and the
+/// object `live` (from the caches) still holds it. Returns what the API server answered, or
+/// `None` when nothing was sent.
 async fn apply_changed<K>(
     ctx: &Context,
     app: &CracApp,
     obj: &K,
-    live_version: Option<String>,
+    live: Option<Live>,
 ) -> Result<Option<K>>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -342,20 +350,21 @@ where
         K::kind(&()).to_string(),
         obj.meta().name.clone().unwrap_or_default(),
     );
-    let hash = cache::body_hash(&serde_json::to_value(obj).expect("Kubernetes objects serialize"));
-    if let Some(live) = &live_version
-        && ctx.caches.applied.unchanged(&owner, &key, hash, live)
+    let body = serde_json::to_value(obj).expect("Kubernetes objects serialize");
+    let hash = cache::body_hash(&body);
+    if let Some(live) = &live
+        && ctx
+            .caches
+            .applied
+            .unchanged(&owner, &key, hash, &body, live)
     {
         return Ok(None);
     }
     let answer = apply_object(&ctx.client, &ns, obj).await?;
     let version = answer.meta().resource_version.clone().unwrap_or_default();
-    ctx.caches.applied.record(owner, key, hash, version);
+    let over = live.map(|l| l.version);
+    ctx.caches.applied.record(owner, key, hash, over, version);
     Ok(Some(answer))
-}
-
-fn version_of<K: Resource>(object: Option<Arc<K>>) -> Option<String> {
-    object.and_then(|o| o.meta().resource_version.clone())
 }
 
 /// Applies the restore Deployment when it changed; the Deployment as it now is.
@@ -366,7 +375,7 @@ async fn apply_deployment(
 ) -> Result<Option<Deployment>> {
     let ns = app.namespace().unwrap_or_default();
     let live = cached(&ctx.caches.deployments, &ns, app_name(app));
-    let answer = apply_changed(ctx, app, desired, version_of(live.clone())).await?;
+    let answer = apply_changed(ctx, app, desired, live.as_deref().map(Live::of)).await?;
     Ok(answer.or_else(|| live.map(|d| Deployment::clone(&d))))
 }
 
@@ -428,7 +437,7 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
     }
     if let Some(claim) = images_claim_for(app) {
         let live = cached(&ctx.caches.claims, &ns, &claim.name_any());
-        apply_changed(ctx, app, &claim, version_of(live)).await?;
+        apply_changed(ctx, app, &claim, live.as_deref().map(Live::of)).await?;
     }
 
     // Checkpoint.
@@ -477,7 +486,7 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
     // Service and its endpoints: the ready pods, or the activator while the app sleeps.
     if let Some(service) = service_for(app, &ports) {
         let live = cached(&ctx.caches.services, &ns, &service.name_any());
-        apply_changed(ctx, app, &service, version_of(live)).await?;
+        apply_changed(ctx, app, &service, live.as_deref().map(Live::version_of)).await?;
         let backends = match plan.serving_mode() {
             ServingMode::Pods => Backends {
                 addresses: ready_ips,
@@ -494,7 +503,7 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
         };
         let slice = endpoint_slice_for(app, &backends);
         let live = cached(&ctx.caches.slices, &ns, &slice.name_any());
-        apply_changed(ctx, app, &slice, version_of(live)).await?;
+        apply_changed(ctx, app, &slice, live.as_deref().map(Live::version_of)).await?;
     }
 
     if let Some((reason, note)) = cycle_event {
