@@ -767,3 +767,54 @@ async fn objects_changed_or_deleted_by_someone_else_are_put_back() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_repeated_event_becomes_a_series_and_a_new_message_a_new_event() {
+    use crac_operator::events::{Events, Note};
+    let ns = setup("op-events").await;
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("ConfigMap".into()),
+        namespace: Some(ns.name.clone()),
+        name: Some("subject".into()),
+        uid: Some("0b9ac3f2-0000-4000-8000-000000000001".into()),
+        ..Default::default()
+    };
+    let events = Events::new(ns.client.clone(), "crac-operator", "test");
+    let note = |message: &str| Note {
+        warning: true,
+        reason: "CheckpointFailed",
+        action: "Reconcile",
+        message: message.into(),
+    };
+    for message in [
+        "attempt 1 failed: oom",
+        "attempt 1 failed: oom",
+        "attempt 2 failed: timeout",
+    ] {
+        events.publish(&note(message), &regarding).await.unwrap();
+    }
+
+    let api: Api<k8s_openapi::api::events::v1::Event> = ns.api();
+    let mut listed = api.list(&ListParams::default()).await.unwrap().items;
+    listed.sort_by_key(|e| e.event_time.clone().map(|t| t.0));
+    let said: Vec<(Option<String>, Option<i32>)> = listed
+        .iter()
+        .map(|e| (e.note.clone(), e.series.as_ref().map(|s| s.count)))
+        .collect();
+    assert_eq!(
+        said,
+        [
+            (Some("attempt 1 failed: oom".into()), Some(2)),
+            (Some("attempt 2 failed: timeout".into()), None)
+        ],
+        "the repeat counted on the first Event; the new message its own Event"
+    );
+    let first = &listed[0];
+    assert_eq!(first.type_.as_deref(), Some("Warning"));
+    assert_eq!(first.reporting_controller.as_deref(), Some("crac-operator"));
+    assert_eq!(
+        first.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("subject")
+    );
+}

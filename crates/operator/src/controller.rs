@@ -11,6 +11,7 @@ use crate::cache::{self, Caches, Live, cached};
 use crate::checkpoint_id::checkpoint_id;
 use crate::checkpoint_pod::{failure_of, summary_of};
 use crate::error::{Error, Result};
+use crate::events::{Events, Note};
 use crate::metrics::{Metrics, ReasonLabel, ResultLabel};
 use crate::scale::{Cycle, Step};
 use crate::sleep;
@@ -35,7 +36,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -57,7 +57,7 @@ const STORAGE_RETRY: Duration = Duration::from_secs(300);
 
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: Events,
     pub config: BuildConfig,
     pub metrics: Arc<Metrics>,
     /// First wait before retrying a failed checkpoint; doubles with each failure.
@@ -98,12 +98,8 @@ impl Context {
         metrics: Arc<Metrics>,
         instance: String,
     ) -> Self {
-        let reporter = Reporter {
-            controller: labels::MANAGER.into(),
-            instance: Some(instance),
-        };
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Events::new(client.clone(), labels::MANAGER, &instance),
             client,
             config,
             metrics,
@@ -520,19 +516,14 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(after))
 }
 
-async fn publish(ctx: &Context, app: &CracApp, warning: bool, reason: &str, note: String) {
-    let event = KubeEvent {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
+async fn publish(ctx: &Context, app: &CracApp, warning: bool, reason: &str, message: String) {
+    let note = Note {
+        warning,
+        reason,
+        action: "Reconcile",
+        message,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &app.object_ref(&())).await {
+    if let Err(e) = ctx.events.publish(&note, &app.object_ref(&())).await {
         warn!(error = %e, "could not publish an Event");
     }
 }
@@ -879,18 +870,19 @@ async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
         }
         Some(job) if job_finished(&job, "Complete") => Ok(Action::await_change()),
         Some(job) if job_finished(&job, "Failed") => {
-            let event = KubeEvent {
-                type_: EventType::Warning,
-                reason: "CleanupFailed".into(),
-                note: Some(format!(
+            let note = Note {
+                warning: true,
+                reason: "CleanupFailed",
+                action: "Cleanup",
+                message: format!(
                     "could not remove the app's images from claim {claim:?}; remove {}/{} by hand",
                     crac_api::agent::IMAGE_MOUNT,
                     app_name(app)
-                )),
-                action: "Cleanup".into(),
-                secondary: None,
+                ),
             };
-            let _ = ctx.recorder.publish(&event, &app.object_ref(&())).await;
+            if let Err(e) = ctx.events.publish(&note, &app.object_ref(&())).await {
+                warn!(error = %e, "could not publish an Event");
+            }
             Ok(Action::await_change())
         }
         Some(_) => Err(Error::CleanupPending { claim }),

@@ -9,6 +9,7 @@ pub mod checkpoint_pod;
 pub mod controller;
 pub mod crds;
 pub mod error;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod policies;
