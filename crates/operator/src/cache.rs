@@ -294,11 +294,17 @@ impl Applied {
         if sent.versions.contains(&live.version) {
             return true;
         }
-        if live.object.as_ref().is_some_and(|o| holds(o, body)) {
-            sent.remember(live.version.clone());
-            return true;
+        match live.object.as_ref().map(|o| difference(o, body)) {
+            Some(None) => {
+                sent.remember(live.version.clone());
+                true
+            }
+            Some(Some(path)) => {
+                tracing::debug!(kind = %key.0, name = %key.1, field = %path, "changed by someone else");
+                false
+            }
+            None => false,
         }
-        false
     }
 
     /// Records an apply of a body hashed `hash` over version `over` (none: created) that
@@ -349,31 +355,43 @@ impl Applied {
     }
 }
 
-/// Whether `live` already holds everything in `sent`: each field sent has the same value
-/// there (fields the API server or others added do not matter). Lists must match item by
-/// item; an empty value sent matches a missing one (the API server drops them). When unsure it
-/// says no, which costs one apply that changes nothing.
-pub fn holds(live: &serde_json::Value, sent: &serde_json::Value) -> bool {
+/// The path of the first field sent that `live` does not hold; `None` when `live` holds
+/// everything in `sent`: each field sent has the same value there (fields the API server or
+/// others added do not matter). Lists must match item by item; a zero value sent (empty,
+/// false, 0) matches a missing one (the API server drops them). When unsure it names a
+/// field, which costs one apply that changes nothing.
+pub fn difference(live: &serde_json::Value, sent: &serde_json::Value) -> Option<String> {
     use serde_json::Value;
     match (sent, live) {
-        (Value::Object(sent), Value::Object(live)) => sent.iter().all(|(k, v)| match live.get(k) {
-            Some(l) => holds(l, v),
-            None => is_empty(v),
+        (Value::Object(sent), Value::Object(live)) => sent.iter().find_map(|(k, v)| {
+            match live.get(k) {
+                Some(l) => difference(l, v),
+                None if is_empty(v) => None,
+                None => Some(String::new()),
+            }
+            .map(|rest| format!(".{k}{rest}"))
         }),
-        (Value::Array(sent), Value::Array(live)) => {
-            sent.len() == live.len() && sent.iter().zip(live).all(|(s, l)| holds(l, s))
-        }
-        (Value::Null, _) => true,
-        (sent, live) => sent == live,
+        (Value::Array(sent), Value::Array(live)) if sent.len() == live.len() => sent
+            .iter()
+            .zip(live)
+            .enumerate()
+            .find_map(|(i, (s, l))| difference(l, s).map(|rest| format!("[{i}]{rest}"))),
+        (Value::Null, _) => None,
+        (sent, live) if sent == live => None,
+        _ => Some(String::new()),
     }
 }
 
+/// Zero values, which the API server leaves out of what it returns (Go's `omitempty`).
 fn is_empty(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
     match value {
-        serde_json::Value::Null => true,
-        serde_json::Value::Object(m) => m.is_empty(),
-        serde_json::Value::Array(a) => a.is_empty(),
-        _ => false,
+        Value::Null | Value::Bool(false) => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::String(s) => s.is_empty(),
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::Bool(true) => false,
     }
 }
 
@@ -460,13 +478,25 @@ mod tests {
     }
 
     #[test]
+    fn the_first_field_not_held_is_named() {
+        let sent = serde_json::json!({ "spec": { "ports": [{ "port": 80 }, { "port": 81 }] } });
+        let live = serde_json::json!({ "spec": { "ports": [{ "port": 80 }, { "port": 82 }] } });
+        assert_eq!(
+            difference(&live, &sent).as_deref(),
+            Some(".spec.ports[1].port")
+        );
+        assert_eq!(difference(&sent, &sent), None);
+    }
+
+    #[test]
     fn others_writes_that_leave_the_operators_fields_alone_change_nothing() {
         let applied = Applied::default();
         let key: ObjectKey = ("Deployment".into(), "demo".into());
         let sent = serde_json::json!({
             "metadata": { "name": "demo", "labels": { "crac.dev/app": "demo" } },
             "spec": { "replicas": 2, "template": { "spec": {
-                "containers": [{ "name": "app", "image": "demo:1", "args": [] }],
+                "containers": [{ "name": "app", "image": "demo:1", "args": [],
+                    "volumeMounts": [{ "name": "agent", "mountPath": "/a", "readOnly": false }] }],
                 "volumes": [{ "name": "agent", "emptyDir": {} }] } } }
         });
         let hash = body_hash(&sent);
@@ -483,6 +513,10 @@ mod tests {
             .as_object_mut()
             .expect("a container")
             .remove("args");
+        live["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]
+            .as_object_mut()
+            .expect("a mount")
+            .remove("readOnly");
         live["status"] = serde_json::json!({ "readyReplicas": 2 });
         assert!(applied.unchanged(&app(), &key, hash, &sent, &at("8", live.clone())));
 
