@@ -576,6 +576,27 @@ mod tests {
     }
 
     #[test]
+    fn a_slimmed_job_still_finds_its_app_and_says_how_it_ended() {
+        // owns_stream maps a Job to its app by owner reference: without it, a Job's completion
+        // reconciled nothing until the next resync (found by the benchmark, not by a test).
+        let mut job: Job = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "demo-ckpt", "ownerReferences": [{ "apiVersion": "crac.dev/v1alpha1",
+                "kind": "CracApp", "name": "demo", "uid": "u", "controller": true }] },
+            "spec": { "template": { "spec": { "containers": [{ "name": "app" }] } } },
+            "status": { "conditions": [{ "type": "Complete", "status": "True" }] }
+        }))
+        .expect("test job parses");
+        slim_job(&mut job);
+        assert!(job.spec.is_none());
+        let owner = &job.metadata.owner_references.as_ref().expect("owners kept")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("CracApp", "demo")
+        );
+        assert!(job.status.is_some_and(|s| s.conditions.is_some()));
+    }
+
+    #[test]
     fn only_the_exact_version_a_status_write_replaced_is_superseded() {
         let superseded = Superseded::default();
         assert!(!superseded.is_superseded(&app(), "5"));
