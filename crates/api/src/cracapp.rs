@@ -63,7 +63,8 @@ pub const APP_CONTAINER: &str = "app";
 pub struct CracAppSpec {
     /// The pods to run. Exactly one container must be named `app`: it runs the JVM, and its
     /// `command` (plus `args`) is the cold-start command the agent wraps. Its `readinessProbe`
-    /// (httpGet or tcpSocket) tells the agent when the JVM is ready to be checkpointed.
+    /// (httpGet or tcpSocket) tells the agent when the JVM is ready to be checkpointed;
+    /// without one, the agent and the restore pods' readiness use a TCP connect to its first port.
     #[x_kube(
         validation = Rule::new("self.spec.containers.exists_one(c, c.name == 'app')")
             .message("spec.template.spec.containers must have exactly one container named 'app'")

@@ -95,6 +95,7 @@ mod tests {
     use super::*;
     use crate::validate::{tests::app, validate};
     use crac_api::agent as contract;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
     fn deployment() -> Deployment {
         let a = app();
@@ -146,6 +147,23 @@ mod tests {
             Some(1),
             "probed every second when the user set no period"
         );
+    }
+
+    #[test]
+    fn without_a_readiness_probe_pods_are_ready_once_the_restored_app_listens() {
+        let mut a = app();
+        a.spec.template.spec.as_mut().unwrap().containers[0].readiness_probe = None;
+        let v = validate(&a).unwrap();
+        let config = BuildConfig {
+            agent_image: "crac-agent:test".into(),
+        };
+        let d = restore_deployment_for(&a, &v, &"cd".repeat(32), 1, &config);
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let c = pod.containers.iter().find(|c| c.name == "app").unwrap();
+        let probe = c.readiness_probe.as_ref().expect("a probe is added");
+        let tcp = probe.tcp_socket.as_ref().expect("a TCP connect");
+        assert_eq!(tcp.port, IntOrString::Int(8080), "the app's first port");
+        assert_eq!(probe.period_seconds, Some(1));
     }
 
     #[test]

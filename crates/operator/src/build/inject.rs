@@ -8,8 +8,10 @@ use crac_api::agent as contract;
 use crac_api::cracapp::APP_CONTAINER;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    PersistentVolumeClaimVolumeSource, PodSpec, SecurityContext, Volume, VolumeMount,
+    PersistentVolumeClaimVolumeSource, PodSpec, Probe, SecurityContext, TCPSocketAction, Volume,
+    VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 const AGENT_VOLUME: &str = "crac-agent";
 const IMAGES_VOLUME: &str = "crac-images";
@@ -131,8 +133,26 @@ pub fn inject_agent(
             // the first probe usually comes too early and the next one a whole period later,
             // which would dwarf the restore (and every wake). Once a second, unless the user
             // chose a period.
-            if let Some(probe) = container.readiness_probe.as_mut() {
-                probe.period_seconds.get_or_insert(1);
+            match container.readiness_probe.as_mut() {
+                Some(probe) => {
+                    probe.period_seconds.get_or_insert(1);
+                }
+                // Without a probe the pod would count as ready, and get traffic, as soon as
+                // its container started, before the JVM is restored. The agent waits on the
+                // first port in that case (see validate.rs); so does this probe.
+                None => {
+                    container.readiness_probe = container.ports.as_ref().and_then(|ports| {
+                        let port = ports.first()?.container_port;
+                        Some(Probe {
+                            tcp_socket: Some(TCPSocketAction {
+                                port: IntOrString::Int(port),
+                                ..Default::default()
+                            }),
+                            period_seconds: Some(1),
+                            ..Default::default()
+                        })
+                    });
+                }
             }
             container
                 .ports
