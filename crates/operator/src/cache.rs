@@ -249,15 +249,19 @@ impl Sent {
 /// What a cache holds of an object the operator applies.
 pub struct Live {
     pub version: String,
-    /// The whole object, when the cache keeps more than its metadata.
-    pub object: Option<serde_json::Value>,
+    /// The whole object as JSON, when the cache keeps more than its metadata. Made only when
+    /// the version does not settle it: most reconciles find a version they know.
+    object: Option<Box<dyn Fn() -> Option<serde_json::Value> + Send + Sync>>,
 }
 
 impl Live {
-    pub fn of<K: kube::Resource + serde::Serialize>(object: &K) -> Live {
+    pub fn of<K>(object: Arc<K>) -> Live
+    where
+        K: kube::Resource + serde::Serialize + Send + Sync + 'static,
+    {
         Live {
             version: object.meta().resource_version.clone().unwrap_or_default(),
-            object: serde_json::to_value(object).ok(),
+            object: Some(Box::new(move || serde_json::to_value(&*object).ok())),
         }
     }
 
@@ -294,7 +298,8 @@ impl Applied {
         if sent.versions.contains(&live.version) {
             return true;
         }
-        match live.object.as_ref().map(|o| difference(o, body)) {
+        let whole = live.object.as_ref().and_then(|make| make());
+        match whole.map(|o| difference(&o, body)) {
             Some(None) => {
                 sent.remember(live.version.clone());
                 true
@@ -503,7 +508,7 @@ mod tests {
         applied.record(app(), key.clone(), hash, None, "7".into());
         let at = |v: &str, object: serde_json::Value| Live {
             version: v.into(),
-            object: Some(object),
+            object: Some(Box::new(move || Some(object.clone()))),
         };
         let mut live = sent.clone();
         live["metadata"]["resourceVersion"] = "8".into();

@@ -140,26 +140,16 @@ pub async fn run(
     };
     // The streams that trigger reconciles also fill the caches reconciles read from, so a
     // reconcile triggered by a change always sees it.
-    let pods = cached_stream(
-        api_in::<Pod>(&client, ns),
-        &owned,
-        cache::slim_pod,
-        writers.pods,
-    );
+    let pods = cached_stream(api_in(&client, ns), &owned, cache::slim_pod, writers.pods);
     let policies = watcher(
         Api::<CracScalePolicy>::all(client.clone()),
         Default::default(),
     )
     .default_backoff()
     .reflect(writers.policies);
-    let jobs = cached_stream(
-        api_in::<Job>(&client, ns),
-        &owned,
-        cache::slim_job,
-        writers.jobs,
-    );
+    let jobs = cached_stream(api_in(&client, ns), &owned, cache::slim_job, writers.jobs);
     let deployments = cached_stream(
-        api_in::<Deployment>(&client, ns),
+        api_in(&client, ns),
         &owned,
         cache::slim,
         writers.deployments,
@@ -371,7 +361,7 @@ async fn apply_deployment(
 ) -> Result<Option<Deployment>> {
     let ns = app.namespace().unwrap_or_default();
     let live = cached(&ctx.caches.deployments, &ns, app_name(app));
-    let answer = apply_changed(ctx, app, desired, live.as_deref().map(Live::of)).await?;
+    let answer = apply_changed(ctx, app, desired, live.clone().map(Live::of)).await?;
     Ok(answer.or_else(|| live.map(|d| Deployment::clone(&d))))
 }
 
@@ -433,7 +423,7 @@ async fn apply(app: &CracApp, ctx: &Context) -> Result<Action> {
     }
     if let Some(claim) = images_claim_for(app) {
         let live = cached(&ctx.caches.claims, &ns, &claim.name_any());
-        apply_changed(ctx, app, &claim, live.as_deref().map(Live::of)).await?;
+        apply_changed(ctx, app, &claim, live.map(Live::of)).await?;
     }
 
     // Checkpoint.
