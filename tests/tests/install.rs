@@ -190,7 +190,7 @@ fn dockerfiles_copy_only_binaries_the_workspace_builds() {
 }
 
 /// `(binary name, destination)` of each `COPY --from=<stage> <path>/<bin> <dest>` (line
-/// continuations joined).
+/// continuations joined). Directories copied (`<path>/`, the agent's CRIU bundle) are not binaries.
 fn copied_binaries(dockerfile: &str) -> Vec<(String, String)> {
     let joined = dockerfile.replace("\\\n", " ");
     joined
@@ -204,6 +204,9 @@ fn copied_binaries(dockerfile: &str) -> Vec<(String, String)> {
                 .filter(|w| !w.starts_with("--"))
                 .collect();
             let (source, dest) = (words.get(1)?, words.last()?);
+            if source.ends_with('/') {
+                return None;
+            }
             let binary = source.rsplit('/').next()?.to_string();
             let dest = if dest.ends_with('/') {
                 format!("{dest}{binary}")
