@@ -215,7 +215,8 @@ flags (each overrides its environment variable):
   --app-port N           CRAC_APP_PORT
   --activity-port N      CRAC_ACTIVITY_PORT (default 9901, 0 disables)
   --termination-log P    CRAC_TERMINATION_LOG (default /dev/termination-log)
-  --criu PATH            CRAC_CRIU (default: criu on PATH)
+  --criu PATH            CRAC_CRIU: a criu binary or a CRIU bundle directory (default: the
+                         bundle installed beside the agent, else criu on PATH)
   --min-pid N            CRAC_MIN_PID (default 200)";
 
 const FLAGS: [(&str, &str); 13] = [
@@ -320,9 +321,21 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
         termination_log: PathBuf::from(
             get(api::ENV_TERMINATION_LOG).unwrap_or(api::DEFAULT_TERMINATION_LOG),
         ),
-        criu: get("CRAC_CRIU").unwrap_or("criu").to_string(),
+        criu: get("CRAC_CRIU")
+            .map(str::to_string)
+            .unwrap_or_else(default_criu),
         min_pid: num("CRAC_MIN_PID", DEFAULT_MIN_PID as u64)? as u32,
     })
+}
+
+/// The CRIU bundle installed beside this executable (`crac-agent install`), else `criu` on PATH.
+fn default_criu() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(crate::criu::BUNDLE_DIR)))
+        .filter(|dir| crate::criu::is_bundle(dir))
+        .map(|dir| dir.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "criu".into())
 }
 
 /// A checkpoint id becomes a directory name: keep it to a safe alphabet.

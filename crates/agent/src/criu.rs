@@ -32,8 +32,15 @@ pub fn dump_args(pid: i32, dir: &Path) -> Vec<String> {
         // is not dumped for repair, which would need iptables and more privileges: it comes
         // back closed, as CRaC apps expect connections made before a checkpoint to be.
         "--tcp-close".into(),
+        UNPRIVILEGED.into(),
     ]
 }
+
+/// In a container CRIU has only CAP_CHECKPOINT_RESTORE and CAP_SYS_PTRACE: without this flag
+/// it probes kernel features by creating a network namespace and fails (`Unable create a
+/// network namespace: Operation not permitted`), even with CAP_SYS_ADMIN. With it, CRIU skips
+/// what needs more than those two, which a JVM's tree does not use.
+pub const UNPRIVILEGED: &str = "--unprivileged";
 
 /// `criu restore` arguments. `stdio` are the JVM's output pipes at dump time: the new ones are
 /// CRIU's own fds 1 and 2 (fd 2 only when the JVM had two distinct pipes).
@@ -50,6 +57,7 @@ pub fn restore_args(images: &Path, work: &Path, stdio: &[StdioPipe]) -> Vec<Stri
         "--tcp-close".into(),
         "--restore-detached".into(),
         "--restore-sibling".into(),
+        UNPRIVILEGED.into(),
         "--pidfile".into(),
         "restored.pid".into(),
     ];
@@ -144,9 +152,36 @@ pub fn classify_log(log: &str, restoring: bool) -> Failure {
     Failure::new(r, msg)
 }
 
+/// A CRIU bundle: the directory the agent image carries at `/usr/local/lib/crac-agent/criu`
+/// and `crac-agent install` copies beside the agent. CRIU runs through the bundle's own glibc
+/// loader, so a user's image needs nothing but its JDK.
+pub const BUNDLE_DIR: &str = "criu";
+pub const BUNDLE_LOADER: &str = "ld-linux-x86-64.so.2";
+pub const BUNDLE_BINARY: &str = "criu";
+pub const BUNDLE_LIBS: &str = "lib";
+
+/// Whether `dir` holds a CRIU bundle.
+pub fn is_bundle(dir: &Path) -> bool {
+    dir.join(BUNDLE_LOADER).is_file() && dir.join(BUNDLE_BINARY).is_file()
+}
+
+/// The command that runs `criu`: a binary (a path or a name on PATH), or a bundle directory.
+pub fn command(criu: &str) -> Command {
+    let path = Path::new(criu);
+    if is_bundle(path) {
+        let mut cmd = Command::new(path.join(BUNDLE_LOADER));
+        cmd.arg("--library-path")
+            .arg(path.join(BUNDLE_LIBS))
+            .arg(path.join(BUNDLE_BINARY));
+        cmd
+    } else {
+        Command::new(criu)
+    }
+}
+
 /// `criu --version` → `4.2.1`. Fails with `CriuMissing` when criu cannot run.
 pub fn version(sup: &Supervisor, criu: &str) -> Result<String, Failure> {
-    let mut cmd = Command::new(criu);
+    let mut cmd = command(criu);
     cmd.arg("--version");
     let missing = |why: String| {
         Failure::new(
@@ -179,7 +214,7 @@ pub fn dump(
     dir: &Path,
     timeout: Duration,
 ) -> Result<(), Failure> {
-    let mut cmd = Command::new(criu);
+    let mut cmd = command(criu);
     cmd.args(dump_args(pid, dir));
     let result = sup.run_capture(cmd, timeout);
     let log = std::fs::read_to_string(dir.join(DUMP_LOG)).unwrap_or_default();
@@ -233,7 +268,7 @@ pub fn restore(
     std::fs::create_dir_all(&work)
         .map_err(|e| fail(format!("cannot create {}: {e}", work.display())))?;
     let pipes = jvm::output_pipes().map_err(|e| fail(format!("cannot create pipes: {e}")))?;
-    let mut cmd = Command::new(criu);
+    let mut cmd = command(criu);
     cmd.args(restore_args(images, &work, stdio))
         .stdin(Stdio::null())
         .stdout(pipes.stdout)
@@ -283,7 +318,7 @@ mod tests {
     fn builds_dump_and_restore_commands() {
         assert_eq!(
             dump_args(201, Path::new("/crac/.tmp-x")).join(" "),
-            "dump --tree 201 --images-dir /crac/.tmp-x --log-file dump.log -v3 --tcp-close"
+            "dump --tree 201 --images-dir /crac/.tmp-x --log-file dump.log -v3 --tcp-close --unprivileged"
         );
         let pipes = [
             StdioPipe { fd: 1, inode: 11 },
@@ -291,7 +326,7 @@ mod tests {
         ];
         let args = restore_args(Path::new("/crac/abc"), Path::new("/tmp/w"), &pipes).join(" ");
         assert!(args.starts_with("restore --images-dir /crac/abc --work-dir /tmp/w"));
-        assert!(args.contains("--tcp-close --restore-detached --restore-sibling"));
+        assert!(args.contains("--tcp-close --restore-detached --restore-sibling --unprivileged"));
         assert!(
             args.ends_with("--inherit-fd fd[1]:pipe:[11] --inherit-fd fd[2]:pipe:[12]"),
             "{args}"

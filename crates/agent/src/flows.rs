@@ -246,9 +246,16 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
             log(format!("raised ns_last_pid from {was} to {}", cfg.min_pid))
         }
         Ok(_) => {}
-        Err(e) => log(format!(
-            "cannot raise ns_last_pid ({e}): restore may find the JVM's PIDs taken (grant CAP_CHECKPOINT_RESTORE)"
-        )),
+        // In a container /proc/sys is read-only: spend pids instead, a fork each.
+        Err(e) => match sup.spend_pids_past(cfg.min_pid) {
+            Ok(Some(last)) => log(format!(
+                "ns_last_pid is not writable ({e}): spent pids up to {last} instead"
+            )),
+            Ok(None) => {}
+            Err(e2) => log(format!(
+                "cannot raise ns_last_pid ({e}) nor spend pids ({e2}): restore may find the JVM's PIDs taken"
+            )),
+        },
     }
     log(format!("starting {}", argv.join(" ")));
     let t_start = Instant::now();

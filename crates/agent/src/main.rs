@@ -10,6 +10,7 @@ mod criu;
 mod error;
 mod flows;
 mod image;
+mod install;
 mod jvm;
 mod probe;
 mod summary;
@@ -25,7 +26,7 @@ fn main() {
     let started = Instant::now();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("install") => std::process::exit(install(args.get(1).map(String::as_str))),
+        Some("install") => std::process::exit(install::run(args.get(1).map(String::as_str))),
         Some("clean") => std::process::exit(clean(args.get(1).map(String::as_str))),
         Some("-h" | "--help" | "help") => {
             println!("{}", config::USAGE);
@@ -75,35 +76,6 @@ fn main() {
     };
     eprintln!("crac-agent: {} done, exit {code}", ctx.cfg.mode.as_str());
     std::process::exit(code);
-}
-
-/// Copies this executable to `dest` (or `dest/crac-agent` when `dest` is a directory) with
-/// mode 0755: the agent image is FROM scratch, so the init container has no `cp`.
-fn install(dest: Option<&str>) -> i32 {
-    use std::os::unix::fs::PermissionsExt;
-    let Some(dest) = dest else {
-        eprintln!("usage: crac-agent install <dest-path>");
-        return 2;
-    };
-    let mut dest = std::path::PathBuf::from(dest);
-    if dest.is_dir() {
-        dest.push("crac-agent");
-    }
-    let tmp = dest.with_extension("tmp");
-    let result = std::fs::copy("/proc/self/exe", &tmp)
-        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
-        .and_then(|_| std::fs::rename(&tmp, &dest));
-    match result {
-        Ok(()) => {
-            eprintln!("crac-agent: installed {}", dest.display());
-            0
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            eprintln!("crac-agent: cannot install to {}: {e}", dest.display());
-            1
-        }
-    }
 }
 
 /// Removes an app's image directory from a shared claim (the operator runs this in a Job

@@ -83,6 +83,22 @@ impl Supervisor {
         }
     }
 
+    /// Spends pids until the next process gets one above `min` (at most `min` + 64 forks),
+    /// for a JVM that must not take a pid the restoring pod's own processes will hold.
+    /// Returns the last pid spent, or `None` when none had to be.
+    pub fn spend_pids_past(&self, min: u32) -> std::io::Result<Option<i32>> {
+        let _guard = self.spawn_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = None;
+        for _ in 0..min.saturating_add(64) {
+            let pid = sys::fork_and_reap()?;
+            last = Some(pid);
+            if pid as u32 >= min {
+                break;
+            }
+        }
+        Ok(last)
+    }
+
     fn reap_all(&self) {
         let _guard = self.spawn_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut reaped = false;

@@ -1,6 +1,6 @@
 //! The few raw syscalls the agent needs that std does not wrap: signal masks and `sigwait`,
 //! `waitpid(-1)`, `kill`, `flock`, `setsid` and fd hygiene in the child before `exec`, and
-//! `PR_SET_CHILD_SUBREAPER`.
+//! `PR_SET_CHILD_SUBREAPER`, and a fork that only exits (to spend pids).
 //!
 //! This is the only module allowed `unsafe` (the workspace forbids it elsewhere): every block is
 //! a direct libc call on plain integers or on memory owned by the calling function.
@@ -117,6 +117,27 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Forks a child that exits at once, waits for it and returns its pid: spending pids moves the
+/// namespace's pid counter forward where `ns_last_pid` cannot be written (a container's
+/// /proc/sys is read-only). The caller holds the supervisor's spawn lock, so the reaper does
+/// not race this `waitpid`.
+pub fn fork_and_reap() -> io::Result<i32> {
+    // SAFETY: the child calls only `_exit`, which is async-signal-safe even after a fork of a
+    // multi-threaded process; the parent waits for exactly that pid.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: see above.
+        unsafe { libc::_exit(0) }
+    }
+    let mut status = 0;
+    // SAFETY: plain integers and a status word owned by this function.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    Ok(pid)
 }
 
 /// Whether a process with this pid exists (in our PID namespace).

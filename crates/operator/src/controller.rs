@@ -6,7 +6,7 @@ use crate::build::deployment::{restore_deployment_for, restored_id};
 use crate::build::job::{checkpoint_job_for, checkpoint_job_name};
 use crate::build::pvc::images_claim_for;
 use crate::build::service::{Backends, app_ports, endpoint_slice_for, service_for};
-use crate::build::{BuildConfig, app_name, labels_for, owner_ref};
+use crate::build::{BuildConfig, app_name};
 use crate::cache::{self, Caches, Live, cached};
 use crate::checkpoint_id::checkpoint_id;
 use crate::checkpoint_pod::{failure_of, summary_of};
@@ -26,15 +26,12 @@ use crac_api::policy::CracScalePolicy;
 use crac_api::{CracApp, labels};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{
-    Container, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
-    PodTemplateSpec, Volume, VolumeMount,
-};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -853,7 +850,7 @@ async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
             apply_object(
                 &ctx.client,
                 &ns,
-                &cleanup_job_for(app, &name, &claim, &ctx.config),
+                &crate::build::cleanup::cleanup_job_for(app, &name, &claim, &ctx.config),
             )
             .await?;
             Err(Error::CleanupPending { claim })
@@ -876,56 +873,5 @@ async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
             Ok(Action::await_change())
         }
         Some(_) => Err(Error::CleanupPending { claim }),
-    }
-}
-
-fn cleanup_job_for(app: &CracApp, name: &str, claim: &str, config: &BuildConfig) -> Job {
-    let dir = format!("{}/{}", crac_api::agent::IMAGE_MOUNT, app_name(app));
-    Job {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: app.namespace(),
-            labels: Some(labels_for(app_name(app), "cleanup")),
-            owner_references: Some(vec![owner_ref(app)]),
-            ..Default::default()
-        },
-        spec: Some(JobSpec {
-            backoff_limit: Some(3),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels_for(app_name(app), "cleanup")),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".into()),
-                    containers: vec![Container {
-                        name: "clean".into(),
-                        image: Some(config.agent_image.clone()),
-                        command: Some(vec![
-                            crate::build::AGENT_IMAGE_BINARY.into(),
-                            "clean".into(),
-                            dir,
-                        ]),
-                        volume_mounts: Some(vec![VolumeMount {
-                            name: "crac-images".into(),
-                            mount_path: crac_api::agent::IMAGE_MOUNT.into(),
-                            ..Default::default()
-                        }]),
-                        ..Default::default()
-                    }],
-                    volumes: Some(vec![Volume {
-                        name: "crac-images".into(),
-                        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                            claim_name: claim.into(),
-                            read_only: Some(false),
-                        }),
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }),
-            },
-            ..Default::default()
-        }),
-        ..Default::default()
     }
 }

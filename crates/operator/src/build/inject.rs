@@ -8,8 +8,8 @@ use crac_api::agent as contract;
 use crac_api::cracapp::APP_CONTAINER;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    PersistentVolumeClaimVolumeSource, PodSpec, Probe, SecurityContext, TCPSocketAction, Volume,
-    VolumeMount,
+    PersistentVolumeClaimVolumeSource, PodSpec, Probe, SeccompProfile, SecurityContext,
+    TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -35,6 +35,9 @@ impl Mode {
 /// Capabilities checkpoint and restore need (Linux >= 5.9), added to the app container and
 /// nothing more: not privileged, no SYS_ADMIN.
 pub const CAPABILITIES: [&str; 2] = ["CHECKPOINT_RESTORE", "SYS_PTRACE"];
+
+/// The seccomp profile of the app container (see `inject_agent`).
+pub const SECCOMP_PROFILE: &str = "Unconfined";
 
 /// Rewrites `spec` so the app container runs under the agent.
 pub fn inject_agent(
@@ -116,6 +119,14 @@ pub fn inject_agent(
             add.push(cap.into());
         }
     }
+    // CRIU needs syscalls a runtime's default seccomp profile blocks: dump suspends the JVM's
+    // seccomp state (`compel: suspending seccomp failed`) and restore uses clone3 with set_tid.
+    // A Localhost profile would need a file on every node, which the operator cannot put
+    // there; so this one container is Unconfined (docs/install.md: the PodSecurity level).
+    security.seccomp_profile = Some(SeccompProfile {
+        type_: SECCOMP_PROFILE.into(),
+        localhost_profile: None,
+    });
     // The agent reports the reason of a failure here; the operator reads it back.
     container.termination_message_path = Some(contract::DEFAULT_TERMINATION_LOG.into());
     container.termination_message_policy = Some("FallbackToLogsOnError".into());

@@ -154,6 +154,18 @@ mod tests {
             sc.capabilities.as_ref().unwrap().add.as_ref().unwrap(),
             &["CHECKPOINT_RESTORE", "SYS_PTRACE"]
         );
+        // CRIU cannot dump under a runtime's default seccomp profile (proven on the real node).
+        let seccomp = sc.seccomp_profile.as_ref().unwrap();
+        assert_eq!(seccomp.type_, "Unconfined");
+        // Only the app container: the agent's init container keeps the pod's profile.
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert!(
+            init.security_context
+                .as_ref()
+                .unwrap()
+                .seccomp_profile
+                .is_none()
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Pure builders of the objects the operator owns. No `Client` here: each function takes
 //! the validated app and returns the object to apply, so tests need no cluster.
 
+pub mod cleanup;
 pub mod deployment;
 mod inject;
 pub mod job;
