@@ -16,6 +16,7 @@ use std::time::Duration;
 
 pub mod activity;
 pub mod operator;
+pub mod real_node;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

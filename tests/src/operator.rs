@@ -31,6 +31,11 @@ impl Drop for OperatorHandle {
 }
 
 pub fn start_operator(client: &Client, namespace: &str) -> OperatorHandle {
+    start_operator_with(client, namespace, AGENT_IMAGE)
+}
+
+/// The operator injecting `agent_image` (the real node's tests use the image it imported).
+pub fn start_operator_with(client: &Client, namespace: &str, agent_image: &str) -> OperatorHandle {
     // RUST_LOG=crac_operator=debug shows the operator's logs in a failing test's output.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -41,7 +46,7 @@ pub fn start_operator(client: &Client, namespace: &str) -> OperatorHandle {
     let mut ctx = Context::new(
         client.clone(),
         BuildConfig {
-            agent_image: AGENT_IMAGE.into(),
+            agent_image: agent_image.into(),
         },
         metrics,
         format!("test-{namespace}"),

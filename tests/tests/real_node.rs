@@ -1,0 +1,347 @@
+//! The whole chain in real containers, on the real node of `tests/cluster` (node-up: kubelet,
+//! containerd, runc, CNI; images built by tests/cluster/images and imported, never pulled).
+//! The operator runs in-process against the real API server, as in tests/tests/operator.rs;
+//! everything inside a pod is real: the agent image's init container installs the agent and
+//! CRIU, the checkpoint Job's container runs `crac-agent checkpoint` on a real JVM and writes
+//! the image to a real directory, restore pods restore it, and answer HTTP on their address.
+
+use crac_api::CracApp;
+use crac_api::agent::{AgentSummary, Outcome};
+use crac_api::cracapp::Phase;
+use crac_tests::operator::{start_operator_with, status_of};
+use crac_tests::real_node::{
+    AGENT_IMAGE, DEADLINE, HELLO_IMAGE, HELLO_IMAGE_2, claim_dir, hello_app, http_get, logs,
+    node_ready, ready_restore_pods,
+};
+use crac_tests::{TestNamespace, wait_for};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use std::time::Duration;
+
+async fn setup(prefix: &str) -> TestNamespace {
+    let ns = TestNamespace::new(prefix).await;
+    crac_tests::install_crds(&ns.client).await;
+    node_ready(&ns.client).await;
+    ns
+}
+
+/// Waits for the app to be Ready with all its replicas; returns the ready pods and addresses.
+async fn ready(ns: &TestNamespace, name: &str, replicas: usize) -> Vec<(String, String)> {
+    let apps: Api<CracApp> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    wait_for(
+        &format!("{name} Ready with {replicas} restored pods"),
+        DEADLINE,
+        || async {
+            let status = status_of(&apps, name).await;
+            if status.phase != Some(Phase::Ready) {
+                return None;
+            }
+            let ready = ready_restore_pods(&pods, name).await;
+            (ready.len() == replicas).then_some(ready)
+        },
+    )
+    .await
+}
+
+/// The summary the agent wrote as the termination message of a finished checkpoint pod.
+async fn checkpoint_summaries(ns: &TestNamespace, app: &str) -> Vec<AgentSummary> {
+    let pods: Api<Pod> = ns.api();
+    let selector = format!(
+        "{}={app},{}=checkpoint",
+        crac_api::labels::APP,
+        crac_api::labels::COMPONENT
+    );
+    let list = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap();
+    list.items
+        .iter()
+        .filter_map(|p| {
+            let statuses = p.status.as_ref()?.container_statuses.as_ref()?;
+            let app = statuses.iter().find(|c| c.name == "app")?;
+            let message = app.state.as_ref()?.terminated.as_ref()?.message.as_ref()?;
+            serde_json::from_str(message.trim()).ok()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn hello_app_is_checkpointed_in_a_job_and_restored_in_real_pods() {
+    let ns = setup("real-hello").await;
+    let _operator = start_operator_with(&ns.client, &ns.name, AGENT_IMAGE);
+    let apps: Api<CracApp> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    apps.create(&PostParams::default(), &hello_app("hello", HELLO_IMAGE))
+        .await
+        .unwrap();
+    let ready = ready(&ns, "hello", 2).await;
+
+    // The checkpoint Job's container really ran the agent: its summary is the one the
+    // operator published.
+    let summaries = checkpoint_summaries(&ns, "hello").await;
+    let summary = summaries
+        .iter()
+        .find(|s| s.outcome == Some(Outcome::Checkpointed))
+        .unwrap_or_else(|| panic!("no checkpoint pod reported a checkpoint: {summaries:?}"));
+    let status = status_of(&apps, "hello").await;
+    let checkpoint = status.checkpoint.unwrap();
+    assert_eq!(
+        summary.checkpoint_id.as_deref(),
+        Some(checkpoint.id.as_str())
+    );
+    assert!(
+        checkpoint.size_bytes.unwrap_or(0) > 1_000_000,
+        "{checkpoint:?}"
+    );
+    assert!(
+        checkpoint.jdk.as_deref().unwrap_or("").starts_with("17"),
+        "{checkpoint:?}"
+    );
+
+    // The image is on the volume: a real directory on this machine.
+    let claims: Api<PersistentVolumeClaim> = ns.api();
+    let dir = claim_dir(&claims, "hello-crac-images").await;
+    let image = dir.join("hello").join(&checkpoint.id);
+    for file in ["metadata.json", "inventory.img"] {
+        assert!(
+            image.join(file).is_file(),
+            "{} missing",
+            image.join(file).display()
+        );
+    }
+
+    // Each restore pod restored (not a cold start) and continues the checkpointed counter.
+    for (pod, ip) in &ready {
+        let log = logs(&pods, pod, "app").await;
+        assert!(
+            log.contains("restored (pid"),
+            "{pod} did not restore:\n{log}"
+        );
+        let (code, body) = http_get(ip, 8080, "/").await.expect("an answer");
+        assert_eq!(code, 200);
+        assert_eq!(body.trim(), "hello 201", "{pod} at {ip}");
+    }
+}
+
+#[tokio::test]
+async fn a_new_image_rolls_out_while_the_old_pods_serve() {
+    let ns = setup("real-rollout").await;
+    let _operator = start_operator_with(&ns.client, &ns.name, AGENT_IMAGE);
+    let apps: Api<CracApp> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    apps.create(&PostParams::default(), &hello_app("roll", HELLO_IMAGE))
+        .await
+        .unwrap();
+    ready(&ns, "roll", 2).await;
+    let first = status_of(&apps, "roll").await.checkpoint.unwrap().id;
+
+    // A merge patch replaces the containers list: send the whole template.
+    let body = serde_json::json!({ "spec": { "template": hello_app("roll", HELLO_IMAGE_2).spec.template } });
+    apps.patch("roll", &PatchParams::default(), &Patch::Merge(body))
+        .await
+        .unwrap();
+
+    // Until every ready pod runs the new image, some ready pod answers, every 200 ms.
+    let start = tokio::time::Instant::now();
+    let mut probes = 0;
+    loop {
+        let ready = ready_restore_pods(&pods, "roll").await;
+        let mut images = Vec::new();
+        for (name, _) in &ready {
+            let pod = pods.get(name).await.unwrap();
+            images.push(pod.spec.unwrap().containers[0].image.clone().unwrap());
+        }
+        let status = status_of(&apps, "roll").await;
+        let rolled = status.checkpoint.as_ref().is_some_and(|c| c.id != first)
+            && ready.len() == 2
+            && images.iter().all(|i| i == HELLO_IMAGE_2);
+        if rolled {
+            break;
+        }
+        let mut answered = false;
+        for (_, ip) in &ready {
+            if let Some((200, body)) = http_get(ip, 8080, "/").await {
+                answered = body.starts_with("hello ");
+                if answered {
+                    break;
+                }
+            }
+        }
+        assert!(
+            answered,
+            "no ready pod answered during the rollout (after {probes} probes): {ready:?}"
+        );
+        probes += 1;
+        assert!(start.elapsed() < DEADLINE, "the new image did not roll out");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        probes > 0,
+        "the rollout finished before it could be watched"
+    );
+    for (pod, ip) in ready_restore_pods(&pods, "roll").await {
+        assert!(logs(&pods, &pod, "app").await.contains("restored (pid"));
+        assert_eq!(
+            http_get(&ip, 8080, "/").await.unwrap().1.trim(),
+            "hello 201"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_checkpoint_that_fails_in_the_container_is_reported_and_retried_with_backoff() {
+    let ns = setup("real-ckpt-fail").await;
+    let _operator = start_operator_with(&ns.client, &ns.name, AGENT_IMAGE);
+    let apps: Api<CracApp> = ns.api();
+    let jobs: Api<Job> = ns.api();
+    let mut app = hello_app("never", HELLO_IMAGE);
+    // The app never becomes ready: the agent gives up after the checkpoint timeout.
+    app.spec.template.spec.as_mut().unwrap().containers[0].readiness_probe = Some(
+        serde_json::from_value(
+            serde_json::json!({ "httpGet": { "path": "/never", "port": 8080 } }),
+        )
+        .unwrap(),
+    );
+    app.spec.checkpoint.timeout = "15s".into();
+    apps.create(&PostParams::default(), &app).await.unwrap();
+
+    let condition = wait_for(
+        "CheckpointReady=False with the agent's reason",
+        DEADLINE,
+        || async {
+            let status = status_of(&apps, "never").await;
+            status.conditions.into_iter().find(|c| {
+                c.type_ == "CheckpointReady"
+                    && c.status == "False"
+                    && c.reason == "ReadinessTimeout"
+            })
+        },
+    )
+    .await;
+    assert!(
+        condition.message.contains("/never") || condition.message.contains("ready"),
+        "{condition:?}"
+    );
+    // The agent's own summary came out of the container.
+    let summaries = checkpoint_summaries(&ns, "never").await;
+    assert!(
+        summaries.iter().any(|s| s.outcome == Some(Outcome::Failed)
+            && s.reason.as_deref() == Some("ReadinessTimeout")),
+        "{summaries:?}"
+    );
+
+    // Retried, with backoff: over a minute more, a few attempts, not a hot loop.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let attempts = jobs
+        .list(&ListParams::default().labels(&format!("{}=checkpoint", crac_api::labels::COMPONENT)))
+        .await
+        .unwrap()
+        .items
+        .len();
+    let failures = status_of(&apps, "never")
+        .await
+        .pending_checkpoint
+        .map(|p| p.failures)
+        .unwrap_or(0);
+    assert!(
+        failures >= 2,
+        "the checkpoint was not retried: {failures} failures"
+    );
+    assert!(
+        attempts <= 6,
+        "{attempts} checkpoint Jobs in ~90 s: no backoff"
+    );
+}
+
+#[tokio::test]
+async fn a_restore_that_fails_in_the_container_falls_back_to_a_cold_start() {
+    let ns = setup("real-fallback").await;
+    let _operator = start_operator_with(&ns.client, &ns.name, AGENT_IMAGE);
+    let apps: Api<CracApp> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let mut app = hello_app("fall", HELLO_IMAGE);
+    app.spec.replicas = 1;
+    apps.create(&PostParams::default(), &app).await.unwrap();
+    let ready_before = ready(&ns, "fall", 1).await;
+    let id = status_of(&apps, "fall").await.checkpoint.unwrap().id;
+
+    // Damage the published image on the volume, then replace the pod: the new pod's agent
+    // finds the image corrupt and starts the JVM cold instead.
+    let claims: Api<PersistentVolumeClaim> = ns.api();
+    let image = claim_dir(&claims, "fall-crac-images")
+        .await
+        .join("fall")
+        .join(&id);
+    let pages = std::fs::read_dir(&image)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
+        .expect("a pages image");
+    let mut bytes = std::fs::read(&pages).unwrap();
+    for b in bytes.iter_mut().take(4096) {
+        *b ^= 0xff;
+    }
+    std::fs::write(&pages, bytes).unwrap();
+    pods.delete(&ready_before[0].0, &DeleteParams::default())
+        .await
+        .unwrap();
+
+    let (pod, ip) = wait_for("a replacement pod, ready", DEADLINE, || async {
+        ready_restore_pods(&pods, "fall")
+            .await
+            .into_iter()
+            .find(|(name, _)| *name != ready_before[0].0)
+    })
+    .await;
+    let log = logs(&pods, &pod, "app").await;
+    assert!(log.contains("restore failed"), "{log}");
+    assert!(
+        log.contains("ImageCorrupt") || log.contains("corrupt"),
+        "{log}"
+    );
+    // Cold: the counter starts again.
+    assert_eq!(http_get(&ip, 8080, "/").await.unwrap().1.trim(), "hello 1");
+}
+
+#[tokio::test]
+async fn deleting_an_app_on_a_shared_claim_runs_the_cleanup_job_and_its_images_are_gone() {
+    let ns = setup("real-cleanup").await;
+    let _operator = start_operator_with(&ns.client, &ns.name, AGENT_IMAGE);
+    let apps: Api<CracApp> = ns.api();
+    let claims: Api<PersistentVolumeClaim> = ns.api();
+    let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "shared" },
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": crac_tests::real_node::STORAGE_CLASS,
+            "resources": { "requests": { "storage": "1Gi" } }
+        }
+    }))
+    .unwrap();
+    claims.create(&PostParams::default(), &claim).await.unwrap();
+    let mut app = hello_app("tidy", HELLO_IMAGE);
+    app.spec.replicas = 1;
+    app.spec.checkpoint.storage.existing_claim = Some("shared".into());
+    apps.create(&PostParams::default(), &app).await.unwrap();
+    ready(&ns, "tidy", 1).await;
+    let app_dir = claim_dir(&claims, "shared").await.join("tidy");
+    assert!(app_dir.is_dir(), "{} missing", app_dir.display());
+
+    apps.delete("tidy", &DeleteParams::default()).await.unwrap();
+    wait_for("the CracApp to be gone", DEADLINE, || async {
+        apps.get_opt("tidy").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(!app_dir.exists(), "{} still there", app_dir.display());
+    // The claim stays: it is not the app's.
+    assert!(claims.get_opt("shared").await.unwrap().is_some());
+}
