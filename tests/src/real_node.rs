@@ -88,18 +88,7 @@ pub async fn node_ready(client: &Client) {
 /// One HTTP/1.1 GET to `ip:port`; `(status, body)`, or `None` when it did not get an answer
 /// within 5 s.
 pub async fn http_get(ip: &str, port: u16, path: &str) -> Option<(u16, String)> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let status = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n")?.1.to_string();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
+    tokio::time::timeout(Duration::from_secs(5), http_get_waiting(ip, port, path))
         .await
         .ok()
         .flatten()
@@ -148,4 +137,22 @@ pub async fn claim_dir(claims: &Api<PersistentVolumeClaim>, claim: &str) -> Path
     crate::repo_root()
         .join("target/cluster/node/volumes")
         .join(uid)
+}
+
+/// The node's address (the bridge's), where pods reach the API server through node-up's relay.
+pub const NODE_IP: &str = "10.201.0.1";
+pub const API_PORT: &str = "16443";
+
+/// Like [`http_get`], but waits as long as the server holds the request (an activator holding
+/// it through a wake), with no timeout of its own: the caller bounds it.
+pub async fn http_get_waiting(ip: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
 }

@@ -182,12 +182,13 @@ async fn a_new_image_rolls_out_while_the_old_pods_serve() {
         probes > 0,
         "the rollout finished before it could be watched"
     );
+    // The new pods restored the new image's checkpoint: its 200 warm-up requests are in the
+    // counter (the probes above may have added a few since).
     for (pod, ip) in ready_restore_pods(&pods, "roll").await {
         assert!(logs(&pods, &pod, "app").await.contains("restored (pid"));
-        assert_eq!(
-            http_get(&ip, 8080, "/").await.unwrap().1.trim(),
-            "hello 201"
-        );
+        let body = http_get(&ip, 8080, "/").await.unwrap().1;
+        let n: u64 = body.trim().trim_start_matches("hello ").parse().unwrap();
+        assert!(n > 200, "{pod} answered {body:?}");
     }
 }
 
@@ -205,7 +206,7 @@ async fn a_checkpoint_that_fails_in_the_container_is_reported_and_retried_with_b
         )
         .unwrap(),
     );
-    app.spec.checkpoint.timeout = "15s".into();
+    app.spec.checkpoint.timeout = "30s".into();
     apps.create(&PostParams::default(), &app).await.unwrap();
 
     let condition = wait_for(
@@ -331,6 +332,7 @@ async fn deleting_an_app_on_a_shared_claim_runs_the_cleanup_job_and_its_images_a
     let mut app = hello_app("tidy", HELLO_IMAGE);
     app.spec.replicas = 1;
     app.spec.checkpoint.storage.existing_claim = Some("shared".into());
+    app.spec.checkpoint.storage.storage_class_name = None;
     apps.create(&PostParams::default(), &app).await.unwrap();
     ready(&ns, "tidy", 1).await;
     let app_dir = claim_dir(&claims, "shared").await.join("tidy");
@@ -344,4 +346,201 @@ async fn deleting_an_app_on_a_shared_claim_runs_the_cleanup_job_and_its_images_a
     assert!(!app_dir.exists(), "{} still there", app_dir.display());
     // The claim stays: it is not the app's.
     assert!(claims.get_opt("shared").await.unwrap().is_some());
+}
+
+/// Uninstalls the real-node release however the test ends (the kwok install test installs the
+/// same release name with its own values).
+struct Uninstall;
+
+impl Drop for Uninstall {
+    fn drop(&mut self) {
+        let _ = helm(&[
+            "uninstall",
+            "crac-operator",
+            "--namespace",
+            SYSTEM_NS,
+            "--wait",
+        ]);
+    }
+}
+
+const SYSTEM_NS: &str = "crac-system";
+
+fn helm(args: &[&str]) -> std::process::Output {
+    let kubeconfig = crac_tests::kubeconfig_path().display().to_string();
+    std::process::Command::new(crac_tests::repo_root().join("scripts/helm"))
+        .args(args)
+        .args(["--kubeconfig", &kubeconfig])
+        .output()
+        .expect("run scripts/helm")
+}
+
+/// The chart's values for the real node: its images (imported, so never pulled), its
+/// placement, the API server at the node's address (no kube-proxy serves Service addresses
+/// here) and this test's namespace only.
+fn real_node_values(namespace: &str) -> serde_json::Value {
+    let placement = crac_tests::real_node::placement();
+    let api = [
+        serde_json::json!({ "name": "KUBERNETES_SERVICE_HOST", "value": crac_tests::real_node::NODE_IP }),
+        serde_json::json!({ "name": "KUBERNETES_SERVICE_PORT", "value": crac_tests::real_node::API_PORT }),
+    ];
+    serde_json::json!({
+        "image": { "pullPolicy": "Never" },
+        "operator": {
+            "watchNamespace": namespace,
+            "logJson": false,
+            "nodeSelector": placement["nodeSelector"],
+            "tolerations": placement["tolerations"],
+            "extraEnv": api,
+        },
+        "activator": {
+            "replicas": 1,
+            "logJson": false,
+            "nodeSelector": placement["nodeSelector"],
+            "tolerations": placement["tolerations"],
+            "extraEnv": api,
+        }
+    })
+}
+
+/// `helm install` onto the real node: the operator and the activator run as real pods from
+/// their images under the chart's ServiceAccounts, take hello-app to Ready, put it to sleep,
+/// and a request at zero is held by the activator pod, wakes the app and is answered.
+#[tokio::test]
+async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app() {
+    let ns = setup("real-helm").await;
+    let values = std::env::temp_dir().join(format!("crac-real-node-values-{}.json", ns.name));
+    std::fs::write(&values, real_node_values(&ns.name).to_string()).unwrap();
+    let _uninstall = Uninstall;
+    let out = helm(&[
+        "upgrade",
+        "--install",
+        "crac-operator",
+        &crac_tests::repo_root()
+            .join("charts/crac-operator")
+            .display()
+            .to_string(),
+        "--namespace",
+        SYSTEM_NS,
+        "--create-namespace",
+        "--values",
+        &values.display().to_string(),
+        "--wait",
+        "--timeout",
+        "4m",
+    ]);
+    let _ = std::fs::remove_file(&values);
+    assert!(
+        out.status.success(),
+        "helm install failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The components really run on the real node, under the chart's ServiceAccounts.
+    let system: Api<Pod> = Api::namespaced(ns.client.clone(), SYSTEM_NS);
+    for name in ["crac-operator", "crac-activator"] {
+        let list = system
+            .list(&ListParams::default().labels(&format!("app.kubernetes.io/name={name}")))
+            .await
+            .unwrap();
+        let pod = list
+            .items
+            .first()
+            .unwrap_or_else(|| panic!("no {name} pod"));
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("crac-real-node"), "{name}");
+        assert_eq!(spec.service_account_name.as_deref(), Some(name));
+        let status = pod.status.as_ref().unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Running"), "{name}");
+    }
+
+    let apps: Api<CracApp> = ns.api();
+    let mut app = hello_app("nap", HELLO_IMAGE);
+    app.spec.replicas = 1;
+    app.spec.scale_to_zero = Some(crac_api::cracapp::ScaleToZeroSpec {
+        enabled: Some(true),
+        idle_after: Some("30m".into()),
+        wake_timeout: Some("60s".into()),
+    });
+    apps.create(&PostParams::default(), &app).await.unwrap();
+    ready(&ns, "nap", 1).await;
+
+    // Asked to sleep (as `kubectl crac sleep` does): drained and scaled to zero, the Service's
+    // endpoints now the activator pod.
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({ "metadata": { "annotations": {
+        crac_api::labels::SLEEP_REQUESTED_AT: now } } });
+    apps.patch("nap", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    wait_for("the app asleep", DEADLINE, || async {
+        (status_of(&apps, "nap").await.phase? == Phase::ScaledToZero).then_some(())
+    })
+    .await;
+    let pods: Api<Pod> = ns.api();
+    wait_for("its pods gone", DEADLINE, || async {
+        let selector = format!(
+            "{}=nap,{}=restore",
+            crac_api::labels::APP,
+            crac_api::labels::COMPONENT
+        );
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .ok()?;
+        list.items.is_empty().then_some(())
+    })
+    .await;
+    let activator_ip = system
+        .list(&ListParams::default().labels("app.kubernetes.io/name=crac-activator"))
+        .await
+        .unwrap()
+        .items[0]
+        .status
+        .as_ref()
+        .unwrap()
+        .pod_ip
+        .clone()
+        .unwrap();
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = ns.api();
+    let port = wait_for(
+        "the Service's endpoints at the activator",
+        DEADLINE,
+        || async {
+            let list = slices
+                .list(&ListParams::default().labels("kubernetes.io/service-name=nap"))
+                .await
+                .ok()?;
+            list.items.iter().find_map(|s| {
+                let at_activator = s
+                    .endpoints
+                    .iter()
+                    .flatten()
+                    .any(|e| e.addresses.iter().any(|a| *a == activator_ip));
+                let port = s.ports.as_ref()?.first()?.port?;
+                at_activator.then_some(port)
+            })
+        },
+    )
+    .await;
+
+    // A request at zero, where a caller of the Service is sent: held, the app woken by
+    // restoring, the request answered by the restored JVM.
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(90),
+        crac_tests::real_node::http_get_waiting(&activator_ip, port as u16, "/"),
+    )
+    .await
+    .expect("the held request was answered within the wake timeout");
+    let (code, body) = answer.expect("an answer");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body.trim(), "hello 201", "answered by a restored JVM");
+    let status = wait_for("the app awake again", DEADLINE, || async {
+        let s = status_of(&apps, "nap").await;
+        (s.phase? == Phase::Ready).then_some(status_of(&apps, "nap").await)
+    })
+    .await;
+    assert!(status.last_wake.is_some(), "the wake is recorded");
+    eprintln!("request at zero answered in {:?}", started.elapsed());
 }
