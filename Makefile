@@ -39,11 +39,11 @@ images: ## Build the operator, activator and agent images (prints the commands w
 	scripts/images
 
 .PHONY: cluster-up
-cluster-up: deps ## Start the test control plane (etcd, apiserver, controller-manager, scheduler, kwok)
+cluster-up: deps ## Start the test cluster: control plane, kwok nodes and a real node (kubelet, containerd)
 	$(CLUSTER)/up
 
 .PHONY: cluster-down
-cluster-down: ## Stop the test control plane
+cluster-down: ## Stop the test cluster and remove the real node's processes, mounts, cgroups and bridge
 	$(CLUSTER)/down
 
 .PHONY: criu
@@ -61,7 +61,7 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 .PHONY: demo
-demo: deps cluster-up criu ## Show the product working on the local control plane and a real JVM
+demo: deps cluster-up criu ## Show the product in real containers on the test cluster's real node
 	scripts/demo
 
 .PHONY: bench

@@ -139,10 +139,6 @@ pub async fn claim_dir(claims: &Api<PersistentVolumeClaim>, claim: &str) -> Path
         .join(uid)
 }
 
-/// The node's address (the bridge's), where pods reach the API server through node-up's relay.
-pub const NODE_IP: &str = "10.201.0.1";
-pub const API_PORT: &str = "16443";
-
 /// Like [`http_get`], but waits as long as the server holds the request (an activator holding
 /// it through a wake), with no timeout of its own: the caller bounds it.
 pub async fn http_get_waiting(ip: &str, port: u16, path: &str) -> Option<(u16, String)> {

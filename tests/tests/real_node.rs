@@ -375,42 +375,12 @@ fn helm(args: &[&str]) -> std::process::Output {
         .expect("run scripts/helm")
 }
 
-/// The chart's values for the real node: its images (imported, so never pulled), its
-/// placement, the API server at the node's address (no kube-proxy serves Service addresses
-/// here) and this test's namespace only.
-fn real_node_values(namespace: &str) -> serde_json::Value {
-    let placement = crac_tests::real_node::placement();
-    let api = [
-        serde_json::json!({ "name": "KUBERNETES_SERVICE_HOST", "value": crac_tests::real_node::NODE_IP }),
-        serde_json::json!({ "name": "KUBERNETES_SERVICE_PORT", "value": crac_tests::real_node::API_PORT }),
-    ];
-    serde_json::json!({
-        "image": { "pullPolicy": "Never" },
-        "operator": {
-            "watchNamespace": namespace,
-            "logJson": false,
-            "nodeSelector": placement["nodeSelector"],
-            "tolerations": placement["tolerations"],
-            "extraEnv": api,
-        },
-        "activator": {
-            "replicas": 1,
-            "logJson": false,
-            "nodeSelector": placement["nodeSelector"],
-            "tolerations": placement["tolerations"],
-            "extraEnv": api,
-        }
-    })
-}
-
 /// `helm install` onto the real node: the operator and the activator run as real pods from
 /// their images under the chart's ServiceAccounts, take hello-app to Ready, put it to sleep,
 /// and a request at zero is held by the activator pod, wakes the app and is answered.
 #[tokio::test]
 async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app() {
     let ns = setup("real-helm").await;
-    let values = std::env::temp_dir().join(format!("crac-real-node-values-{}.json", ns.name));
-    std::fs::write(&values, real_node_values(&ns.name).to_string()).unwrap();
     let _uninstall = Uninstall;
     let out = helm(&[
         "upgrade",
@@ -424,12 +394,16 @@ async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app()
         SYSTEM_NS,
         "--create-namespace",
         "--values",
-        &values.display().to_string(),
+        &crac_tests::repo_root()
+            .join("tests/cluster/node-values.yaml")
+            .display()
+            .to_string(),
+        "--set",
+        &format!("operator.watchNamespace={}", ns.name),
         "--wait",
         "--timeout",
         "4m",
     ]);
-    let _ = std::fs::remove_file(&values);
     assert!(
         out.status.success(),
         "helm install failed:\n{}{}",

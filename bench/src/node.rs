@@ -1,0 +1,442 @@
+//! `crac-bench-node`: the product on the test cluster's real node (kubelet, containerd, runc;
+//! tests/cluster/node-up), measured from the client's clock with watches, for one app image:
+//!
+//! - checkpoint: the checkpoint Job's pod created → the image published (`status.checkpoint`);
+//! - pod start, side by side in one run: a restore pod (the operator's own pod template) and a
+//!   cold-start pod (same image, the plain command, same probe), alternating: created → pod
+//!   address (scheduling, sandbox and network), → first HTTP 200 (polled every 5 ms), → Ready;
+//! - a wake end to end: a request at zero sent to the activator pod → first byte, split into
+//!   wake request and scale-up (→ pod created), scheduling, sandbox and network (→ address),
+//!   container start and restore (→ Ready; the agent's own restore time from its log),
+//!   Ready → first byte.
+//!
+//! The operator and the activator must already run (scripts/bench installs the chart onto the
+//! real node, watching `--namespace`). Prints a Markdown block on stdout, progress on stderr.
+//!
+//! ```text
+//! crac-bench-node --namespace bench-node --name hello --image crac.dev/test/hello-app:1 \
+//!     --command 'java -XX:-UsePerfData -Xmx64m -cp /app Hello 8080' --ready-path /ready \
+//!     [--runs 5] [--wakes 5] [--warmup 200]
+//! ```
+
+use anyhow::{Context as _, Result, bail};
+use crac_api::CracApp;
+use crac_api::cracapp::Phase;
+use crac_bench::percentile;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Args {
+    namespace: String,
+    name: String,
+    image: String,
+    command: Vec<String>,
+    ready_path: String,
+    runs: usize,
+    wakes: usize,
+    warmup: u32,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        namespace: "bench-node".into(),
+        name: "hello".into(),
+        image: "crac.dev/test/hello-app:1".into(),
+        command: [
+            "java",
+            "-XX:-UsePerfData",
+            "-Xmx64m",
+            "-cp",
+            "/app",
+            "Hello",
+            "8080",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ready_path: "/ready".into(),
+        runs: 5,
+        wakes: 5,
+        warmup: 200,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--namespace" => args.namespace = value,
+            "--name" => args.name = value,
+            "--image" => args.image = value,
+            "--command" => args.command = value.split_whitespace().map(String::from).collect(),
+            "--ready-path" => args.ready_path = value,
+            "--runs" => args.runs = value.parse()?,
+            "--wakes" => args.wakes = value.parse()?,
+            "--warmup" => args.warmup = value.parse()?,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(args)
+}
+
+const PORT: u16 = 8080;
+const DEADLINE: Duration = Duration::from_secs(300);
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn placement() -> serde_json::Value {
+    serde_json::json!({
+        "nodeSelector": { "crac.dev/node": "real" },
+        "tolerations": [{ "key": "crac.dev/real-node", "operator": "Exists", "effect": "NoSchedule" }]
+    })
+}
+
+fn app(args: &Args) -> Result<CracApp> {
+    let mut pod = placement();
+    pod["containers"] = serde_json::json!([{
+        "name": "app", "image": args.image, "imagePullPolicy": "Never",
+        "command": args.command,
+        "env": [{ "name": "HELLO_HOST", "value": "0.0.0.0" }],
+        "ports": [{ "containerPort": PORT, "name": "http" }],
+        "readinessProbe": { "httpGet": { "path": args.ready_path, "port": PORT } },
+        "resources": { "limits": { "memory": "512Mi" } }
+    }]);
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "crac.dev/v1alpha1", "kind": "CracApp",
+        "metadata": { "name": args.name },
+        "spec": {
+            "replicas": 1,
+            "template": { "spec": pod },
+            "checkpoint": {
+                "engine": "criu",
+                "warmup": { "requests": [{ "path": "/", "count": args.warmup }] },
+                "storage": { "size": "2Gi", "storageClassName": "crac-node-local" },
+                "timeout": "5m"
+            },
+            "scaleToZero": { "enabled": true, "idleAfter": "6h", "wakeTimeout": "120s" }
+        }
+    }))?)
+}
+
+/// Polls `check` every 5 ms until it returns `Some`.
+async fn until<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if start.elapsed() > DEADLINE {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn http_status(ip: &str, path: &str) -> Option<u16> {
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect((ip, PORT)).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf).await.ok()?;
+        String::from_utf8_lossy(&buf[..n])
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    tokio::time::timeout(Duration::from_millis(500), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_ip(p: &Pod) -> Option<String> {
+    p.status.as_ref()?.pod_ip.clone()
+}
+
+/// created → address, → first 200, → Ready, in ms, for one bare pod.
+async fn time_pod(pods: &Api<Pod>, pod: &Pod, ready_path: &str) -> Result<[f64; 3]> {
+    let name = pod.metadata.name.clone().context("pod name")?;
+    let t0 = Instant::now();
+    pods.create(&PostParams::default(), pod).await?;
+    let ip = until("a pod address", || async {
+        pod_ip(&pods.get(&name).await.ok()?)
+    })
+    .await?;
+    let t_ip = t0.elapsed();
+    until("a first 200", || async {
+        (http_status(&ip, ready_path).await == Some(200)).then_some(())
+    })
+    .await?;
+    let t_answer = t0.elapsed();
+    until("Ready", || async {
+        is_ready(&pods.get(&name).await.ok()?).then_some(())
+    })
+    .await?;
+    let t_ready = t0.elapsed();
+    pods.delete(&name, &DeleteParams::default().grace_period(0))
+        .await?;
+    until("the pod gone", || async {
+        pods.get_opt(&name).await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    Ok([ms(t_ip), ms(t_answer), ms(t_ready)])
+}
+
+fn row(label: &str, mut v: Vec<f64>) -> String {
+    v.sort_by(f64::total_cmp);
+    format!(
+        "| {label} | {:.0} | {:.0} | {:.0} |",
+        percentile(&v, 0.5),
+        v.first().copied().unwrap_or(0.0),
+        v.last().copied().unwrap_or(0.0)
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    let client = Client::try_default().await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({ "metadata": { "name": args.namespace } }))?,
+        )
+        .await;
+    let apps: Api<CracApp> = Api::namespaced(client.clone(), &args.namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &args.namespace);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &args.namespace);
+    let name = args.name.clone();
+    let mut out = vec![format!(
+        "### {} (`{}`) on the real node\n",
+        args.name, args.image
+    )];
+
+    // --- checkpoint
+    eprintln!("node bench: {name}: checkpoint");
+    let checkpoint_pods = ListParams::default().labels(&format!(
+        "{}={name},{}=checkpoint",
+        crac_api::labels::APP,
+        crac_api::labels::COMPONENT
+    ));
+    apps.create(&PostParams::default(), &app(&args)?).await?;
+    until("the checkpoint pod", || async {
+        let l = pods.list(&checkpoint_pods).await.ok()?;
+        (!l.items.is_empty()).then_some(())
+    })
+    .await?;
+    let t_pod = Instant::now();
+    until("the image published", || async {
+        apps.get(&name).await.ok()?.status?.checkpoint.map(|_| ())
+    })
+    .await?;
+    let checkpoint_ms = ms(t_pod.elapsed());
+    let status = apps.get(&name).await?.status.unwrap_or_default();
+    let image = status.checkpoint.unwrap_or_default();
+    out.push(format!(
+        "- checkpoint Job's pod created → image published: **{checkpoint_ms:.0} ms** (image {:.0} MB, agent's own dump and verify {:.0} ms)\n",
+        image.size_bytes.unwrap_or(0) as f64 / 1e6,
+        image.duration_seconds.unwrap_or(0.0) * 1000.0
+    ));
+    until("the app Ready", || async {
+        (apps.get(&name).await.ok()?.status?.phase? == Phase::Ready).then_some(())
+    })
+    .await?;
+
+    // --- restore pod vs cold-start pod, alternating
+    let template = deployments
+        .get(&name)
+        .await?
+        .spec
+        .context("deployment spec")?
+        .template
+        .spec
+        .context("pod spec")?;
+    let mut restore: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": format!("{name}-bench-restore") }
+    }))?;
+    restore.spec = Some(template.clone());
+    let mut cold = restore.clone();
+    cold.metadata.name = Some(format!("{name}-bench-cold"));
+    let mut cold_spec = template;
+    cold_spec.init_containers = None;
+    cold_spec.volumes = None;
+    let c = &mut cold_spec.containers[0];
+    c.command = Some(args.command.clone());
+    c.volume_mounts = None;
+    c.security_context = None;
+    c.env = Some(vec![k8s_openapi::api::core::v1::EnvVar {
+        name: "HELLO_HOST".into(),
+        value: Some("0.0.0.0".into()),
+        ..Default::default()
+    }]);
+    cold.spec = Some(cold_spec);
+    let (mut r, mut k) = (vec![[0.0; 3]; 0], vec![[0.0; 3]; 0]);
+    for i in 0..args.runs {
+        eprintln!("node bench: {name}: pod start {}/{}", i + 1, args.runs);
+        r.push(time_pod(&pods, &restore, &args.ready_path).await?);
+        k.push(time_pod(&pods, &cold, &args.ready_path).await?);
+    }
+    out.push(format!(
+        "Pod created → …, ms over {} runs each, interleaved (median, min, max):\n",
+        args.runs
+    ));
+    out.push("| | median | min | max |\n| --- | --- | --- | --- |".into());
+    let col = |v: &[[f64; 3]], i: usize| v.iter().map(|x| x[i]).collect::<Vec<_>>();
+    for (label, i) in [("address", 0), ("first 200", 1), ("Ready", 2)] {
+        out.push(row(&format!("restore pod: {label}"), col(&r, i)));
+        out.push(row(&format!("cold-start pod: {label}"), col(&k, i)));
+    }
+    let med = |v: Vec<f64>| {
+        let mut v = v;
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.5)
+    };
+    let ratio_answer = med(col(&r, 1)) / med(col(&k, 1));
+    let ratio_ready = med(col(&r, 2)) / med(col(&k, 2));
+    out.push(format!(
+        "\nrestore / cold, median: first 200 **{ratio_answer:.2}**, Ready **{ratio_ready:.2}**\n"
+    ));
+
+    // --- wakes
+    let restore_pods = ListParams::default().labels(&format!(
+        "{}={name},{}=restore",
+        crac_api::labels::APP,
+        crac_api::labels::COMPONENT
+    ));
+    let mut parts: Vec<[f64; 6]> = Vec::new();
+    for i in 0..args.wakes {
+        eprintln!("node bench: {name}: wake {}/{}", i + 1, args.wakes);
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let sleep = serde_json::json!({ "metadata": { "annotations": {
+            crac_api::labels::SLEEP_REQUESTED_AT: now } } });
+        apps.patch(&name, &PatchParams::default(), &Patch::Merge(sleep))
+            .await?;
+        until("asleep with no pods", || async {
+            let s = apps.get(&name).await.ok()?.status?;
+            let none = pods.list(&restore_pods).await.ok()?.items.is_empty();
+            (s.phase? == Phase::ScaledToZero && none).then_some(())
+        })
+        .await?;
+        let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+            Api::namespaced(client.clone(), &args.namespace);
+        let (ip, port) = until("the slice at the activator", || async {
+            let l = slices
+                .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={name}")))
+                .await
+                .ok()?;
+            let s = l.items.into_iter().next()?;
+            let ip = s.endpoints.as_ref()?.first()?.addresses.first()?.clone();
+            let port = s.ports.as_ref()?.first()?.port?;
+            Some((ip, port as u16))
+        })
+        .await?;
+        let t0 = Instant::now();
+        let caller = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect((ip.as_str(), port))
+                .await
+                .ok()?;
+            let req = format!("GET / HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.ok()?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.ok()?;
+            Some(t0.elapsed())
+        });
+        let pod = until("the woken pod", || async {
+            pods.list(&restore_pods)
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .next()
+        })
+        .await?;
+        let t_created = t0.elapsed();
+        let pod_name = pod.metadata.name.clone().context("pod name")?;
+        until("its address", || async {
+            pod_ip(&pods.get(&pod_name).await.ok()?)
+        })
+        .await?;
+        let t_ip = t0.elapsed();
+        until("Ready", || async {
+            is_ready(&pods.get(&pod_name).await.ok()?).then_some(())
+        })
+        .await?;
+        let t_ready = t0.elapsed();
+        let first_byte = caller.await?.context("the request at zero got no answer")?;
+        let log = pods
+            .logs(
+                &pod_name,
+                &kube::api::LogParams {
+                    container: Some("app".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_default();
+        // "restored (pid N) and ready M ms after the agent started"
+        let restored_ms = log
+            .lines()
+            .find_map(|l| {
+                l.split("and ready ")
+                    .nth(1)?
+                    .split(" ms")
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(f64::NAN);
+        parts.push([
+            ms(t_created),
+            ms(t_ip - t_created),
+            ms(t_ready - t_ip),
+            restored_ms,
+            ms(first_byte.saturating_sub(t_ready)),
+            ms(first_byte),
+        ]);
+        until("awake on its pods", || async {
+            let s = apps.get(&name).await.ok()?.status?;
+            (s.phase? == Phase::Ready).then_some(())
+        })
+        .await?;
+    }
+    out.push(format!(
+        "A request at zero → first byte, through the activator pod, {} wakes (ms):\n",
+        args.wakes
+    ));
+    out.push("| part | median | min | max |\n| --- | --- | --- | --- |".into());
+    let labels = [
+        "request → pod created (wake request, operator, Deployment and ReplicaSet controllers)",
+        "pod created → address (scheduling, sandbox, network)",
+        "address → Ready (container start, agent, restore, probe)",
+        "… of which the agent: start → restored and ready (its log)",
+        "Ready → first byte (activator sees the pod ready, forwards)",
+        "**request at zero → first byte**",
+    ];
+    for (i, label) in labels.iter().enumerate() {
+        out.push(row(label, parts.iter().map(|p| p[i]).collect()));
+    }
+    apps.delete(&name, &DeleteParams::default()).await?;
+    until("the app deleted", || async {
+        apps.get_opt(&name).await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    println!("{}\n", out.join("\n"));
+    Ok(())
+}
