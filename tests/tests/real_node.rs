@@ -4,6 +4,7 @@
 //! everything inside a pod is real: the agent image's init container installs the agent and
 //! CRIU, the checkpoint Job's container runs `crac-agent checkpoint` on a real JVM and writes
 //! the image to a real directory, restore pods restore it, and answer HTTP on their address.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use crac_api::CracApp;
 use crac_api::agent::{AgentSummary, Outcome};
@@ -490,7 +491,7 @@ async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app()
                     .endpoints
                     .iter()
                     .flatten()
-                    .any(|e| e.addresses.iter().any(|a| *a == activator_ip));
+                    .any(|e| e.addresses.contains(&activator_ip));
                 let port = s.ports.as_ref()?.first()?.port?;
                 at_activator.then_some(port)
             })
