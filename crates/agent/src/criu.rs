@@ -131,7 +131,7 @@ pub fn classify_log(log: &str, restoring: bool) -> Failure {
     } else if has("Operation not permitted") || has("Permission denied") || has("CAP_") {
         (
             reason::PERMISSION_DENIED,
-            "CRIU lacks privileges: the container needs CAP_CHECKPOINT_RESTORE and CAP_SYS_PTRACE (and CAP_SYS_ADMIN to dump) and an unconfined seccomp profile",
+            "CRIU lacks privileges: the container needs CAP_CHECKPOINT_RESTORE and CAP_SYS_PTRACE and seccomp Unconfined (the operator sets these; a policy may have removed them)",
         )
     } else if restoring {
         (
