@@ -55,7 +55,7 @@ pub struct AppConfig {
 
 /// Default wake deadline when `spec.scaleToZero.wakeTimeout` is unset (the CRD's documented
 /// default).
-pub const DEFAULT_WAKE_TIMEOUT: Duration = Duration::from_secs(30);
+pub use crac_api::cracapp::DEFAULT_WAKE_TIMEOUT;
 
 /// Reads the activator's view of a CracApp. `None` when it has no namespace or name (never the
 /// case for objects from the API server). A malformed `wakeTimeout` (the schema forbids it)

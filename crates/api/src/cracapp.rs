@@ -339,6 +339,10 @@ pub struct RestoreSpec {
     pub fallback: Fallback,
 }
 
+/// How long a request at zero may be held while the app wakes when neither the app nor a
+/// policy says: the operator's default and the activator's.
+pub const DEFAULT_WAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Scale-to-zero settings. Unset fields take a matching CracScalePolicy's defaults.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]

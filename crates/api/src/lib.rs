@@ -2,6 +2,7 @@
 //! annotation keys, and the contract between the operator and the in-pod agent.
 
 pub mod agent;
+pub mod conditions;
 pub mod cracapp;
 pub mod duration;
 pub mod labels;

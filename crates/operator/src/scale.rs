@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(15 * 60);
-pub const DEFAULT_WAKE_TIMEOUT: Duration = Duration::from_secs(30);
+pub use crac_api::cracapp::DEFAULT_WAKE_TIMEOUT;
 /// Idle threshold inside quiet hours: sleep as soon as the app has been quiet this long.
 pub const QUIET_HOURS_IDLE: Duration = Duration::from_secs(30);
 /// A drain that has not ended this long after it began is abandoned: the app keeps serving

@@ -5,10 +5,7 @@ use crac_api::cracapp::Phase;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-pub const CHECKPOINT_READY: &str = "CheckpointReady";
-pub const AVAILABLE: &str = "Available";
-pub const DEGRADED: &str = "Degraded";
-pub const SCALED_TO_ZERO: &str = "ScaledToZero";
+pub use crac_api::conditions::{AVAILABLE, CHECKPOINT_READY, DEGRADED, SCALED_TO_ZERO};
 
 /// Where the checkpoint for the current spec stands.
 #[derive(Clone, Debug, PartialEq)]
