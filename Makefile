@@ -50,6 +50,13 @@ cluster-down: ## Stop the test cluster and remove the real node's processes, mou
 criu: deps ## Fetch CRIU 4.2.1 and its libraries from Debian unstable into the cache
 	scripts/fetch-criu >/dev/null
 
+.PHONY: unit
+unit: ## Every test that needs no cluster, JVM or CRIU (unit tests, the data path, layering); seconds
+	$(CARGO) test --workspace --lib --bins
+	$(CARGO) test -p crac-activator --test data_path --test binary
+	$(CARGO) test -p crac-agent --test commands
+	$(CARGO) test -p crac-tests --test layout
+
 .PHONY: test
 test: deps cluster-up criu ## Unit, control-plane, agent (real JVM + CRIU), data-path, install and CLI tests
 	scripts/helm version >/dev/null

@@ -232,7 +232,9 @@ pub struct WarmupRequest {
     pub path: String,
     /// How many times to send it.
     #[serde(default = "default_warmup_count")]
-    #[schemars(range(min = 1, max = 100000))]
+    // int32, not schemars' uint32: the API server knows only int32 and int64 and warns about
+    // other formats on every apply.
+    #[schemars(range(min = 1, max = 100000), extend("format" = "int32"))]
     pub count: u32,
 }
 
@@ -485,6 +487,7 @@ pub struct CheckpointStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "int64"))]
     pub size_bytes: Option<u64>,
     /// How long the checkpoint Job took, start to published image, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -25,6 +25,55 @@ mod tests {
             "crds/crds.yaml is stale: run `make crds` and commit the result"
         );
     }
+
+    /// The formats kube-apiserver knows (k8s.io/kube-openapi's strfmt registry); any other
+    /// makes `kubectl apply` and `helm install` print a warning for every CRD applied.
+    const KNOWN_FORMATS: [&str; 30] = [
+        "bsonobjectid",
+        "uri",
+        "email",
+        "hostname",
+        "ipv4",
+        "ipv6",
+        "cidr",
+        "mac",
+        "uuid",
+        "uuid3",
+        "uuid4",
+        "uuid5",
+        "isbn",
+        "isbn10",
+        "isbn13",
+        "creditcard",
+        "ssn",
+        "hexcolor",
+        "rgbcolor",
+        "byte",
+        "password",
+        "date",
+        "duration",
+        "datetime",
+        "date-time",
+        "int32",
+        "int64",
+        "float",
+        "double",
+        "string",
+    ];
+
+    #[test]
+    fn crds_use_only_formats_the_api_server_knows() {
+        let unknown: Vec<_> = super::render()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("format: "))
+            .filter(|f| !KNOWN_FORMATS.contains(f))
+            .map(str::to_string)
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "formats the API server warns about: {unknown:?}"
+        );
+    }
 }
 
 /// `docs/reference.md`: every field of the CRDs with its type, default, validation and
