@@ -252,6 +252,18 @@ async fn a_checkpoint_that_fails_in_the_container_is_reported_and_retried_with_b
         failures >= 2,
         "the checkpoint was not retried: {failures} failures"
     );
+    // One Event per failure: reconciles during a backoff repeat the same text (the next
+    // attempt's time, not a countdown), so they publish nothing new.
+    let events = ns
+        .event_reasons()
+        .await
+        .into_iter()
+        .filter(|r| r == "ReadinessTimeout")
+        .count();
+    assert!(
+        events >= 1 && events <= failures as usize + 1,
+        "{events} ReadinessTimeout Events for {failures} failures"
+    );
     assert!(
         attempts <= 6,
         "{attempts} checkpoint Jobs in ~90 s: no backoff"

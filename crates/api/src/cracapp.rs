@@ -510,6 +510,14 @@ pub struct PendingCheckpoint {
     /// When the last attempt failed; the next waits an exponential backoff from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_time: Option<Time>,
+    /// Why the last attempt failed: the agent's reason (`OpenSockets`, `ReadinessTimeout`, …),
+    /// kept as data so a reconcile during the backoff reports it without reading it back from a
+    /// condition's text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_reason: Option<String>,
+    /// The last failure's message, as the agent wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_message: Option<String>,
 }
 
 /// An activator port assigned to one of the app's Service ports.

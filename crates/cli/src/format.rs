@@ -205,7 +205,11 @@ pub fn explain(app: &CracApp, events: &[EventLine], pods: &[PodReport], now: Tim
         out.push_str("  (none)\n");
     }
     for c in &status.conditions {
-        let mark = if c.status == "True" { "✓" } else { "✗" };
+        let mark = if condition_healthy(&c.type_, &c.status) {
+            "✓"
+        } else {
+            "✗"
+        };
         let _ = writeln!(out, "  {mark} {} {}: {}", c.type_, c.reason, c.message);
     }
 
@@ -254,6 +258,16 @@ pub fn explain(app: &CracApp, events: &[EventLine], pods: &[PodReport], now: Tim
         "\nEach reason and its remedy: docs/troubleshooting.md. More detail: kubectl -n {ns} describe cracapp {name}"
     );
     out
+}
+
+/// Whether a condition's status is the healthy one: `Degraded` is healthy when False, and
+/// `ScaledToZero` either way (asleep is a state, not a fault); the others when True.
+fn condition_healthy(type_: &str, status: &str) -> bool {
+    match type_ {
+        crac_api::conditions::DEGRADED => status == "False",
+        crac_api::conditions::SCALED_TO_ZERO => status == "True" || status == "False",
+        _ => status == "True",
+    }
 }
 
 #[cfg(test)]
@@ -338,6 +352,17 @@ mod tests {
             "OutOfMemory: the JVM was killed"
         );
         assert_eq!(agent_reason("plain words\n"), "plain words");
+    }
+
+    #[test]
+    fn negative_conditions_are_healthy_when_false() {
+        assert!(condition_healthy("CheckpointReady", "True"));
+        assert!(!condition_healthy("CheckpointReady", "False"));
+        assert!(condition_healthy("Degraded", "False"));
+        assert!(!condition_healthy("Degraded", "True"));
+        assert!(condition_healthy("ScaledToZero", "False"));
+        assert!(condition_healthy("ScaledToZero", "True"));
+        assert!(!condition_healthy("Available", "Unknown"));
     }
 
     #[test]

@@ -16,8 +16,7 @@ use crate::metrics::{Metrics, ReasonLabel, ResultLabel};
 use crate::scale::{Cycle, Step};
 use crate::sleep;
 use crate::status::{
-    CHECKPOINT_READY, CheckpointProgress, Observed, Rollout, conditions_for, phase_for,
-    retry_backoff, transitions,
+    CheckpointProgress, Observed, Rollout, conditions_for, phase_for, retry_backoff, transitions,
 };
 use crate::validate::{ValidatedApp, validate};
 use crac_api::agent::AgentSummary;
@@ -544,12 +543,8 @@ async fn checkpoint(
     let result = match job {
         None => {
             if let Some(wait) = backoff_remaining(&pending, ctx.retry_base) {
-                let (reason, message) = last_checkpoint_failure(app);
-                let message = format!(
-                    "{message} (attempt {} starts in {}s)",
-                    pending.failures + 1,
-                    wait.as_secs()
-                );
+                let (reason, message) = last_checkpoint_failure(&pending);
+                let message = retry_message(&message, &pending, ctx.retry_base);
                 next.pending_checkpoint = Some(pending.clone());
                 let progress = CheckpointProgress::Failed {
                     failures: pending.failures,
@@ -611,12 +606,10 @@ async fn checkpoint(
                 .inc();
             pending.failures += 1;
             pending.last_failure_time = Some(Time(Timestamp::now()));
+            pending.last_failure_reason = Some(reason.clone());
+            pending.last_failure_message = Some(message.clone());
             let wait = retry_backoff(pending.failures, ctx.retry_base);
-            let message = format!(
-                "{message} (attempt {} starts in {}s)",
-                pending.failures + 1,
-                wait.as_secs()
-            );
+            let message = retry_message(&message, &pending, ctx.retry_base);
             next.pending_checkpoint = Some(pending.clone());
             return Ok((
                 CheckpointProgress::Failed {
@@ -653,26 +646,30 @@ fn backoff_remaining(pending: &PendingCheckpoint, base: Duration) -> Option<Dura
     (due > now).then(|| Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO))
 }
 
-/// The reason and message of the last failure, as the condition recorded them.
-fn last_checkpoint_failure(app: &CracApp) -> (String, String) {
-    app.status
+/// The reason and message of the last failure, as recorded in the pending checkpoint.
+fn last_checkpoint_failure(pending: &PendingCheckpoint) -> (String, String) {
+    (
+        pending
+            .last_failure_reason
+            .clone()
+            .unwrap_or_else(|| "CheckpointFailed".into()),
+        pending
+            .last_failure_message
+            .clone()
+            .unwrap_or_else(|| "the last checkpoint failed".into()),
+    )
+}
+
+/// A failure's message with when the next attempt starts, as a time rather than a countdown:
+/// the text stays the same through the backoff, so reconciles during it publish no new Event.
+fn retry_message(message: &str, pending: &PendingCheckpoint, base: Duration) -> String {
+    let due = pending
+        .last_failure_time
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == CHECKPOINT_READY))
-        .map(|c| {
-            let message = c
-                .message
-                .split(" (attempt ")
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            (c.reason.clone(), message)
-        })
-        .unwrap_or_else(|| {
-            (
-                "CheckpointFailed".into(),
-                "the last checkpoint failed".into(),
-            )
-        })
+        .map(|t| t.0 + retry_backoff(pending.failures, base))
+        .unwrap_or_else(Timestamp::now);
+    let due = due.round(k8s_openapi::jiff::Unit::Second).unwrap_or(due);
+    format!("{message} (attempt {} at {due})", pending.failures + 1)
 }
 
 fn job_finished(job: &Job, type_: &str) -> bool {
@@ -873,5 +870,42 @@ async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
             Ok(Action::await_change())
         }
         Some(_) => Err(Error::CleanupPending { claim }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed_at(secs: i64, failures: i32) -> PendingCheckpoint {
+        PendingCheckpoint {
+            id: "abc".into(),
+            failures,
+            last_failure_time: Some(Time(Timestamp::from_second(secs).unwrap())),
+            last_failure_reason: Some("OpenSockets".into()),
+            last_failure_message: Some("the JVM holds a connection".into()),
+        }
+    }
+
+    #[test]
+    fn a_failure_during_the_backoff_is_reported_from_data_with_a_stable_message() {
+        let pending = failed_at(1_800_000_000, 1);
+        let (reason, message) = last_checkpoint_failure(&pending);
+        assert_eq!(reason, "OpenSockets");
+        assert_eq!(message, "the JVM holds a connection");
+        // The same text on every reconcile (no countdown), naming when attempt 2 starts:
+        // 30 s after the failure at the production base.
+        let base = Duration::from_secs(30);
+        let first = retry_message(&message, &pending, base);
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(first, retry_message(&message, &pending, base));
+        assert_eq!(
+            first,
+            "the JVM holds a connection (attempt 2 at 2027-01-15T08:00:30Z)"
+        );
+        // Rewording the message cannot lose the reason: it is not parsed from the text.
+        let mut reworded = pending.clone();
+        reworded.last_failure_message = Some("something else (attempt 9 starts in 1s)".into());
+        assert_eq!(last_checkpoint_failure(&reworded).0, "OpenSockets");
     }
 }
