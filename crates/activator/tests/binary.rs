@@ -263,12 +263,21 @@ async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigte
         metrics.contains("crac_activator_wakes_total{namespace=\"shop\",app=\"demo\"} 1"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains(
-            "crac_activator_requests_total{namespace=\"shop\",app=\"demo\",outcome=\"woken\"} 10"
-        ),
-        "{metrics}"
-    );
+    // Every request was held for the wake, except any that arrived once the (fake, instant)
+    // wake was over, which were simply forwarded: on a loaded machine the last of the ten
+    // concurrent callers can be that late.
+    let count = |outcome: &str| -> u64 {
+        let key = format!(
+            "crac_activator_requests_total{{namespace=\"shop\",app=\"demo\",outcome=\"{outcome}\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str())?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (woken, forwarded) = (count("woken"), count("forwarded"));
+    assert!(woken >= 1, "no request was held for the wake:\n{metrics}");
+    assert_eq!(woken + forwarded, 10, "{metrics}");
 
     let exit = child.terminate().await;
     assert!(exit.success(), "exit status after SIGTERM: {exit}");
