@@ -639,9 +639,13 @@ async fn checkpoint(
     Ok(result)
 }
 
+/// When the next checkpoint attempt is due: the last failure plus its backoff.
+fn retry_due(pending: &PendingCheckpoint, base: Duration) -> Option<Timestamp> {
+    Some(pending.last_failure_time.as_ref()?.0 + retry_backoff(pending.failures, base))
+}
+
 fn backoff_remaining(pending: &PendingCheckpoint, base: Duration) -> Option<Duration> {
-    let failed_at = pending.last_failure_time.as_ref()?.0;
-    let due = failed_at + retry_backoff(pending.failures, base);
+    let due = retry_due(pending, base)?;
     let now = Timestamp::now();
     (due > now).then(|| Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO))
 }
@@ -663,11 +667,7 @@ fn last_checkpoint_failure(pending: &PendingCheckpoint) -> (String, String) {
 /// A failure's message with when the next attempt starts, as a time rather than a countdown:
 /// the text stays the same through the backoff, so reconciles during it publish no new Event.
 fn retry_message(message: &str, pending: &PendingCheckpoint, base: Duration) -> String {
-    let due = pending
-        .last_failure_time
-        .as_ref()
-        .map(|t| t.0 + retry_backoff(pending.failures, base))
-        .unwrap_or_else(Timestamp::now);
+    let due = retry_due(pending, base).unwrap_or_else(Timestamp::now);
     let due = due.round(k8s_openapi::jiff::Unit::Second).unwrap_or(due);
     format!("{message} (attempt {} at {due})", pending.failures + 1)
 }

@@ -1,6 +1,7 @@
 //! The cleanup Job: before a CracApp that used an `existingClaim` goes, it removes the app's
 //! image directory from the shared claim (a claim of the app's own goes with the app).
 
+use super::inject::IMAGES_VOLUME;
 use super::{AGENT_IMAGE_BINARY, BuildConfig, app_name, labels_for, owner_ref};
 use crac_api::CracApp;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
@@ -22,6 +23,7 @@ pub const CLEANUP_DEADLINE_SECONDS: i64 = 300;
 /// only the operator's agent image with a fixed command; the tenant chooses neither.
 pub fn cleanup_job_for(app: &CracApp, name: &str, claim: &str, config: &BuildConfig) -> Job {
     let dir = format!("{}/{}", crac_api::agent::IMAGE_MOUNT, app_name(app));
+    let template = app.spec.template.spec.as_ref();
     Job {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -40,24 +42,14 @@ pub fn cleanup_job_for(app: &CracApp, name: &str, claim: &str, config: &BuildCon
                 }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
-                    node_selector: app
-                        .spec
-                        .template
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.node_selector.clone()),
-                    tolerations: app
-                        .spec
-                        .template
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.tolerations.clone()),
+                    node_selector: template.and_then(|s| s.node_selector.clone()),
+                    tolerations: template.and_then(|s| s.tolerations.clone()),
                     containers: vec![Container {
                         name: "clean".into(),
                         image: Some(config.agent_image.clone()),
                         command: Some(vec![AGENT_IMAGE_BINARY.into(), "clean".into(), dir]),
                         volume_mounts: Some(vec![VolumeMount {
-                            name: "crac-images".into(),
+                            name: IMAGES_VOLUME.into(),
                             mount_path: crac_api::agent::IMAGE_MOUNT.into(),
                             ..Default::default()
                         }]),
@@ -74,7 +66,7 @@ pub fn cleanup_job_for(app: &CracApp, name: &str, claim: &str, config: &BuildCon
                         ..Default::default()
                     }],
                     volumes: Some(vec![Volume {
-                        name: "crac-images".into(),
+                        name: IMAGES_VOLUME.into(),
                         persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                             claim_name: claim.into(),
                             read_only: Some(false),

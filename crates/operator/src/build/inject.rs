@@ -14,7 +14,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 const AGENT_VOLUME: &str = "crac-agent";
-const IMAGES_VOLUME: &str = "crac-images";
+/// The volume of the claim holding the app's images (also the cleanup Job's).
+pub(super) const IMAGES_VOLUME: &str = "crac-images";
 
 /// What the agent does in this pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
