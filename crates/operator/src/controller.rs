@@ -668,7 +668,13 @@ fn last_checkpoint_failure(pending: &PendingCheckpoint) -> (String, String) {
 /// the text stays the same through the backoff, so reconciles during it publish no new Event.
 fn retry_message(message: &str, pending: &PendingCheckpoint, base: Duration) -> String {
     let due = retry_due(pending, base).unwrap_or_else(Timestamp::now);
-    let due = due.round(k8s_openapi::jiff::Unit::Second).unwrap_or(due);
+    // Truncated, not rounded: the status keeps the failure time in whole seconds, so a
+    // reconcile that reads it back must name the same second as the one that wrote it.
+    use k8s_openapi::jiff::{RoundMode, TimestampRound, Unit};
+    let whole_seconds = TimestampRound::new()
+        .smallest(Unit::Second)
+        .mode(RoundMode::Trunc);
+    let due = due.round(whole_seconds).unwrap_or(due);
     format!("{message} (attempt {} at {due})", pending.failures + 1)
 }
 
@@ -903,6 +909,13 @@ mod tests {
             first,
             "the JVM holds a connection (attempt 2 at 2027-01-15T08:00:30Z)"
         );
+        // The reconcile that records a failure has its sub-second time; later ones read it
+        // back from the status in whole seconds: both name the same next attempt.
+        let mut precise = pending.clone();
+        precise.last_failure_time = Some(Time(
+            Timestamp::from_second(1_800_000_000).unwrap() + Duration::from_millis(700),
+        ));
+        assert_eq!(retry_message(&message, &precise, base), first);
         // Rewording the message cannot lose the reason: it is not parsed from the text.
         let mut reworded = pending.clone();
         reworded.last_failure_message = Some("something else (attempt 9 starts in 1s)".into());
