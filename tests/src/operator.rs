@@ -4,9 +4,10 @@
 
 use crac_api::CracApp;
 use crac_api::agent::{AgentSummary, Outcome};
-use crac_operator::build::BuildConfig;
-use crac_operator::controller::{self, Context};
+use crac_operator::context::{ActivatorRef, Context, Settings};
 use crac_operator::metrics::Metrics;
+use crac_operator::ports::PortTable;
+use crac_operator::watches;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -43,26 +44,21 @@ pub fn start_operator_with(client: &Client, namespace: &str, agent_image: &str) 
         .try_init();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
-    let mut ctx = Context::new(
-        client.clone(),
-        BuildConfig {
-            agent_image: agent_image.into(),
-        },
-        metrics,
-        format!("test-{namespace}"),
-    );
-    ctx.retry_base = TEST_RETRY_BASE;
-    ctx.activator = crac_operator::controller::ActivatorRef {
-        namespace: ACTIVATOR_NAMESPACE.into(),
-        selector: format!("{ACTIVATOR_LABEL}={namespace}"),
-    };
     // One operator would hand out activator ports cluster-wide; the in-process operators of
     // tests running at once share one table so they never hand out the same port twice.
-    static PORTS: std::sync::OnceLock<crac_operator::controller::PortTable> =
-        std::sync::OnceLock::new();
-    ctx.activator_ports = PORTS.get_or_init(Default::default).clone();
-    let ctx = Arc::new(ctx);
-    let task = tokio::spawn(controller::run(ctx, 4, Some(namespace.to_string()), || {}));
+    static PORTS: std::sync::OnceLock<PortTable> = std::sync::OnceLock::new();
+    let settings = Settings {
+        retry_base: TEST_RETRY_BASE,
+        activator: ActivatorRef {
+            namespace: ACTIVATOR_NAMESPACE.into(),
+            selector: format!("{ACTIVATOR_LABEL}={namespace}"),
+        },
+        namespace: Some(namespace.to_string()),
+        activator_ports: PORTS.get_or_init(Default::default).clone(),
+        ..Settings::new(agent_image, format!("test-{namespace}"))
+    };
+    let ctx = Arc::new(Context::new(client.clone(), settings, metrics));
+    let task = tokio::spawn(watches::run(ctx, 4, || {}));
     OperatorHandle { task }
 }
 
@@ -184,7 +180,7 @@ pub async fn stand_in_activator(client: &Client, test_namespace: &str) -> String
         std::time::Duration::from_secs(60),
         || async {
             let p = pods.get(&name).await.ok()?;
-            crac_operator::sleep::ready_ip(&p)
+            crac_api::serving::serving_address(&p).map(String::from)
         },
     )
     .await

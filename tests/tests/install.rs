@@ -9,10 +9,10 @@
 use crac_api::CracApp;
 use crac_api::labels;
 use crac_api::policy::CracScalePolicy;
-use crac_operator::build::BuildConfig;
-use crac_operator::controller::{self, Context};
+use crac_operator::context::{Context, Settings};
 use crac_operator::leader::{self, LeaseSettings};
 use crac_operator::metrics::Metrics;
+use crac_operator::watches;
 use crac_tests::operator::{end_checkpoint_pod, example_app, running_job_pods, success};
 use crac_tests::{TestNamespace, client, kubeconfig_path, kubectl, repo_root, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -475,25 +475,26 @@ async fn helm_install_runs_the_operator_with_minimal_rbac() {
 
     // The operator, in-process, as the chart's ServiceAccount.
     let mut registry = prometheus_client::registry::Registry::default();
+    let settings = Settings {
+        namespace: Some(ns.name.clone()),
+        ..Settings::new("crac-agent:test", "install-test")
+    };
     let ctx = Arc::new(Context::new(
         operator_client.clone(),
-        BuildConfig {
-            agent_image: "crac-agent:test".into(),
-        },
+        settings,
         Arc::new(Metrics::register(&mut registry)),
-        "install-test".into(),
     ));
     // What the binary's /readyz reports: set once the controller's watches have synced.
     let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let on_synced = synced.clone();
-    let operator = tokio::spawn(controller::run(ctx, 4, Some(ns.name.clone()), move || {
-        on_synced.store(true, std::sync::atomic::Ordering::Relaxed)
-    }));
     // The operator binary also keeps the policies' status (its own loop, beside the controller).
     let policy_status = tokio::spawn(crac_operator::policies::keep_status(
-        operator_client.clone(),
+        ctx.clone(),
         std::time::Duration::from_secs(1),
     ));
+    let operator = tokio::spawn(watches::run(ctx, 4, move || {
+        on_synced.store(true, std::sync::atomic::Ordering::Relaxed)
+    }));
 
     // The activator's watches and a wake request, as its ServiceAccount.
     let activator_registry = Arc::new(crac_activator::registry::Registry::new(Arc::new(

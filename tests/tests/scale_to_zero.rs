@@ -45,7 +45,7 @@ async fn restore_pod_ips(ns: &TestNamespace, app: &str) -> Vec<String> {
         .unwrap()
         .items
         .iter()
-        .filter_map(crac_operator::sleep::ready_ip)
+        .filter_map(|p| crac_api::serving::serving_address(p).map(String::from))
         .collect()
 }
 

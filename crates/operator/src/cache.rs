@@ -3,24 +3,26 @@
 //! With a thousand apps, most of the API server's work was the operator's own reads (a LIST of
 //! the namespace's pods, a GET of the Job on every reconcile) and server-side applies that
 //! changed nothing. Reads are served from stores filled by the watch streams that also
-//! trigger reconciles ([`crate::controller::run`]), so a reconcile triggered by a change always
-//! sees it. An object is applied again only when the operator wants something new, or when
+//! trigger reconciles ([`crate::watches::run`]), so a reconcile triggered by a change always
+//! sees it; a reconcile makes no GET or LIST. An object is applied again only when the operator wants something new, or when
 //! someone else changed it since the operator's last apply (its resourceVersion moved).
 //!
 //! A reconcile waits until every store holds a complete first listing, so it never mistakes
 //! "not loaded yet" for "no pods" (which would empty a Service) or "no policy".
 
 use crate::error::{Error, Result};
+use crac_api::CracApp;
 use crac_api::policy::CracScalePolicy;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::store::{Writer, WriterDropped};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,8 @@ use std::time::{Duration, Instant};
 /// Stores of what the watches saw. Objects the operator applies but only needs the version of
 /// are kept as metadata.
 pub struct Caches {
+    /// The CracApps (without their managedFields).
+    pub apps: Store<CracApp>,
     /// Pods the operator's objects created (checkpoint, restore and cleanup pods).
     pub pods: Store<Pod>,
     /// Every CracScalePolicy.
@@ -36,8 +40,15 @@ pub struct Caches {
     pub jobs: Store<Job>,
     pub deployments: Store<Deployment>,
     pub services: Store<PartialObjectMeta<Service>>,
+    /// Every claim where apps are watched: the apps' own, and the users' `existingClaim`s.
     pub claims: Store<PersistentVolumeClaim>,
     pub slices: Store<PartialObjectMeta<EndpointSlice>>,
+    /// Namespaces' labels, for policies that select namespaces.
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// Which StorageClasses exist, for apps that name one.
+    pub storage_classes: Store<PartialObjectMeta<StorageClass>>,
+    /// The activator pods sleeping apps' Services point at.
+    pub activators: Store<Pod>,
     /// What the operator last applied, per app.
     pub applied: Applied,
     /// Versions of apps whose status the operator has since written (see [`Superseded`]).
@@ -48,6 +59,7 @@ pub struct Caches {
 
 /// The write ends, taken once by the controller that feeds them.
 pub struct Writers {
+    pub apps: Writer<CracApp>,
     pub pods: Writer<Pod>,
     pub policies: Writer<CracScalePolicy>,
     pub jobs: Writer<Job>,
@@ -55,10 +67,14 @@ pub struct Writers {
     pub services: Writer<PartialObjectMeta<Service>>,
     pub claims: Writer<PersistentVolumeClaim>,
     pub slices: Writer<PartialObjectMeta<EndpointSlice>>,
+    pub namespaces: Writer<PartialObjectMeta<Namespace>>,
+    pub storage_classes: Writer<PartialObjectMeta<StorageClass>>,
+    pub activators: Writer<Pod>,
 }
 
 impl Default for Caches {
     fn default() -> Self {
+        let (apps, apps_writer) = reflector::store();
         let (pods, pods_writer) = reflector::store();
         let (policies, policies_writer) = reflector::store();
         let (jobs, jobs_writer) = reflector::store();
@@ -66,7 +82,11 @@ impl Default for Caches {
         let (services, services_writer) = reflector::store();
         let (claims, claims_writer) = reflector::store();
         let (slices, slices_writer) = reflector::store();
+        let (namespaces, namespaces_writer) = reflector::store();
+        let (storage_classes, storage_classes_writer) = reflector::store();
+        let (activators, activators_writer) = reflector::store();
         Caches {
+            apps,
             pods,
             policies,
             jobs,
@@ -74,10 +94,14 @@ impl Default for Caches {
             services,
             claims,
             slices,
+            namespaces,
+            storage_classes,
+            activators,
             applied: Applied::default(),
             superseded: Superseded::default(),
             all_ready: AtomicBool::new(false),
             writers: Mutex::new(Some(Writers {
+                apps: apps_writer,
                 pods: pods_writer,
                 policies: policies_writer,
                 jobs: jobs_writer,
@@ -85,6 +109,9 @@ impl Default for Caches {
                 services: services_writer,
                 claims: claims_writer,
                 slices: slices_writer,
+                namespaces: namespaces_writer,
+                storage_classes: storage_classes_writer,
+                activators: activators_writer,
             })),
         }
     }
@@ -102,6 +129,7 @@ impl Caches {
             return Ok(());
         }
         let gone = |_| Error::CacheGone;
+        until_ready(&self.apps).await.map_err(gone)?;
         until_ready(&self.pods).await.map_err(gone)?;
         until_ready(&self.policies).await.map_err(gone)?;
         until_ready(&self.jobs).await.map_err(gone)?;
@@ -109,6 +137,9 @@ impl Caches {
         until_ready(&self.services).await.map_err(gone)?;
         until_ready(&self.claims).await.map_err(gone)?;
         until_ready(&self.slices).await.map_err(gone)?;
+        until_ready(&self.namespaces).await.map_err(gone)?;
+        until_ready(&self.storage_classes).await.map_err(gone)?;
+        until_ready(&self.activators).await.map_err(gone)?;
         self.all_ready.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -135,6 +166,33 @@ impl Caches {
             .iter()
             .map(|p| CracScalePolicy::clone(p))
             .collect()
+    }
+
+    /// Each namespace's labels (empty when no policy selects namespaces: not needed then).
+    pub fn namespace_labels(
+        &self,
+        policies: &[CracScalePolicy],
+    ) -> BTreeMap<String, BTreeMap<String, String>> {
+        if policies.iter().all(|p| p.spec.namespace_selector.is_none()) {
+            return BTreeMap::new();
+        }
+        self.namespaces
+            .state()
+            .iter()
+            .map(|n| (n.name_any(), n.metadata.labels.clone().unwrap_or_default()))
+            .collect()
+    }
+
+    /// Addresses of the ready activator pods.
+    pub fn activator_ips(&self) -> Vec<String> {
+        let mut ips: Vec<String> = self
+            .activators
+            .state()
+            .iter()
+            .filter_map(|p| crac_api::serving::serving_address(p).map(String::from))
+            .collect();
+        ips.sort();
+        ips
     }
 }
 

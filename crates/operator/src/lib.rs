@@ -1,20 +1,23 @@
-//! The crac-operator library. Pure parts (validation, checkpoint id, builders, status) are
-//! apart from the parts that call the API (controller, leader election, server), and the
-//! binary only parses flags and wires them together.
+//! The crac-operator library. [`watches`] wires the controller and fills the caches;
+//! [`reconcile`] is one reconcile as a pipeline (observe → decide → apply → report). Pure
+//! parts (validation, checkpoint id, the builders in [`build`], the scale-to-zero cycle in
+//! [`scale`], the decisions) have no client in sight; the binary only parses flags, builds a
+//! [`context::Context`] and runs.
 
 pub mod build;
 pub mod cache;
 pub mod checkpoint_id;
 pub mod checkpoint_pod;
-pub mod controller;
+pub mod context;
 pub mod crds;
 pub mod error;
 pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod policies;
+pub mod ports;
+pub mod reconcile;
 pub mod scale;
 pub mod server;
-pub mod sleep;
-pub mod status;
 pub mod validate;
+pub mod watches;

@@ -1,11 +1,13 @@
 //! `crac-operator`: reconciles CracApps. Flags and environment only; the work is in the library.
 
 use clap::Parser;
-use crac_operator::build::BuildConfig;
-use crac_operator::controller::{self, ActivatorRef, Context};
+use crac_operator::context::{
+    ActivatorRef, Context, DEFAULT_ACTIVATOR_NAMESPACE, DEFAULT_ACTIVATOR_SELECTOR, Settings,
+};
 use crac_operator::leader::{self, LeaseSettings};
 use crac_operator::metrics::Metrics;
 use crac_operator::server::{self, Health};
+use crac_operator::watches;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use prometheus_client::registry::Registry;
@@ -36,14 +38,10 @@ struct Args {
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
     /// Namespace of the activator pods sleeping apps' Services point at.
-    #[arg(long, env = "CRAC_ACTIVATOR_NAMESPACE", default_value = "crac-system")]
+    #[arg(long, env = "CRAC_ACTIVATOR_NAMESPACE", default_value = DEFAULT_ACTIVATOR_NAMESPACE)]
     activator_namespace: String,
     /// Label selector of the activator pods.
-    #[arg(
-        long,
-        env = "CRAC_ACTIVATOR_SELECTOR",
-        default_value = "app.kubernetes.io/name=crac-activator"
-    )]
+    #[arg(long, env = "CRAC_ACTIVATOR_SELECTOR", default_value = DEFAULT_ACTIVATOR_SELECTOR)]
     activator_selector: String,
     /// Reconcile CracApps of this namespace only (default: all namespaces).
     #[arg(long, env = "CRAC_WATCH_NAMESPACE")]
@@ -97,25 +95,21 @@ async fn main() -> anyhow::Result<()> {
         health.ready.store(false, Ordering::Relaxed);
     }
 
-    let mut ctx = Context::new(
-        client,
-        BuildConfig {
-            agent_image: args.agent_image,
+    let settings = Settings {
+        activator: ActivatorRef {
+            namespace: args.activator_namespace,
+            selector: args.activator_selector,
         },
-        metrics,
-        identity,
-    );
-    ctx.activator = ActivatorRef {
-        namespace: args.activator_namespace,
-        selector: args.activator_selector,
+        namespace: args.namespace,
+        ..Settings::new(args.agent_image, identity)
     };
-    let ctx = Arc::new(ctx);
+    let ctx = Arc::new(Context::new(client, settings, metrics));
     tokio::spawn(crac_operator::policies::keep_status(
-        ctx.client.clone(),
+        ctx.clone(),
         Duration::from_secs(10),
     ));
     let ready = health.clone();
-    let run = controller::run(ctx, args.concurrency, args.namespace, move || {
+    let run = watches::run(ctx, args.concurrency, move || {
         ready.ready.store(true, Ordering::Relaxed)
     });
     if args.leader_elect {

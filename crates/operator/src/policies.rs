@@ -1,14 +1,16 @@
 //! Keeps each CracScalePolicy's status saying which apps it governs. A small periodic loop
-//! rather than a controller: policies are few, and their status is informational.
+//! over the controller's caches rather than a controller: policies are few, and their status
+//! is informational.
 
+use crate::context::Context;
 use crate::scale::governing_policy;
 use crac_api::CracApp;
 use crac_api::labels;
 use crac_api::policy::{CracScalePolicy, CracScalePolicyStatus};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How many app names a policy's status lists.
@@ -47,28 +49,21 @@ pub fn statuses(
     out
 }
 
-async fn update_once(client: &Client) -> kube::Result<()> {
-    let policies_api = Api::<CracScalePolicy>::all(client.clone());
-    let policies = policies_api.list(&ListParams::default()).await?.items;
+/// Writes each policy's status where it differs from what the caches say it should be.
+async fn update_once(ctx: &Context) -> kube::Result<()> {
+    let caches = &ctx.caches;
+    let policies = caches.policies();
     if policies.is_empty() {
         return Ok(());
     }
-    let apps = Api::<CracApp>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let namespaces = if policies.iter().any(|p| p.spec.namespace_selector.is_some()) {
-        Api::<Namespace>::all(client.clone())
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .map(|n| (n.name_any(), n.metadata.labels.unwrap_or_default()))
-            .collect()
-    } else {
-        BTreeMap::new()
-    };
-    let wanted = statuses(&policies, &apps, &namespaces);
+    let apps: Vec<CracApp> = caches
+        .apps
+        .state()
+        .iter()
+        .map(|a| CracApp::clone(a))
+        .collect();
+    let wanted = statuses(&policies, &apps, &caches.namespace_labels(&policies));
+    let api = Api::<CracScalePolicy>::all(ctx.client.clone());
     for policy in &policies {
         let name = policy.name_any();
         let Some(status) = wanted.get(&name) else {
@@ -80,21 +75,24 @@ async fn update_once(client: &Client) -> kube::Result<()> {
         let patch = serde_json::json!({
             "apiVersion": "crac.dev/v1alpha1", "kind": "CracScalePolicy", "status": status
         });
-        policies_api
-            .patch_status(
-                &name,
-                &PatchParams::apply(labels::MANAGER).force(),
-                &Patch::Apply(patch),
-            )
-            .await?;
+        api.patch_status(
+            &name,
+            &PatchParams::apply(labels::MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?;
     }
     Ok(())
 }
 
-/// Updates the policies' status every `every`, forever.
-pub async fn keep_status(client: Client, every: Duration) {
+/// Updates the policies' status every `every`, forever, from the controller's caches (so it
+/// waits until the controller runs and its caches are filled).
+pub async fn keep_status(ctx: Arc<Context>, every: Duration) {
+    if ctx.caches.ready().await.is_err() {
+        return;
+    }
     loop {
-        if let Err(e) = update_once(&client).await {
+        if let Err(e) = update_once(&ctx).await {
             tracing::warn!(error = %e, "could not update CracScalePolicy status");
         }
         tokio::time::sleep(every).await;

@@ -15,6 +15,11 @@ use kube::ResourceExt;
 /// How long a cleanup may take before the Job fails (and the operator tries again).
 pub const CLEANUP_DEADLINE_SECONDS: i64 = 300;
 
+/// The cleanup Job's name (one per app: it runs once, as the app goes).
+pub fn cleanup_job_name(app: &CracApp) -> String {
+    format!("{}-crac-cleanup", app_name(app))
+}
+
 /// The Job that runs `crac-agent clean <image dir of the app>` on `claim`.
 ///
 /// The checkpoint pod wrote those files as whatever user the app's image runs as (often

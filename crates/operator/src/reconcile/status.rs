@@ -1,5 +1,5 @@
 //! Status from observations: the phase, the conditions and the Events to publish, computed
-//! without a cluster. The reconciler gathers an [`Observed`]; this module decides.
+//! without a cluster, from a [`StatusInput`] the decide step fills in.
 
 use crac_api::cracapp::Phase;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -42,7 +42,7 @@ pub struct Rollout {
 
 /// Everything the status depends on.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Observed {
+pub struct StatusInput {
     pub generation: Option<i64>,
     pub checkpoint: CheckpointProgress,
     /// Whether any image is published (the pods' one, possibly older than the spec).
@@ -51,7 +51,7 @@ pub struct Observed {
     pub asleep: bool,
 }
 
-pub fn phase_for(o: &Observed) -> Phase {
+pub fn phase_for(o: &StatusInput) -> Phase {
     match (&o.checkpoint, o.has_image) {
         (CheckpointProgress::InvalidSpec { .. }, false) => Phase::Failed,
         (CheckpointProgress::StorageProblem { .. }, false) => Phase::Pending,
@@ -77,7 +77,7 @@ fn cond(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Cond
     }
 }
 
-pub fn conditions_for(o: &Observed, previous: &[Condition], now: Timestamp) -> Vec<Condition> {
+pub fn conditions_for(o: &StatusInput, previous: &[Condition], now: Timestamp) -> Vec<Condition> {
     let checkpoint = match &o.checkpoint {
         CheckpointProgress::Current => cond(
             CHECKPOINT_READY,
@@ -226,8 +226,8 @@ mod tests {
         checkpoint: CheckpointProgress,
         has_image: bool,
         rollout: Option<Rollout>,
-    ) -> Observed {
-        Observed {
+    ) -> StatusInput {
+        StatusInput {
             generation: Some(3),
             checkpoint,
             has_image,

@@ -1,0 +1,124 @@
+//! The apply step: the decided objects, in order (claim, checkpoint Job, Deployment, Service,
+//! EndpointSlice), by server-side apply with one field manager, each skipped when it would
+//! change nothing (see [`crate::cache::Applied`]).
+
+use super::checkpoint::Outcome;
+use super::decide::Decision;
+use super::observe::Observed;
+use crate::build::app_name;
+use crate::cache::{self, Live};
+use crate::context::Context;
+use crate::error::Result;
+use crac_api::{CracApp, labels};
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use tracing::info;
+
+pub async fn apply(
+    ctx: &Context,
+    app: &CracApp,
+    seen: &Observed,
+    decision: &Decision,
+) -> Result<()> {
+    if let Some(claim) = &decision.claim {
+        apply_changed(ctx, app, claim, seen.claim.clone().map(Live::of)).await?;
+    }
+    if let Some(job) = &decision.job {
+        // Until the watch delivers the new Job, a reconcile finds none and applies the same
+        // Job again (a no-op for the API server); only the first apply is counted.
+        let key = ("Job".to_string(), job.name_any());
+        let first = !ctx.caches.applied.knows(&seen.key, &key);
+        apply_changed(ctx, app, job, None).await?;
+        if first {
+            ctx.metrics.checkpoints_started.inc();
+            info!(job = %key.1, "checkpoint Job created");
+        }
+    }
+    match &decision.outcome {
+        Some(Outcome::Published { seconds }) => {
+            if let Some(secs) = seconds {
+                ctx.metrics.checkpoint_seconds.observe(*secs);
+            }
+            info!("checkpoint image published");
+        }
+        Some(Outcome::Failed { reason }) => {
+            ctx.metrics
+                .checkpoint_failures
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: reason.clone(),
+                })
+                .inc();
+        }
+        None => {}
+    }
+    if let Some(deployment) = &decision.deployment {
+        let live = seen.deployment.clone().map(Live::of);
+        apply_changed(ctx, app, deployment, live).await?;
+    }
+    if let Some(service) = &decision.service {
+        let live = seen.service.as_deref().map(Live::version_of);
+        apply_changed(ctx, app, service, live).await?;
+    }
+    if let Some(slice) = &decision.slice {
+        let live = seen.slice.as_deref().map(Live::version_of);
+        apply_changed(ctx, app, slice, live).await?;
+    }
+    Ok(())
+}
+
+pub fn apply_params() -> PatchParams {
+    PatchParams::apply(labels::MANAGER).force()
+}
+
+/// Server-side applies `obj` in namespace `ns`; what the API server answered.
+pub async fn apply_object<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let mut body = serde_json::to_value(obj).expect("Kubernetes objects serialize");
+    body["apiVersion"] = K::api_version(&()).into();
+    body["kind"] = K::kind(&()).into();
+    Ok(api
+        .patch(&name, &apply_params(), &Patch::Apply(body))
+        .await?)
+}
+
+/// Applies `obj` unless that would change nothing: the same object was applied last and the
+/// object `live` (from the caches) still holds it.
+async fn apply_changed<K>(ctx: &Context, app: &CracApp, obj: &K, live: Option<Live>) -> Result<()>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let ns = app.namespace().unwrap_or_default();
+    let owner = (ns.clone(), app_name(app).to_string());
+    let key = (
+        K::kind(&()).to_string(),
+        obj.meta().name.clone().unwrap_or_default(),
+    );
+    let body = serde_json::to_value(obj).expect("Kubernetes objects serialize");
+    let hash = cache::body_hash(&body);
+    if let Some(live) = &live
+        && ctx
+            .caches
+            .applied
+            .unchanged(&owner, &key, hash, &body, live)
+    {
+        return Ok(());
+    }
+    let answer = apply_object(&ctx.client, &ns, obj).await?;
+    let version = answer.meta().resource_version.clone().unwrap_or_default();
+    let over = live.map(|l| l.version);
+    ctx.caches.applied.record(owner, key, hash, over, version);
+    Ok(())
+}

@@ -1,0 +1,455 @@
+//! The checkpoint decision, without a cluster: given the published image, the pending
+//! checkpoint (with its last failure, as data), the Job of the current attempt and its pods,
+//! what the status says and whether a Job is to be created.
+
+use super::status::{CheckpointProgress, retry_backoff};
+use crate::checkpoint_pod::{failure_of, summary_of};
+use crac_api::agent::AgentSummary;
+use crac_api::cracapp::{CheckpointStatus, Engine, PendingCheckpoint};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{RoundMode, Timestamp, TimestampRound, Unit};
+use std::time::Duration;
+
+/// What the checkpoint step found, and what it wants.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointDecision {
+    pub progress: CheckpointProgress,
+    /// The image the pods restore from, after this step.
+    pub checkpoint: Option<CheckpointStatus>,
+    pub pending: Option<PendingCheckpoint>,
+    /// Create the Job of this attempt (its name is [`attempt_of`]'s).
+    pub start_job: bool,
+    /// Look again then (a retry's backoff ends).
+    pub requeue: Option<Duration>,
+    /// What happened, for metrics and logs.
+    pub outcome: Option<Outcome>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Published { seconds: Option<f64> },
+    Failed { reason: String },
+}
+
+/// The pending checkpoint of `id`: the one recorded, or a fresh one.
+pub fn pending_for(recorded: Option<&PendingCheckpoint>, id: &str) -> PendingCheckpoint {
+    recorded
+        .filter(|p| p.id == id)
+        .cloned()
+        .unwrap_or_else(|| PendingCheckpoint {
+            id: id.to_string(),
+            ..Default::default()
+        })
+}
+
+/// What the checkpoint Job of the current attempt is doing, as far as the caches know.
+pub struct AttemptSeen<'a> {
+    pub job: Option<&'a Job>,
+    pub pods: &'a [Pod],
+}
+
+/// Decides the checkpoint step for the spec whose image is `id`.
+pub fn decide(
+    published: Option<&CheckpointStatus>,
+    recorded: Option<&PendingCheckpoint>,
+    id: &str,
+    engine: Engine,
+    seen: &AttemptSeen<'_>,
+    retry_base: Duration,
+    now: Timestamp,
+) -> CheckpointDecision {
+    if published.is_some_and(|c| c.id == id) {
+        return CheckpointDecision {
+            progress: CheckpointProgress::Current,
+            checkpoint: published.cloned(),
+            pending: None,
+            start_job: false,
+            requeue: None,
+            outcome: None,
+        };
+    }
+    let mut pending = pending_for(recorded, id);
+    let unchanged = |progress, pending, start_job, requeue| CheckpointDecision {
+        progress,
+        checkpoint: published.cloned(),
+        pending: Some(pending),
+        start_job,
+        requeue,
+        outcome: None,
+    };
+    match seen.job {
+        None => match backoff_remaining(&pending, retry_base, now) {
+            Some(wait) => {
+                let (reason, message) = last_failure(&pending);
+                let message = retry_message(&message, &pending, retry_base);
+                let progress = CheckpointProgress::Failed {
+                    failures: pending.failures,
+                    reason,
+                    message,
+                };
+                unchanged(progress, pending, false, Some(wait))
+            }
+            None => {
+                let progress = CheckpointProgress::Running {
+                    attempt: pending.failures,
+                    last_failure: None,
+                };
+                unchanged(progress, pending, true, None)
+            }
+        },
+        Some(job) if job_finished(job, "Complete") => {
+            let summary = seen
+                .pods
+                .iter()
+                .filter(|p| phase(p) == Some("Succeeded"))
+                .find_map(summary_of)
+                .unwrap_or_default();
+            let image = published_image(job, &summary, engine, id, now);
+            CheckpointDecision {
+                progress: CheckpointProgress::Current,
+                outcome: Some(Outcome::Published {
+                    seconds: image.duration_seconds,
+                }),
+                checkpoint: Some(image),
+                pending: None,
+                start_job: false,
+                requeue: None,
+            }
+        }
+        Some(job) if job_finished(job, "Failed") => {
+            let summary = newest_failure(seen.pods).unwrap_or_else(|| AgentSummary {
+                reason: job_condition_reason(job, "Failed"),
+                message: Some("the checkpoint Job failed".into()),
+                ..Default::default()
+            });
+            let (reason, message) = failure_of(&summary);
+            pending.failures += 1;
+            pending.last_failure_time = Some(Time(now));
+            pending.last_failure_reason = Some(reason.clone());
+            pending.last_failure_message = Some(message.clone());
+            let wait = retry_backoff(pending.failures, retry_base);
+            let progress = CheckpointProgress::Failed {
+                failures: pending.failures,
+                reason: reason.clone(),
+                message: retry_message(&message, &pending, retry_base),
+            };
+            CheckpointDecision {
+                outcome: Some(Outcome::Failed { reason }),
+                ..unchanged(progress, pending, false, Some(wait))
+            }
+        }
+        Some(_) => {
+            let last_failure = newest_failure(seen.pods).map(|s| {
+                let (reason, message) = failure_of(&s);
+                format!("{reason}: {message}")
+            });
+            let progress = CheckpointProgress::Running {
+                attempt: pending.failures,
+                last_failure,
+            };
+            unchanged(progress, pending, false, None)
+        }
+    }
+}
+
+fn phase(pod: &Pod) -> Option<&str> {
+    pod.status.as_ref()?.phase.as_deref()
+}
+
+/// When the next checkpoint attempt is due: the last failure plus its backoff.
+fn retry_due(pending: &PendingCheckpoint, base: Duration) -> Option<Timestamp> {
+    Some(pending.last_failure_time.as_ref()?.0 + retry_backoff(pending.failures, base))
+}
+
+fn backoff_remaining(
+    pending: &PendingCheckpoint,
+    base: Duration,
+    now: Timestamp,
+) -> Option<Duration> {
+    let due = retry_due(pending, base)?;
+    (due > now).then(|| Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO))
+}
+
+/// The reason and message of the last failure, as recorded in the pending checkpoint.
+fn last_failure(pending: &PendingCheckpoint) -> (String, String) {
+    (
+        pending
+            .last_failure_reason
+            .clone()
+            .unwrap_or_else(|| "CheckpointFailed".into()),
+        pending
+            .last_failure_message
+            .clone()
+            .unwrap_or_else(|| "the last checkpoint failed".into()),
+    )
+}
+
+/// A failure's message with when the next attempt starts, as a time rather than a countdown:
+/// the text stays the same through the backoff, so reconciles during it publish no new Event.
+fn retry_message(message: &str, pending: &PendingCheckpoint, base: Duration) -> String {
+    let due = retry_due(pending, base).unwrap_or(Timestamp::UNIX_EPOCH);
+    // Truncated, not rounded: the status keeps the failure time in whole seconds, so a
+    // reconcile that reads it back must name the same second as the one that wrote it.
+    let whole_seconds = TimestampRound::new()
+        .smallest(Unit::Second)
+        .mode(RoundMode::Trunc);
+    let due = due.round(whole_seconds).unwrap_or(due);
+    format!("{message} (attempt {} at {due})", pending.failures + 1)
+}
+
+pub fn job_finished(job: &Job, type_: &str) -> bool {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
+}
+
+fn job_condition_reason(job: &Job, type_: &str) -> Option<String> {
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)?
+        .reason
+        .clone()
+}
+
+/// The report of the most recently created failed pod.
+fn newest_failure(pods: &[Pod]) -> Option<AgentSummary> {
+    pods.iter()
+        .filter(|p| phase(p) == Some("Failed"))
+        .max_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0))
+        .and_then(summary_of)
+}
+
+/// The image a completed Job published.
+fn published_image(
+    job: &Job,
+    summary: &AgentSummary,
+    engine: Engine,
+    id: &str,
+    now: Timestamp,
+) -> CheckpointStatus {
+    let status = job.status.as_ref();
+    let started = status.and_then(|s| s.start_time.as_ref()).map(|t| t.0);
+    let finished = status.and_then(|s| s.completion_time.as_ref()).map(|t| t.0);
+    let duration_seconds = match (started, finished) {
+        (Some(s), Some(f)) => Some(f.duration_since(s).as_secs_f64()),
+        _ => None,
+    };
+    CheckpointStatus {
+        id: id.to_string(),
+        created_at: Some(Time(finished.unwrap_or(now))),
+        size_bytes: summary.image_bytes,
+        duration_seconds,
+        jdk: summary.jdk.clone(),
+        engine: Some(engine),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crac_api::agent::Outcome as AgentOutcome;
+
+    const BASE: Duration = Duration::from_secs(30);
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap()
+    }
+
+    fn failed_at(secs: i64, failures: i32) -> PendingCheckpoint {
+        PendingCheckpoint {
+            id: "abc".into(),
+            failures,
+            last_failure_time: Some(Time(t(secs))),
+            last_failure_reason: Some("OpenSockets".into()),
+            last_failure_message: Some("the JVM holds a connection".into()),
+        }
+    }
+
+    fn job(condition: Option<&str>) -> Job {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "demo-ckpt-abc-0" },
+            "status": {
+                "startTime": "2027-01-15T08:00:00Z",
+                "completionTime": "2027-01-15T08:00:04Z",
+                "conditions": condition.map(|c| vec![serde_json::json!({ "type": c, "status": "True", "reason": "BackoffLimitExceeded" })]),
+            }
+        }))
+        .unwrap()
+    }
+
+    fn ended_pod(name: &str, created: &str, summary: &AgentSummary) -> Pod {
+        let ok = summary.outcome == Some(AgentOutcome::Checkpointed);
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "creationTimestamp": created },
+            "status": {
+                "phase": if ok { "Succeeded" } else { "Failed" },
+                "containerStatuses": [{ "name": "app", "image": "x", "imageID": "", "ready": false,
+                    "restartCount": 0, "state": { "terminated": {
+                        "exitCode": if ok { 0 } else { 1 },
+                        "message": serde_json::to_string(summary).unwrap() } } }]
+            }
+        }))
+        .unwrap()
+    }
+
+    fn failure(reason: &str) -> AgentSummary {
+        AgentSummary {
+            outcome: Some(AgentOutcome::Failed),
+            reason: Some(reason.into()),
+            message: Some(format!("{reason} happened")),
+            ..Default::default()
+        }
+    }
+
+    fn decide_with(
+        recorded: Option<&PendingCheckpoint>,
+        job: Option<&Job>,
+        pods: &[Pod],
+        now: Timestamp,
+    ) -> CheckpointDecision {
+        let seen = AttemptSeen { job, pods };
+        decide(None, recorded, "abc", Engine::Criu, &seen, BASE, now)
+    }
+
+    #[test]
+    fn a_current_image_needs_no_job_and_clears_the_pending_checkpoint() {
+        let image = CheckpointStatus {
+            id: "abc".into(),
+            ..Default::default()
+        };
+        let seen = AttemptSeen {
+            job: None,
+            pods: &[],
+        };
+        let d = decide(
+            Some(&image),
+            Some(&failed_at(0, 2)),
+            "abc",
+            Engine::Criu,
+            &seen,
+            BASE,
+            t(10),
+        );
+        assert_eq!(d.progress, CheckpointProgress::Current);
+        assert_eq!(d.pending, None);
+        assert!(!d.start_job);
+    }
+
+    #[test]
+    fn no_job_starts_one_unless_a_backoff_runs() {
+        let d = decide_with(None, None, &[], t(1_800_000_000));
+        assert!(d.start_job);
+        assert_eq!(d.pending.as_ref().map(|p| p.failures), Some(0));
+
+        let pending = failed_at(1_800_000_000, 1);
+        let during = decide_with(Some(&pending), None, &[], t(1_800_000_010));
+        assert!(!during.start_job);
+        assert_eq!(during.requeue, Some(Duration::from_secs(20)));
+        let after = decide_with(Some(&pending), None, &[], t(1_800_000_031));
+        assert!(after.start_job, "the backoff is over");
+        // A pending checkpoint of another id (the spec moved on) starts afresh.
+        let mut other = pending.clone();
+        other.id = "old".into();
+        assert!(decide_with(Some(&other), None, &[], t(1_800_000_010)).start_job);
+    }
+
+    #[test]
+    fn a_failure_during_the_backoff_is_reported_from_data_with_a_stable_message() {
+        let pending = failed_at(1_800_000_000, 1);
+        let at = |secs| decide_with(Some(&pending), None, &[], t(secs)).progress;
+        let expected = CheckpointProgress::Failed {
+            failures: 1,
+            reason: "OpenSockets".into(),
+            message: "the JVM holds a connection (attempt 2 at 2027-01-15T08:00:30Z)".into(),
+        };
+        // The same text on every reconcile (no countdown): no new Event each time.
+        assert_eq!(at(1_800_000_001), expected);
+        assert_eq!(at(1_800_000_020), expected);
+        // The reconcile that records a failure has its sub-second time; later ones read it
+        // back from the status in whole seconds: both name the same next attempt.
+        let mut precise = pending.clone();
+        precise.last_failure_time = Some(Time(t(1_800_000_000) + Duration::from_millis(700)));
+        assert_eq!(
+            retry_message("the JVM holds a connection", &precise, BASE),
+            "the JVM holds a connection (attempt 2 at 2027-01-15T08:00:30Z)"
+        );
+        // Rewording the message cannot lose the reason: it is not parsed from the text.
+        let mut reworded = pending.clone();
+        reworded.last_failure_message = Some("something else (attempt 9 starts in 1s)".into());
+        assert_eq!(last_failure(&reworded).0, "OpenSockets");
+    }
+
+    #[test]
+    fn a_failed_job_records_the_newest_pods_reason_and_backs_off() {
+        let pods = [
+            ended_pod("a", "2027-01-15T08:00:00Z", &failure("Older")),
+            ended_pod("b", "2027-01-15T08:00:02Z", &failure("OpenSockets")),
+        ];
+        let now = t(1_800_000_100);
+        let d = decide_with(None, Some(&job(Some("Failed"))), &pods, now);
+        let pending = d.pending.expect("still pending");
+        assert_eq!(pending.failures, 1);
+        assert_eq!(pending.last_failure_reason.as_deref(), Some("OpenSockets"));
+        assert_eq!(pending.last_failure_time, Some(Time(now)));
+        assert_eq!(d.requeue, Some(BASE));
+        assert_eq!(
+            d.outcome,
+            Some(Outcome::Failed {
+                reason: "OpenSockets".into()
+            })
+        );
+        // Without any pod report, the Job's own reason.
+        let bare = decide_with(None, Some(&job(Some("Failed"))), &[], now);
+        assert_eq!(
+            bare.pending.and_then(|p| p.last_failure_reason).as_deref(),
+            Some("BackoffLimitExceeded")
+        );
+    }
+
+    #[test]
+    fn a_complete_job_publishes_the_image_the_agent_reported() {
+        let report = AgentSummary {
+            outcome: Some(AgentOutcome::Checkpointed),
+            image_bytes: Some(59_000_000),
+            jdk: Some("17.0.15".into()),
+            ..Default::default()
+        };
+        let pods = [ended_pod("a", "2027-01-15T08:00:00Z", &report)];
+        let d = decide_with(
+            Some(&failed_at(0, 1)),
+            Some(&job(Some("Complete"))),
+            &pods,
+            t(5),
+        );
+        let image = d.checkpoint.expect("published");
+        assert_eq!(image.id, "abc");
+        assert_eq!(image.size_bytes, Some(59_000_000));
+        assert_eq!(image.duration_seconds, Some(4.0));
+        assert_eq!(d.pending, None);
+        assert_eq!(d.progress, CheckpointProgress::Current);
+    }
+
+    #[test]
+    fn a_running_job_names_a_failed_pod_it_retries() {
+        let pods = [ended_pod(
+            "a",
+            "2027-01-15T08:00:00Z",
+            &failure("OutOfMemory"),
+        )];
+        let d = decide_with(None, Some(&job(None)), &pods, t(5));
+        assert_eq!(
+            d.progress,
+            CheckpointProgress::Running {
+                attempt: 0,
+                last_failure: Some("OutOfMemory: OutOfMemory happened".into())
+            }
+        );
+        assert!(!d.start_job);
+    }
+}

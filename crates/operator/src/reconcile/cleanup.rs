@@ -1,0 +1,60 @@
+//! Before a CracApp with images on a shared `existingClaim` goes: a short Job running the
+//! agent's `clean` command removes them (the app's own claim goes with it by owner reference).
+
+use super::apply::apply_object;
+use super::checkpoint::job_finished;
+use crate::build::app_name;
+use crate::build::cleanup::{cleanup_job_for, cleanup_job_name};
+use crate::cache::cached;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::events::Note;
+use crac_api::CracApp;
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use tracing::warn;
+
+/// Drops what the operator remembers of an app that is going.
+pub fn forget(app: &CracApp, ctx: &Context) {
+    let key = (
+        app.namespace().unwrap_or_default(),
+        app_name(app).to_string(),
+    );
+    ctx.caches.applied.forget(&key);
+    ctx.caches.superseded.forget(&key);
+}
+
+pub async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
+    forget(app, ctx);
+    let ns = app.namespace().unwrap_or_default();
+    let Some(claim) = app.spec.checkpoint.storage.existing_claim.clone() else {
+        return Ok(Action::await_change());
+    };
+    let name = cleanup_job_name(app);
+    ctx.caches.ready().await?;
+    match cached(&ctx.caches.jobs, &ns, &name) {
+        None => {
+            let job = cleanup_job_for(app, &name, &claim, &ctx.config);
+            apply_object(&ctx.client, &ns, &job).await?;
+            Err(Error::CleanupPending { claim })
+        }
+        Some(job) if job_finished(&job, "Complete") => Ok(Action::await_change()),
+        Some(job) if job_finished(&job, "Failed") => {
+            let note = Note {
+                warning: true,
+                reason: "CleanupFailed",
+                action: "Cleanup",
+                message: format!(
+                    "could not remove the app's images from claim {claim:?}; remove {}/{} by hand",
+                    crac_api::agent::IMAGE_MOUNT,
+                    app_name(app)
+                ),
+            };
+            if let Err(e) = ctx.events.publish(&note, &app.object_ref(&())).await {
+                warn!(error = %e, "could not publish an Event");
+            }
+            Ok(Action::await_change())
+        }
+        Some(_) => Err(Error::CleanupPending { claim }),
+    }
+}

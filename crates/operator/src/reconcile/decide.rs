@@ -1,0 +1,299 @@
+//! What should exist and what the status should say, decided from an [`Observed`] without a
+//! cluster: the claim, the checkpoint Job, the restore Deployment (on the template of the
+//! published image), the Service and its endpoints, the next status and its Events, and when
+//! to look again.
+
+use super::checkpoint::{self, AttemptSeen, CheckpointDecision};
+use super::cycle::{self, Plan};
+use super::observe::{Observed, Spec};
+use super::status::{
+    CheckpointProgress, Rollout, StatusInput, conditions_for, phase_for, transitions,
+};
+use crate::build::BuildConfig;
+use crate::build::deployment::{restore_deployment_for, restored_id};
+use crate::build::job::checkpoint_job_for;
+use crate::build::pvc::images_claim_for;
+use crate::build::service::{Backends, endpoint_slice_for, service_for};
+use crate::scale::{Cycle, Step};
+use crac_api::cracapp::{CracAppStatus, ServingMode};
+use crac_api::{CracApp, labels};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::time::Duration;
+
+/// Periodic resync of a healthy app (catches drift nobody told us about).
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// How soon to look again at a storage problem the operator cannot fix itself (a claim
+/// appearing triggers a reconcile sooner; a StorageClass appearing does not).
+pub const STORAGE_RETRY: Duration = Duration::from_secs(300);
+
+/// Everything the apply and status steps carry out.
+#[derive(Debug, Default)]
+pub struct Decision {
+    /// The objects that should exist, in the order they are applied.
+    pub claim: Option<PersistentVolumeClaim>,
+    pub job: Option<Job>,
+    pub deployment: Option<Deployment>,
+    pub service: Option<Service>,
+    pub slice: Option<EndpointSlice>,
+    /// What the checkpoint step saw happen (for metrics and logs).
+    pub outcome: Option<checkpoint::Outcome>,
+    pub status: CracAppStatus,
+    /// Events to publish, in order.
+    pub events: Vec<Note>,
+    /// Look again after this long; `None` waits for a change.
+    pub requeue: Option<Duration>,
+}
+
+/// One Event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+pub fn decide(
+    app: &CracApp,
+    seen: &Observed,
+    config: &BuildConfig,
+    retry_base: Duration,
+) -> Decision {
+    let spec = match &seen.spec {
+        Ok(spec) => spec,
+        // A spec the operator cannot act on is reported; nothing is torn down, so an app that
+        // was serving keeps serving its previous image.
+        Err(message) => {
+            let progress = CheckpointProgress::InvalidSpec {
+                message: message.clone(),
+            };
+            return reported_only(app, seen, progress, None);
+        }
+    };
+    if let Some((reason, message)) = &seen.storage_problem {
+        let progress = CheckpointProgress::StorageProblem {
+            reason: reason.clone(),
+            message: message.clone(),
+        };
+        return reported_only(app, seen, progress, Some(STORAGE_RETRY));
+    }
+
+    let mut next = carried_over(app, &seen.previous);
+    let checkpoint = checkpoint::decide(
+        seen.previous.checkpoint.as_ref(),
+        seen.previous.pending_checkpoint.as_ref(),
+        &spec.id,
+        app.spec.checkpoint.engine,
+        &AttemptSeen {
+            job: seen.job.as_deref(),
+            pods: &seen.job_pods,
+        },
+        retry_base,
+        seen.now,
+    );
+    next.checkpoint = checkpoint.checkpoint.clone();
+    next.pending_checkpoint = checkpoint.pending.clone();
+    let job = checkpoint.start_job.then(|| {
+        let attempt = checkpoint.pending.as_ref().map_or(0, |p| p.failures);
+        checkpoint_job_for(app, &spec.validated, &spec.id, attempt, config)
+    });
+
+    // Scale to zero: where the app is in its sleep/wake cycle, and the next step.
+    let plan = cycle::plan(
+        &seen.key,
+        &seen.cycle,
+        &seen.previous,
+        seen.ready_ips.len(),
+        seen.now,
+    );
+    let cycle_event = cycle::record(&plan, &seen.previous, &mut next, seen.now);
+    if plan.settings.enabled || !next.activator_ports.is_empty() {
+        next.activator_ports = seen.activator_ports.clone();
+    }
+
+    let (deployment, rollout) = restore(app, seen, spec, &next, &plan, config);
+    let service = service_for(app, &spec.ports);
+    let slice = service.as_ref().map(|_| {
+        let backends = match plan.serving_mode() {
+            ServingMode::Pods => Backends {
+                addresses: seen.ready_ips.clone(),
+                ports: spec.ports.iter().map(|p| (p.clone(), p.port)).collect(),
+            },
+            ServingMode::Activator => Backends {
+                addresses: seen.activator_ips.clone(),
+                ports: spec
+                    .ports
+                    .iter()
+                    .zip(&next.activator_ports)
+                    .map(|(p, a)| (p.clone(), a.activator_port))
+                    .collect(),
+            },
+        };
+        endpoint_slice_for(app, &backends)
+    });
+
+    let mut events: Vec<Note> = cycle_event
+        .into_iter()
+        .map(|(reason, message)| Note {
+            warning: false,
+            reason,
+            message,
+        })
+        .collect();
+    let asleep = plan.cycle == Cycle::Asleep;
+    let CheckpointDecision {
+        progress,
+        requeue,
+        outcome,
+        ..
+    } = checkpoint;
+    let status = complete(app, seen, next, progress, rollout, asleep, &mut events);
+    let cycle_requeue = match plan.step {
+        Step::Stay(after) => after,
+        _ => Duration::from_secs(1),
+    };
+    Decision {
+        claim: images_claim_for(app),
+        job,
+        deployment,
+        service,
+        slice,
+        outcome,
+        status,
+        events,
+        // The soonest of: a checkpoint retry's backoff, the sleep cycle's next look, a resync.
+        requeue: Some(requeue.unwrap_or(RESYNC).min(cycle_requeue).min(RESYNC)),
+    }
+}
+
+/// The restore Deployment, from the newest published image, and its rollout as observed.
+fn restore(
+    app: &CracApp,
+    seen: &Observed,
+    spec: &Spec,
+    next: &CracAppStatus,
+    plan: &Plan,
+    config: &BuildConfig,
+) -> (Option<Deployment>, Option<Rollout>) {
+    let wanted = plan.replicas(app.spec.replicas);
+    let live = seen.deployment.as_deref();
+    let rollout = |d: Option<&Deployment>| rollout_of(d.and_then(|d| d.status.clone()), wanted);
+    match &next.checkpoint {
+        None => (None, None),
+        Some(image) if image.id == spec.id => {
+            let desired = restore_deployment_for(app, &spec.validated, &spec.id, wanted, config);
+            (Some(desired), Some(rollout(live)))
+        }
+        // The spec moved on but its image is not ready: keep the pods on the template that
+        // matches the published image, so they never restore it with another JAR.
+        Some(image) => match live {
+            Some(old) if restored_id(old) == Some(image.id.as_str()) => {
+                let mut kept =
+                    restore_deployment_for(app, &spec.validated, &image.id, wanted, config);
+                if let (Some(spec), Some(old)) = (kept.spec.as_mut(), old.spec.as_ref()) {
+                    spec.template = old.template.clone();
+                }
+                (Some(kept), Some(rollout(live)))
+            }
+            Some(other) => (None, Some(rollout(Some(other)))),
+            None => (None, None),
+        },
+    }
+}
+
+fn rollout_of(
+    status: Option<k8s_openapi::api::apps::v1::DeploymentStatus>,
+    wanted: i32,
+) -> Rollout {
+    let s = status.unwrap_or_default();
+    Rollout {
+        wanted,
+        replicas: s.replicas.unwrap_or(0),
+        ready: s.ready_replicas.unwrap_or(0),
+        updated: s.updated_replicas.unwrap_or(0),
+    }
+}
+
+/// The status fields kept from the previous status unless this reconcile changes them.
+fn carried_over(app: &CracApp, previous: &CracAppStatus) -> CracAppStatus {
+    CracAppStatus {
+        checkpoint: previous.checkpoint.clone(),
+        pending_checkpoint: previous.pending_checkpoint.clone(),
+        selector: Some(format!("{}={}", labels::APP, crate::build::app_name(app))),
+        serving_mode: previous.serving_mode.or(Some(ServingMode::Pods)),
+        activator_ports: previous.activator_ports.clone(),
+        last_activity_time: previous.last_activity_time.clone(),
+        last_wake: previous.last_wake.clone(),
+        slept_at: previous.slept_at.clone(),
+        sleep_started_at: previous.sleep_started_at.clone(),
+        ..Default::default()
+    }
+}
+
+/// A reconcile that only reports (an invalid spec, a storage problem): no object changes.
+fn reported_only(
+    app: &CracApp,
+    seen: &Observed,
+    progress: CheckpointProgress,
+    requeue: Option<Duration>,
+) -> Decision {
+    let rollout = seen.deployment.as_deref().map(|d| {
+        let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+        rollout_of(d.status.clone(), wanted)
+    });
+    let mut events = Vec::new();
+    let next = carried_over(app, &seen.previous);
+    let status = complete(app, seen, next, progress, rollout, false, &mut events);
+    Decision {
+        status,
+        events,
+        requeue,
+        ..Default::default()
+    }
+}
+
+/// Phase, conditions and replica counts; an Event per condition that changed.
+fn complete(
+    app: &CracApp,
+    seen: &Observed,
+    mut next: CracAppStatus,
+    progress: CheckpointProgress,
+    rollout: Option<Rollout>,
+    asleep: bool,
+    events: &mut Vec<Note>,
+) -> CracAppStatus {
+    let input = StatusInput {
+        generation: app.metadata.generation,
+        checkpoint: progress,
+        has_image: next.checkpoint.is_some(),
+        rollout: rollout.clone(),
+        asleep,
+    };
+    next.phase = Some(phase_for(&input));
+    next.observed_generation = app.metadata.generation;
+    next.conditions = conditions_for(&input, &seen.previous.conditions, seen.now);
+    if let Some(r) = &rollout {
+        next.replicas = r.replicas;
+        next.ready_replicas = r.ready;
+    }
+    events.extend(
+        transitions(&seen.previous.conditions, &next.conditions)
+            .into_iter()
+            .map(|t| Note {
+                warning: t.warning,
+                reason: t.reason,
+                message: t.note,
+            }),
+    );
+    next
+}
+
+/// Whether `next` differs from what the app's status says (a wake request the activator
+/// wrote is not the operator's to keep: it is read, never written back).
+pub fn status_changed(previous: &CracAppStatus, next: &CracAppStatus) -> bool {
+    let mut comparable = previous.clone();
+    comparable.wake_requested_at = None;
+    &comparable != next
+}

@@ -1,0 +1,280 @@
+//! Every read a reconcile makes, once, into one [`Observed`] value: the caches the watches
+//! fill, the agents' activity (HTTP, only while the app may fall asleep) and the activator
+//! ports reserved for the app. No step after this one reads anything.
+
+use super::checkpoint::pending_for;
+use super::cycle::{self, AppKey, Cap, CycleSeen};
+use crate::build::app_name;
+use crate::build::job::checkpoint_job_name;
+use crate::build::service::{AppPort, app_ports};
+use crate::cache::cached;
+use crate::checkpoint_id::checkpoint_id;
+use crate::context::Context;
+use crate::error::Result;
+use crate::ports::{ports_held, reserve};
+use crate::scale::{Activity, governing_policy, settings_for};
+use crate::validate::{ValidatedApp, validate};
+use crac_api::agent::{ACTIVITY_PATH, ActivityReport, DEFAULT_ACTIVITY_PORT};
+use crac_api::cracapp::{ActivatorPort, CracAppStatus};
+use crac_api::{CracApp, labels};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::ObjectRef;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Everything one reconcile knows about its app and the world around it.
+pub struct Observed {
+    pub now: Timestamp,
+    pub key: AppKey,
+    /// The status as last written (default when none).
+    pub previous: CracAppStatus,
+    /// The spec as the builders need it, or why it cannot be acted on.
+    pub spec: Result<Spec, String>,
+    /// A problem with the images volume the user must fix: (reason, message).
+    pub storage_problem: Option<(String, String)>,
+    /// The objects as the caches hold them.
+    pub claim: Option<Arc<PersistentVolumeClaim>>,
+    /// The checkpoint Job of the current attempt, and its pods.
+    pub job: Option<Arc<Job>>,
+    pub job_pods: Vec<Pod>,
+    pub deployment: Option<Arc<Deployment>>,
+    pub service: Option<Arc<PartialObjectMeta<Service>>>,
+    pub slice: Option<Arc<PartialObjectMeta<EndpointSlice>>>,
+    /// Addresses of the app's ready restore pods, and of the ready activator pods.
+    pub ready_ips: Vec<String>,
+    pub activator_ips: Vec<String>,
+    pub cycle: CycleSeen,
+    /// The app's activator ports (kept, or reserved now for the app's current ports).
+    pub activator_ports: Vec<ActivatorPort>,
+}
+
+/// A valid spec, its checkpoint id and its ports.
+pub struct Spec {
+    pub validated: ValidatedApp,
+    pub id: String,
+    pub ports: Vec<AppPort>,
+}
+
+pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
+    ctx.caches.ready().await?;
+    let now = Timestamp::now();
+    let ns = app.namespace().unwrap_or_default();
+    let name = app_name(app).to_string();
+    let key = (ns.clone(), name.clone());
+    let previous = app.status.clone().unwrap_or_default();
+    let caches = &ctx.caches;
+
+    let spec = validate(app).map_err(|e| e.to_string()).map(|validated| {
+        let refresh = app
+            .annotations()
+            .get(labels::CHECKPOINT_REQUESTED_AT)
+            .map(String::as_str);
+        let id = checkpoint_id(
+            &validated,
+            app.spec.checkpoint.engine,
+            &ctx.config.agent_image,
+            refresh,
+        );
+        let ports = app_ports(&validated);
+        Spec {
+            validated,
+            id,
+            ports,
+        }
+    });
+    let job = spec.as_ref().ok().and_then(|s| {
+        let pending = pending_for(previous.pending_checkpoint.as_ref(), &s.id);
+        cached(
+            &caches.jobs,
+            &ns,
+            &checkpoint_job_name(&name, &s.id, pending.failures),
+        )
+    });
+    let job_pods = match &job {
+        Some(j) => caches
+            .job_pods(&ns, &j.name_any())
+            .iter()
+            .map(|p| Pod::clone(p))
+            .collect(),
+        None => Vec::new(),
+    };
+    let ready_ips: Vec<String> = caches
+        .restore_pods(&ns, &name)
+        .iter()
+        .filter_map(|p| crac_api::serving::serving_address(p).map(String::from))
+        .collect();
+
+    // Scale to zero: the settings in force, and what the agents say while they matter.
+    let policies = caches.policies();
+    let namespace_labels = caches.namespace_labels(&policies);
+    let no_labels = BTreeMap::new();
+    let labels_of = |ns: &str| namespace_labels.get(ns).unwrap_or(&no_labels);
+    let policy = governing_policy(app, labels_of(&ns), &policies);
+    let settings = settings_for(app.spec.scale_to_zero.as_ref(), policy, now);
+    let requests = cycle::requests_of(app, &previous);
+    let watching = cycle::watching(&settings, requests.cycle);
+    let activity = if watching {
+        poll_activity(&ready_ips).await
+    } else {
+        Activity::default()
+    };
+    let capped = match (settings.max_awake, &settings.policy) {
+        (Some(max), Some(policy)) if watching => {
+            let awake = caches
+                .apps
+                .state()
+                .iter()
+                .filter(|a| {
+                    let a_ns = a.namespace().unwrap_or_default();
+                    governing_policy(a, labels_of(&a_ns), &policies)
+                        .is_some_and(|p| &p.name_any() == policy)
+                })
+                .filter(|a| {
+                    a.status
+                        .as_ref()
+                        .is_none_or(|s| s.slept_at.is_none() && s.checkpoint.is_some())
+                })
+                .map(|a| {
+                    let k = (a.namespace().unwrap_or_default(), a.name_any());
+                    // This app's own activity is fresh; the others' comes from their status.
+                    let last = if k == key {
+                        activity.last_activity
+                    } else {
+                        a.status
+                            .as_ref()
+                            .and_then(|s| s.last_activity_time.as_ref())
+                            .map(|t| t.0)
+                    };
+                    (last, k)
+                })
+                .collect();
+            Some(Cap {
+                max: usize::try_from(max).unwrap_or(0),
+                awake,
+            })
+        }
+        _ => None,
+    };
+
+    let activator_ports = match &spec {
+        Ok(s) if settings.enabled || !previous.activator_ports.is_empty() => {
+            let targets: Vec<i32> = s.ports.iter().map(|p| p.port).collect();
+            // One reservation at a time, from a table seeded from every app's status once.
+            let mut table = ctx.activator_ports.lock().await;
+            let table =
+                table.get_or_insert_with(|| ports_held(caches.apps.state().iter().map(|a| &**a)));
+            reserve(table, &key, &previous.activator_ports, &targets)
+        }
+        _ => previous.activator_ports.clone(),
+    };
+
+    Ok(Observed {
+        now,
+        storage_problem: storage_problem(app, ctx, &ns),
+        claim: cached(&caches.claims, &ns, &crate::build::claim_name(app)),
+        job,
+        job_pods,
+        deployment: cached(&caches.deployments, &ns, &name),
+        service: cached(&caches.services, &ns, &name),
+        slice: cached(
+            &caches.slices,
+            &ns,
+            &crate::build::service::endpoint_slice_name(&name),
+        ),
+        ready_ips,
+        activator_ips: caches.activator_ips(),
+        cycle: CycleSeen {
+            settings,
+            requests,
+            activity,
+            capped,
+        },
+        activator_ports,
+        spec,
+        key,
+        previous,
+    })
+}
+
+/// A problem with the images volume that the user must fix, if any.
+fn storage_problem(app: &CracApp, ctx: &Context, ns: &str) -> Option<(String, String)> {
+    let storage = &app.spec.checkpoint.storage;
+    if let Some(claim) = &storage.existing_claim {
+        if cached(&ctx.caches.claims, ns, claim).is_none() {
+            return Some((
+                "ClaimNotFound".into(),
+                format!(
+                    "spec.checkpoint.storage.existingClaim: PersistentVolumeClaim {claim:?} does not exist in namespace {ns:?}"
+                ),
+            ));
+        }
+    } else if let Some(class) = &storage.storage_class_name
+        && ctx
+            .caches
+            .storage_classes
+            .get(&ObjectRef::new(class))
+            .is_none()
+    {
+        return Some((
+            "StorageClassNotFound".into(),
+            format!(
+                "spec.checkpoint.storage.storageClassName: StorageClass {class:?} does not exist; \
+                 create it or name one of `kubectl get storageclass`"
+            ),
+        ));
+    }
+    None
+}
+
+/// Asks each ready pod's agent for its activity, 2 s each at most, all at once.
+async fn poll_activity(ips: &[String]) -> Activity {
+    let reports = futures::future::join_all(ips.iter().map(|ip| fetch_activity(ip))).await;
+    let mut activity = Activity {
+        asked: ips.len(),
+        ..Default::default()
+    };
+    for report in reports.into_iter().flatten() {
+        activity.reporting += 1;
+        activity.open_connections += report.open_connections;
+        let seen = report
+            .last_activity_time
+            .as_deref()
+            .and_then(|t| t.parse::<Timestamp>().ok());
+        activity.last_activity = activity.last_activity.max(seen);
+    }
+    activity
+}
+
+/// One agent's activity report: a bounded HTTP/1.0 exchange (64 KiB, 2 s).
+async fn fetch_activity(ip: &str) -> Option<ActivityReport> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect((ip, DEFAULT_ACTIVITY_PORT))
+            .await
+            .ok()?;
+        let request = format!("GET {ACTIVITY_PATH} HTTP/1.0\r\nHost: {ip}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream
+            .take(64 * 1024)
+            .read_to_end(&mut response)
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&response);
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.").then_some(())?;
+        head.split(' ').nth(1).filter(|code| *code == "200")?;
+        serde_json::from_str(body).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .ok()
+        .flatten()
+}
