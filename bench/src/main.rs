@@ -553,6 +553,40 @@ async fn main() -> Result<()> {
         "- idle for {} s after all Ready: {idle_reconciles:.0} reconciles, operator CPU {op_cpu_idle:.2} s",
         args.idle.as_secs()
     );
+    // The operator's own cost per app: memory over its start, its requests (it counts them
+    // itself, by verb and resource), its CPU.
+    let own = |text: &str| counters(text, "crac_operator_api_requests_total{");
+    let (own_before, own_after) = (own(&metrics_before), own(&metrics_after));
+    let mut own_requests: Vec<(String, f64)> = own_after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - own_before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(k, v)| *v > 0.0 && !k.contains("verb=\"watch\""))
+        .collect();
+    own_requests.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let own_total: f64 = own_requests.iter().map(|(_, v)| v).sum();
+    let op_cpu = cpu_after[0]
+        .zip(cpu_before[0])
+        .map_or(f64::NAN, |(a, b)| a - b);
+    println!(
+        "- **per app**: operator memory **{:.1} KiB** (peak RSS over the RSS before the apps, / {n}; goal ≤ 30 KiB: {}), operator API requests **{:.2}** from create to all Ready (WATCH excluded; goal ≤ 10: {}), operator CPU **{:.1} ms**",
+        peak.saturating_sub(rss_start) as f64 / n as f64,
+        if peak.saturating_sub(rss_start) as f64 / n as f64 <= 30.0 {
+            "met"
+        } else {
+            "NOT met"
+        },
+        own_total / n as f64,
+        if own_total / n as f64 <= 10.0 {
+            "met"
+        } else {
+            "NOT met"
+        },
+        op_cpu / n as f64 * 1e3
+    );
+    println!("- the operator's requests per app, by kind:");
+    for (key, count) in &own_requests {
+        println!("  - {key}: {:.2}", count / n as f64);
+    }
     let window = elapsed.as_secs_f64();
     println!(
         "- CPU seconds from the first create to all Ready ({window:.1} s wall, {:.1} core-seconds available on {} cores):",

@@ -4,6 +4,7 @@
 //! [`scale`], the decisions) have no client in sight; the binary only parses flags, builds a
 //! [`context::Context`] and runs.
 
+pub mod api_requests;
 pub mod build;
 pub mod cache;
 pub mod checkpoint_id;

@@ -1,6 +1,7 @@
 //! `crac-operator`: reconciles CracApps. Flags and environment only; the work is in the library.
 
 use clap::Parser;
+use crac_operator::api_requests::counted_client;
 use crac_operator::context::{
     ActivatorRef, Context, DEFAULT_ACTIVATOR_NAMESPACE, DEFAULT_ACTIVATOR_SELECTOR, Settings,
 };
@@ -9,7 +10,7 @@ use crac_operator::metrics::Metrics;
 use crac_operator::server::{self, Health};
 use crac_operator::watches;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::{Api, Client};
+use kube::{Api, Config};
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,9 +66,9 @@ async fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
 
-    let client = Client::try_default().await?;
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
+    let client = counted_client(Config::infer().await?, metrics.clone())?;
     let health = Arc::new(Health::default());
     tokio::spawn(server::serve(
         args.metrics_addr,

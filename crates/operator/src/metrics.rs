@@ -16,7 +16,16 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// One kind of request to the API server: `get`, `list`, `watch`, `create`, `patch`, … and
+/// the resource (with its subresource, `cracapps/status`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabel {
+    pub verb: String,
+    pub resource: String,
+}
+
 pub struct Metrics {
+    pub api_requests: Family<RequestLabel, Counter>,
     pub reconciles: Family<ResultLabel, Counter>,
     pub reconcile_seconds: Histogram,
     pub checkpoint_seconds: Histogram,
@@ -27,6 +36,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Metrics {
+            api_requests: Family::default(),
             reconciles: Family::default(),
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             checkpoint_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
@@ -34,6 +44,11 @@ impl Metrics {
             checkpoints_started: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("crac_operator");
+        r.register(
+            "api_requests",
+            "Requests the operator sent to the API server, by verb and resource",
+            m.api_requests.clone(),
+        );
         r.register(
             "reconciles",
             "Reconciles by result (ok or the error's reason)",
