@@ -5,6 +5,7 @@
 //! [`context::Context`] and runs.
 
 pub mod api_requests;
+pub mod applied;
 pub mod build;
 pub mod cache;
 pub mod checkpoint_id;

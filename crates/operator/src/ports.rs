@@ -1,7 +1,6 @@
 //! The activator ports handed out to apps, one per app port, unique across the apps this
 //! operator manages. Kept in memory, seeded once from the apps' status (from the cache).
 
-use crate::scale::allocate_ports;
 use crac_api::CracApp;
 use crac_api::cracapp::ActivatorPort;
 use std::collections::{BTreeMap, BTreeSet};
@@ -9,6 +8,17 @@ use std::sync::Arc;
 
 /// Activator ports handed out, by port: `(namespace, app)`; `None` until seeded.
 pub type PortTable = Arc<tokio::sync::Mutex<Option<BTreeMap<i32, (String, String)>>>>;
+
+/// Activator ports are handed out from this range, one per app port, unique cluster-wide.
+pub const ACTIVATOR_PORTS: std::ops::Range<i32> = 20000..30000;
+
+/// The lowest `count` ports of the range not in `taken`.
+pub fn allocate_ports(count: usize, taken: &std::collections::BTreeSet<i32>) -> Vec<i32> {
+    ACTIVATOR_PORTS
+        .filter(|p| !taken.contains(p))
+        .take(count)
+        .collect()
+}
 
 /// The ports `apps` hold in their status.
 pub fn ports_held<'a>(
@@ -82,5 +92,11 @@ mod tests {
         let a2 = reserve(&mut table, &key("a"), &a, &[8081]);
         assert_eq!(a2[0].activator_port, 20000);
         assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn ports_are_the_lowest_free_ones() {
+        let taken = [20000, 20002].into_iter().collect();
+        assert_eq!(allocate_ports(2, &taken), [20001, 20003]);
     }
 }

@@ -290,17 +290,6 @@ pub fn sleeps_first<K: Ord + Clone>(awake: &[(Option<Timestamp>, K)], max: usize
     sorted[..awake.len() - max].iter().any(|(_, key)| key == me)
 }
 
-/// Activator ports are handed out from this range, one per app port, unique cluster-wide.
-pub const ACTIVATOR_PORTS: std::ops::Range<i32> = 20000..30000;
-
-/// The lowest `count` ports of the range not in `taken`.
-pub fn allocate_ports(count: usize, taken: &std::collections::BTreeSet<i32>) -> Vec<i32> {
-    ACTIVATOR_PORTS
-        .filter(|p| !taken.contains(p))
-        .take(count)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,11 +516,5 @@ mod tests {
             !sleeps_first(&unknown, 1, &"a"),
             "not before every app reported"
         );
-    }
-
-    #[test]
-    fn ports_are_the_lowest_free_ones() {
-        let taken = [20000, 20002].into_iter().collect();
-        assert_eq!(allocate_ports(2, &taken), [20001, 20003]);
     }
 }

@@ -297,3 +297,202 @@ pub fn status_changed(previous: &CracAppStatus, next: &CracAppStatus) -> bool {
     comparable.wake_requested_at = None;
     &comparable != next
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::job::checkpoint_job_name;
+    use crate::build::service::app_ports;
+    use crate::checkpoint_id::checkpoint_id;
+    use crate::reconcile::cycle::{CycleSeen, Requests};
+    use crate::scale::{Activity, Settings};
+    use crate::validate::{tests::app, validate};
+    use crac_api::cracapp::{ActivatorPort, CheckpointStatus, Phase};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+    use std::sync::Arc;
+
+    const BASE: Duration = Duration::from_secs(30);
+
+    fn config() -> BuildConfig {
+        BuildConfig {
+            agent_image: "agent:1".into(),
+        }
+    }
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    /// What a reconcile of `app` observes with nothing created yet and scale to zero off.
+    fn observed(app: &CracApp, previous: CracAppStatus) -> Observed {
+        let spec = validate(app)
+            .map_err(|e| e.to_string())
+            .map(|validated| Spec {
+                id: checkpoint_id(&validated, app.spec.checkpoint.engine, "agent:1", None),
+                ports: app_ports(&validated),
+                validated,
+            });
+        let requests = cycle::requests_of(app, &previous);
+        Observed {
+            now: now(),
+            key: ("shop".into(), "demo".into()),
+            previous,
+            spec,
+            storage_problem: None,
+            claim: None,
+            job: None,
+            job_pods: Vec::new(),
+            deployment: None,
+            service: None,
+            slice: None,
+            ready_ips: Vec::new(),
+            activator_ips: vec!["10.9.0.1".into()],
+            cycle: CycleSeen {
+                settings: Settings {
+                    enabled: false,
+                    idle_after: Duration::from_secs(900),
+                    wake_timeout: Duration::from_secs(30),
+                    quiet: false,
+                    policy: None,
+                    max_awake: None,
+                },
+                requests,
+                activity: Activity::default(),
+                capped: None,
+            },
+            activator_ports: Vec::new(),
+        }
+    }
+
+    fn id_of(seen: &Observed) -> String {
+        seen.spec.as_ref().map(|s| s.id.clone()).unwrap()
+    }
+
+    #[test]
+    fn a_new_app_gets_its_claim_and_first_checkpoint_job_and_nothing_else() {
+        let app = app();
+        let seen = observed(&app, CracAppStatus::default());
+        let d = decide(&app, &seen, &config(), BASE);
+        assert!(d.claim.is_some());
+        let job = d.job.expect("a checkpoint Job");
+        assert_eq!(
+            job.metadata.name,
+            Some(checkpoint_job_name("demo", &id_of(&seen), 0))
+        );
+        assert!(d.deployment.is_none(), "no image to restore yet");
+        assert_eq!(d.status.phase, Some(Phase::Checkpointing));
+        assert_eq!(d.events.len(), 1, "{:?}", d.events);
+        assert_eq!(d.events[0].reason, "Checkpointing");
+        assert_eq!(d.requeue, Some(RESYNC));
+    }
+
+    #[test]
+    fn while_a_new_checkpoint_is_taken_the_pods_keep_the_published_images_template() {
+        let mut app = app();
+        let old = observed(&app, CracAppStatus::default());
+        let old_id = id_of(&old);
+        let old_deployment = restore_deployment_for(
+            &app,
+            &old.spec.as_ref().unwrap().validated,
+            &old_id,
+            2,
+            &config(),
+        );
+        // The user changes the image: a new id, whose checkpoint has not run yet.
+        app.spec.template.spec.as_mut().unwrap().containers[0].image = Some("demo:2".into());
+        let previous = CracAppStatus {
+            checkpoint: Some(CheckpointStatus {
+                id: old_id.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut seen = observed(&app, previous);
+        seen.deployment = Some(Arc::new(old_deployment.clone()));
+        assert_ne!(id_of(&seen), old_id);
+        let d = decide(&app, &seen, &config(), BASE);
+        assert!(d.job.is_some(), "the new checkpoint starts");
+        let kept = d.deployment.expect("the Deployment is still applied");
+        assert_eq!(restored_id(&kept), Some(old_id.as_str()));
+        assert_eq!(
+            kept.spec.unwrap().template,
+            old_deployment.spec.unwrap().template,
+            "never the new JAR with the old image"
+        );
+    }
+
+    #[test]
+    fn an_asleep_app_runs_no_pods_and_its_endpoints_are_the_activator() {
+        let mut app = app();
+        app.spec.scale_to_zero =
+            Some(serde_json::from_value(serde_json::json!({ "enabled": true })).unwrap());
+        let mut seen = observed(&app, CracAppStatus::default());
+        let id = id_of(&seen);
+        seen.previous = CracAppStatus {
+            checkpoint: Some(CheckpointStatus {
+                id,
+                ..Default::default()
+            }),
+            slept_at: Some(Time(now())),
+            serving_mode: Some(ServingMode::Activator),
+            activator_ports: vec![ActivatorPort {
+                name: None,
+                target_port: 8080,
+                activator_port: 20007,
+            }],
+            ..Default::default()
+        };
+        seen.cycle.settings.enabled = true;
+        seen.cycle.requests = Requests {
+            wake: None,
+            sleep_requested: false,
+            cycle: Cycle::Asleep,
+        };
+        seen.activator_ports = seen.previous.activator_ports.clone();
+        let d = decide(&app, &seen, &config(), BASE);
+        let replicas = d.deployment.and_then(|d| d.spec).and_then(|s| s.replicas);
+        assert_eq!(replicas, Some(0));
+        let slice = d.slice.expect("a slice");
+        let addresses: Vec<&String> = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .flat_map(|e| &e.addresses)
+            .collect();
+        assert_eq!(addresses, ["10.9.0.1"]);
+        let ports: Vec<Option<i32>> = slice.ports.iter().flatten().map(|p| p.port).collect();
+        assert_eq!(ports, [Some(20007)]);
+        assert_eq!(d.status.phase, Some(Phase::ScaledToZero));
+    }
+
+    #[test]
+    fn an_invalid_spec_is_reported_and_nothing_is_applied() {
+        let mut app = app();
+        app.spec.template.spec.as_mut().unwrap().containers[0].command = None;
+        let seen = observed(&app, CracAppStatus::default());
+        assert!(seen.spec.is_err());
+        let d = decide(&app, &seen, &config(), BASE);
+        assert!(d.claim.is_none() && d.job.is_none() && d.deployment.is_none());
+        assert!(d.service.is_none() && d.slice.is_none());
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(d.requeue, None, "waits for a change of the spec");
+        assert!(
+            d.events
+                .iter()
+                .any(|e| e.warning && e.reason == "InvalidSpec")
+        );
+    }
+
+    #[test]
+    fn an_unchanged_status_is_not_written_but_a_wake_request_is_not_kept() {
+        let app = app();
+        let seen = observed(&app, CracAppStatus::default());
+        let d = decide(&app, &seen, &config(), BASE);
+        assert!(status_changed(&seen.previous, &d.status));
+        let mut written = d.status.clone();
+        assert!(!status_changed(&written, &d.status));
+        written.wake_requested_at = Some(Time(now()));
+        assert!(!status_changed(&written, &d.status));
+    }
+}
