@@ -191,7 +191,7 @@ async fn create_checkpoints_then_rolls_out_restore_pods_to_ready() {
 
     // The checkpoint's transitions happen once and are told once: a reconcile working from a
     // status the operator already replaced would publish them again (the Event's series count
-    // would go up). (PodsReady legitimately repeats: at 1 of 2 pods, then at 2 of 2.)
+    // would go up).
     let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
     for e in events.list(&ListParams::default()).await.unwrap() {
         let reason = e.reason.as_deref().unwrap_or_default();

@@ -20,6 +20,9 @@ pub type ObjectKey = (String, String);
 
 struct Sent {
     hash: u64,
+    /// The `metadata.generation` the last apply answered with, for kinds whose generation
+    /// moves with every change of their spec (Deployments).
+    generation: Option<i64>,
     /// The version an apply answered with, the version it was applied over (a cache that lags
     /// may still show that one), and versions found to hold what was sent. Newest last.
     versions: Vec<String>,
@@ -43,6 +46,9 @@ impl Sent {
 /// What a cache holds of an object the operator applies.
 pub struct Live {
     pub version: String,
+    /// The object's `metadata.generation`, when a cache of it keeps its spec only in part:
+    /// an unchanged generation says nobody changed the spec since.
+    pub generation: Option<i64>,
     /// The whole object as JSON, when the cache keeps more than its metadata. Made only when
     /// the version does not settle it: most reconciles find a version they know.
     object: Option<Box<dyn Fn() -> Option<serde_json::Value> + Send + Sync>>,
@@ -55,7 +61,18 @@ impl Live {
     {
         Live {
             version: object.meta().resource_version.clone().unwrap_or_default(),
+            generation: None,
             object: Some(Box::new(move || serde_json::to_value(&*object).ok())),
+        }
+    }
+
+    /// For caches that keep a spec only in part (Deployments, without their pod template):
+    /// the generation settles it.
+    pub fn generation_of<K: kube::Resource>(object: &K) -> Live {
+        Live {
+            version: object.meta().resource_version.clone().unwrap_or_default(),
+            generation: object.meta().generation,
+            object: None,
         }
     }
 
@@ -63,6 +80,7 @@ impl Live {
     pub fn version_of<K: kube::Resource>(object: &K) -> Live {
         Live {
             version: object.meta().resource_version.clone().unwrap_or_default(),
+            generation: None,
             object: None,
         }
     }
@@ -92,6 +110,16 @@ impl Applied {
         if sent.versions.contains(&live.version) {
             return true;
         }
+        if live.generation.is_some() {
+            // Others' writes that leave the spec alone (the Deployment's status) keep the
+            // generation; any change of the spec moves it.
+            if live.generation == sent.generation {
+                sent.remember(live.version.clone());
+                return true;
+            }
+            tracing::debug!(kind = %key.0, name = %key.1, "spec changed by someone else");
+            return false;
+        }
         let whole = live.object.as_ref().and_then(|make| make());
         match whole.map(|o| difference(&o, body)) {
             Some(None) => {
@@ -107,7 +135,8 @@ impl Applied {
     }
 
     /// Records an apply of a body hashed `hash` over version `over` (none: created) that
-    /// answered with version `answered`; true when this object had not been applied before.
+    /// answered with version `answered` (and `generation`); true when this object had not
+    /// been applied before.
     pub fn record(
         &self,
         app: AppKey,
@@ -115,6 +144,7 @@ impl Applied {
         hash: u64,
         over: Option<String>,
         answered: String,
+        generation: Option<i64>,
     ) -> bool {
         let Ok(mut apps) = self.apps.lock() else {
             return true;
@@ -123,8 +153,10 @@ impl Applied {
         let first = !objects.contains_key(&key);
         let sent = objects.entry(key).or_insert_with(|| Sent {
             hash,
+            generation,
             versions: Vec::new(),
         });
+        sent.generation = generation;
         if sent.hash != hash {
             sent.hash = hash;
             sent.versions.clear();
@@ -246,6 +278,7 @@ mod tests {
     fn version(v: &str) -> Live {
         Live {
             version: v.into(),
+            generation: None,
             object: None,
         }
     }
@@ -258,7 +291,7 @@ mod tests {
         let hash = body_hash(&sent);
         let unchanged = |hash, v| applied.unchanged(&app(), &key, hash, &sent, &version(v));
         assert!(!unchanged(hash, "7"), "never applied");
-        assert!(applied.record(app(), key.clone(), hash, Some("6".into()), "7".into()));
+        assert!(applied.record(app(), key.clone(), hash, Some("6".into()), "7".into(), None));
         assert!(unchanged(hash, "7"), "the version the apply answered with");
         assert!(
             unchanged(hash, "6"),
@@ -267,13 +300,42 @@ mod tests {
         assert!(!unchanged(hash, "8"), "someone else changed it since");
         let other = body_hash(&serde_json::json!({ "spec": { "ports": [81] } }));
         assert!(!unchanged(other, "7"), "a new body");
-        assert!(!applied.record(app(), key.clone(), other, Some("7".into()), "9".into()));
+        assert!(!applied.record(
+            app(),
+            key.clone(),
+            other,
+            Some("7".into()),
+            "9".into(),
+            None
+        ));
         assert!(
             !unchanged(hash, "9"),
             "the old body is not the last applied"
         );
         applied.forget(&app());
         assert!(!unchanged(other, "9"), "forgotten");
+    }
+
+    #[test]
+    fn a_partly_cached_object_is_unchanged_while_its_generation_is() {
+        let applied = Applied::default();
+        let key: ObjectKey = ("Deployment".into(), "demo".into());
+        let sent = serde_json::json!({ "spec": { "replicas": 2 } });
+        let hash = body_hash(&sent);
+        applied.record(app(), key.clone(), hash, None, "7".into(), Some(1));
+        let live = |v: &str, generation| Live {
+            version: v.into(),
+            generation: Some(generation),
+            object: None,
+        };
+        assert!(
+            applied.unchanged(&app(), &key, hash, &sent, &live("8", 1)),
+            "a status update"
+        );
+        assert!(
+            !applied.unchanged(&app(), &key, hash, &sent, &live("9", 2)),
+            "someone changed the spec"
+        );
     }
 
     #[test]
@@ -299,9 +361,10 @@ mod tests {
                 "volumes": [{ "name": "agent", "emptyDir": {} }] } } }
         });
         let hash = body_hash(&sent);
-        applied.record(app(), key.clone(), hash, None, "7".into());
+        applied.record(app(), key.clone(), hash, None, "7".into(), None);
         let at = |v: &str, object: serde_json::Value| Live {
             version: v.into(),
+            generation: None,
             object: Some(Box::new(move || Some(object.clone()))),
         };
         let mut live = sent.clone();

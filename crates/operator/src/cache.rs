@@ -256,6 +256,44 @@ pub fn slim_pod(pod: &mut Pod) {
     }
 }
 
+/// Deployments are read for their replicas, the image id their pods restore (an annotation
+/// of the template) and their status; the pod template, most of a parsed Deployment, is
+/// dropped. Whether someone changed the spec is told by its generation
+/// ([`Live::generation_of`]).
+pub fn slim_deployment(deployment: &mut Deployment) {
+    slim_meta(deployment);
+    if let Some(spec) = deployment.spec.as_mut() {
+        let restored = spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(crac_api::labels::CHECKPOINT_ID_ANNOTATION))
+            .cloned();
+        spec.template = Default::default();
+        spec.selector = Default::default();
+        spec.strategy = None;
+        if let Some(id) = restored {
+            spec.template.metadata = Some(kube::api::ObjectMeta {
+                annotations: Some(
+                    [(crac_api::labels::CHECKPOINT_ID_ANNOTATION.to_string(), id)].into(),
+                ),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// Apps are read whole but for what a client added that the operator never reads: a copy of
+/// the whole spec in `kubectl apply`'s annotation doubles a cached app.
+pub fn slim_app(app: &mut CracApp) {
+    let meta = kube::Resource::meta_mut(app);
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 pub fn slim_job(job: &mut Job) {
     slim_meta(job);
     job.spec = None;
@@ -309,6 +347,60 @@ mod tests {
             pod.labels().get("crac.dev/app").map(String::as_str),
             Some("demo")
         );
+    }
+
+    #[test]
+    fn a_slimmed_deployment_still_says_what_it_restores_how_many_and_how_far() {
+        use crate::build::deployment::{restore_deployment_for, restored_id};
+        let app = crate::validate::tests::app();
+        let validated = crate::validate::validate(&app).expect("valid");
+        let config = crate::build::BuildConfig {
+            agent_image: "agent:1".into(),
+        };
+        let mut d = restore_deployment_for(&app, &validated, "abc", 2, &config);
+        d.metadata.generation = Some(4);
+        d.status = Some(serde_json::from_value(serde_json::json!({ "readyReplicas": 2 })).unwrap());
+        let whole = serde_json::to_vec(&d).unwrap().len();
+        slim_deployment(&mut d);
+        assert_eq!(restored_id(&d), Some("abc"));
+        assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(2));
+        assert_eq!(
+            d.metadata.generation,
+            Some(4),
+            "how a change by someone else is seen"
+        );
+        assert_eq!(d.status.and_then(|s| s.ready_replicas), Some(2));
+        let spec = d.spec.expect("spec kept in part");
+        assert!(spec.template.spec.is_none(), "the pod template is dropped");
+        assert!(serde_json::to_vec(&spec).unwrap().len() * 4 < whole);
+    }
+
+    #[test]
+    fn a_slimmed_app_loses_kubectls_copy_of_itself_and_keeps_the_operators_annotations() {
+        let mut app = crate::validate::tests::app();
+        app.metadata.annotations = Some(
+            [
+                (
+                    "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                    "{...}".to_string(),
+                ),
+                (
+                    crac_api::labels::WAKE_REQUESTED_AT.to_string(),
+                    "2027-01-15T08:00:00Z".to_string(),
+                ),
+            ]
+            .into(),
+        );
+        slim_app(&mut app);
+        let kept: Vec<&String> = app
+            .metadata
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kept, [crac_api::labels::WAKE_REQUESTED_AT]);
+        assert!(app.spec.template.spec.is_some());
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, on_ready: impl Fn() + Send
     let deployments = cached_stream(
         api_in(&client, ns),
         &owned,
-        cache::slim,
+        cache::slim_deployment,
         writers.deployments,
     );
     let services = cached_stream(api_in(&client, ns), &owned, cache::slim, writers.services);
@@ -94,7 +94,7 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, on_ready: impl Fn() + Send
     // of a cached app (about 13 KiB each), and the operator never reads them.
     let app_changes = watcher(api_in::<CracApp>(&client, ns), watcher::Config::default())
         .default_backoff()
-        .modify(cache::slim)
+        .modify(cache::slim_app)
         .reflect(writers.apps)
         .applied_objects();
     let apps = ctx.caches.apps.clone();

@@ -1,6 +1,7 @@
 //! The apply step: the decided objects, in order (claim, checkpoint Job, Deployment, Service,
 //! EndpointSlice), by server-side apply with one field manager, each skipped when it would
-//! change nothing (see [`crate::cache::Applied`]).
+//! change nothing (see [`crate::cache::Applied`]). The one exception: while a new image is
+//! taken, only the Deployment's replicas are patched.
 
 use super::checkpoint::Outcome;
 use super::decide::Decision;
@@ -10,6 +11,7 @@ use crate::cache::{self, Live};
 use crate::context::Context;
 use crate::error::Result;
 use crac_api::{CracApp, labels};
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -53,8 +55,19 @@ pub async fn apply(
         None => {}
     }
     if let Some(deployment) = &decision.deployment {
-        let live = seen.deployment.clone().map(Live::of);
+        let live = seen.deployment.as_deref().map(Live::generation_of);
         apply_changed(ctx, app, deployment, live).await?;
+    }
+    if let Some(replicas) = decision.scale {
+        // A merge patch of the replicas alone: an apply would have to send the template.
+        let api = Api::<Deployment>::namespaced(ctx.client.clone(), &seen.key.0);
+        let patch = serde_json::json!({ "spec": { "replicas": replicas } });
+        let params = PatchParams {
+            field_manager: Some(labels::MANAGER.into()),
+            ..Default::default()
+        };
+        api.patch(&seen.key.1, &params, &Patch::Merge(patch))
+            .await?;
     }
     if let Some(service) = &decision.service {
         let live = seen.service.as_deref().map(Live::version_of);
@@ -118,7 +131,10 @@ where
     }
     let answer = apply_object(&ctx.client, &ns, obj).await?;
     let version = answer.meta().resource_version.clone().unwrap_or_default();
+    let generation = answer.meta().generation;
     let over = live.map(|l| l.version);
-    ctx.caches.applied.record(owner, key, hash, over, version);
+    ctx.caches
+        .applied
+        .record(owner, key, hash, over, version, generation);
     Ok(())
 }

@@ -36,6 +36,9 @@ pub struct Decision {
     pub claim: Option<PersistentVolumeClaim>,
     pub job: Option<Job>,
     pub deployment: Option<Deployment>,
+    /// Set only the Deployment's replicas (it keeps the published image's template while a
+    /// new checkpoint is taken: the cache does not hold that template to apply it again).
+    pub scale: Option<i32>,
     pub service: Option<Service>,
     pub slice: Option<EndpointSlice>,
     /// What the checkpoint step saw happen (for metrics and logs).
@@ -113,7 +116,7 @@ pub fn decide(
         next.activator_ports = seen.activator_ports.clone();
     }
 
-    let (deployment, rollout) = restore(app, seen, spec, &next, &plan, config);
+    let (deployment, scale, rollout) = restore(app, seen, spec, &next, &plan, config);
     let service = service_for(app, &spec.ports);
     let slice = service.as_ref().map(|_| {
         let backends = match plan.serving_mode() {
@@ -158,6 +161,7 @@ pub fn decide(
         claim: images_claim_for(app),
         job,
         deployment,
+        scale,
         service,
         slice,
         outcome,
@@ -168,7 +172,8 @@ pub fn decide(
     }
 }
 
-/// The restore Deployment, from the newest published image, and its rollout as observed.
+/// The restore Deployment, from the newest published image (or only its replicas, while a
+/// new image is being taken), and its rollout as observed.
 fn restore(
     app: &CracApp,
     seen: &Observed,
@@ -176,29 +181,27 @@ fn restore(
     next: &CracAppStatus,
     plan: &Plan,
     config: &BuildConfig,
-) -> (Option<Deployment>, Option<Rollout>) {
+) -> (Option<Deployment>, Option<i32>, Option<Rollout>) {
     let wanted = plan.replicas(app.spec.replicas);
     let live = seen.deployment.as_deref();
     let rollout = |d: Option<&Deployment>| rollout_of(d.and_then(|d| d.status.clone()), wanted);
     match &next.checkpoint {
-        None => (None, None),
+        None => (None, None, None),
         Some(image) if image.id == spec.id => {
             let desired = restore_deployment_for(app, &spec.validated, &spec.id, wanted, config);
-            (Some(desired), Some(rollout(live)))
+            (Some(desired), None, Some(rollout(live)))
         }
-        // The spec moved on but its image is not ready: keep the pods on the template that
-        // matches the published image, so they never restore it with another JAR.
+        // The spec moved on but its image is not ready: the pods stay on the template that
+        // matches the published image, so they never restore it with another JAR; only their
+        // number follows (a sleep or a wake meanwhile).
         Some(image) => match live {
             Some(old) if restored_id(old) == Some(image.id.as_str()) => {
-                let mut kept =
-                    restore_deployment_for(app, &spec.validated, &image.id, wanted, config);
-                if let (Some(spec), Some(old)) = (kept.spec.as_mut(), old.spec.as_ref()) {
-                    spec.template = old.template.clone();
-                }
-                (Some(kept), Some(rollout(live)))
+                let replicas = old.spec.as_ref().and_then(|s| s.replicas);
+                let scale = (replicas != Some(wanted)).then_some(wanted);
+                (None, scale, Some(rollout(live)))
             }
-            Some(other) => (None, Some(rollout(Some(other)))),
-            None => (None, None),
+            Some(other) => (None, None, Some(rollout(Some(other)))),
+            None => (None, None, None),
         },
     }
 }
@@ -413,13 +416,20 @@ mod tests {
         assert_ne!(id_of(&seen), old_id);
         let d = decide(&app, &seen, &config(), BASE);
         assert!(d.job.is_some(), "the new checkpoint starts");
-        let kept = d.deployment.expect("the Deployment is still applied");
-        assert_eq!(restored_id(&kept), Some(old_id.as_str()));
-        assert_eq!(
-            kept.spec.unwrap().template,
-            old_deployment.spec.unwrap().template,
-            "never the new JAR with the old image"
+        assert!(
+            d.deployment.is_none(),
+            "the template is left alone: never the new JAR with the old image"
         );
+        assert_eq!(d.scale, None, "already at the app's 2 replicas");
+        // Asked to sleep meanwhile: only the replicas move.
+        seen.cycle.requests.cycle = Cycle::Asleep;
+        seen.cycle.settings.enabled = true;
+        assert_eq!(decide(&app, &seen, &config(), BASE).scale, Some(0));
+        // Another image's Deployment (not the published one): nothing to keep.
+        let mut other = old_deployment;
+        other.spec.as_mut().unwrap().template.metadata = None;
+        seen.deployment = Some(Arc::new(other));
+        assert_eq!(decide(&app, &seen, &config(), BASE).scale, None);
     }
 
     #[test]

@@ -181,13 +181,16 @@ pub struct Transition {
     pub note: String,
 }
 
-/// Events for every condition whose status or reason changed, and for a new failure
-/// message under the same reason (a second failed attempt is news too).
+/// Events for every condition whose status changed, and for a bad condition whose reason or
+/// message changed (a second failed attempt is news too). A healthy condition's new wording
+/// is not news (`PodsReady` "1 of 2" then "2 of 2", `NoImage` then `Restoring`): it is in the
+/// status, and an Event each would cost a request per app for nothing.
 pub fn transitions(previous: &[Condition], next: &[Condition]) -> Vec<Transition> {
     next.iter()
         .filter(|c| match previous.iter().find(|p| p.type_ == c.type_) {
             None => c.status == "True" || c.type_ == CHECKPOINT_READY,
-            Some(p) => p.status != c.status || p.reason != c.reason || p.message != c.message,
+            Some(p) if p.status != c.status => true,
+            Some(p) => is_bad(c) && (p.reason != c.reason || p.message != c.message),
         })
         .filter(|c| !(c.type_ == DEGRADED && c.status == "False" && previous.is_empty()))
         .filter(|c| !(c.type_ == SCALED_TO_ZERO && c.status == "False" && previous.is_empty()))
@@ -371,6 +374,42 @@ mod tests {
             events
                 .iter()
                 .any(|e| e.warning && e.reason == "ReadinessTimeout" && e.note == "no answer")
+        );
+    }
+
+    #[test]
+    fn a_healthy_conditions_new_wording_is_no_event_but_a_new_failure_is() {
+        let t = Timestamp::now();
+        let at = |ready, failure: Option<&str>| {
+            let checkpoint = match failure {
+                None => CheckpointProgress::Current,
+                Some(m) => CheckpointProgress::Failed {
+                    failures: 1,
+                    reason: "OpenSockets".into(),
+                    message: m.into(),
+                },
+            };
+            conditions_for(&observed(checkpoint, true, rollout(2, ready, 2)), &[], t)
+        };
+        let reasons = |from: Vec<Condition>, to: Vec<Condition>| -> Vec<String> {
+            transitions(&from, &to)
+                .into_iter()
+                .map(|e| e.reason)
+                .collect()
+        };
+        assert!(
+            reasons(at(1, None), at(2, None)).is_empty(),
+            "1 of 2 then 2 of 2"
+        );
+        assert_eq!(
+            reasons(at(2, None), at(0, None)),
+            ["Restoring"],
+            "no pod ready: news"
+        );
+        assert_eq!(
+            reasons(at(2, Some("a")), at(2, Some("b"))),
+            ["OpenSockets", "OpenSockets"],
+            "a new failure message, on CheckpointReady and Degraded"
         );
     }
 
