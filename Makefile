@@ -72,5 +72,5 @@ demo: deps cluster-up criu ## Show the product in real containers on the test cl
 	scripts/demo
 
 .PHONY: bench
-bench: deps cluster-up criu ## Benchmarks, side by side; results go to docs/benchmarks.md by hand
+bench: deps criu ## Every benchmark, side by side (BENCH_ONLY="a b c d e f" picks); results go to docs/benchmarks.md by hand
 	scripts/bench
