@@ -51,11 +51,11 @@ criu: deps ## Fetch CRIU 4.2.1 and its libraries from Debian unstable into the c
 	scripts/fetch-criu >/dev/null
 
 .PHONY: unit
-unit: ## Every test that needs no cluster, JVM or CRIU (unit tests, the data path, layering); seconds
+unit: ## Every test that needs no cluster, JVM, CRIU or Helm (unit tests, the data path, layering, generated files); seconds
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test -p crac-activator --test data_path --test binary
 	$(CARGO) test -p crac-agent --test commands
-	$(CARGO) test -p crac-tests --test layout
+	$(CARGO) test -p crac-tests --test layout --test generated
 
 .PHONY: test
 test: deps cluster-up criu ## Unit, control-plane, agent (real JVM + CRIU), data-path, install and CLI tests
@@ -72,5 +72,5 @@ demo: deps cluster-up criu ## Show the product in real containers on the test cl
 	scripts/demo
 
 .PHONY: bench
-bench: deps cluster-up criu ## Benchmarks, side by side; results go to docs/benchmarks.md by hand
+bench: deps criu ## Every benchmark, side by side (BENCH_ONLY="a b c d e f" picks); results go to docs/benchmarks.md by hand
 	scripts/bench

@@ -1,11 +1,13 @@
-//! What the benchmark drivers share: playing the agent's part in a checkpoint pod (no kubelet
-//! runs containers on the bench control plane), reading a component's `/metrics`, and
-//! percentiles.
+//! What the benchmark drivers share beyond the tests' support (`crac_tests`, which plays the
+//! agent's part in checkpoint pods, stands in for the activator's pod and the agent's activity
+//! endpoint, and polls): the tests' helpers with their failures as errors, a namespace of
+//! their own, reading a component's `/metrics`, and percentiles.
 
 use anyhow::{Context as _, Result};
-use crac_api::agent::{AgentSummary, ENV_CHECKPOINT_ID, Outcome};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::Client;
+use kube::api::{Api, PostParams};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The `q`-quantile of sorted samples (nearest rank: with 20 samples, p99 is the largest).
@@ -34,46 +36,48 @@ pub async fn scrape(addr: &str) -> Result<String> {
     Ok(body)
 }
 
-/// Ends a checkpoint pod as the agent (and the kubelet) would on success, as
-/// `tests/src/operator.rs` does: Succeeded, the agent's summary as the termination message.
-pub async fn end_checkpoint_pod(pods: &Api<Pod>, pod: &str, id: &str) -> Result<()> {
-    let summary = AgentSummary {
-        outcome: Some(Outcome::Checkpointed),
-        checkpoint_id: Some(id.into()),
-        engine: Some("criu".into()),
-        jdk: Some("17.0.15".into()),
-        image_bytes: Some(59_000_000),
-        checkpoint_ms: Some(900),
-        ..Default::default()
-    };
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let status = serde_json::json!({
-        "status": {
-            "phase": "Succeeded",
-            "conditions": [{ "type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now }],
-            "containerStatuses": [{
-                "name": "app", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
-                "state": { "terminated": {
-                    "exitCode": 0, "reason": "Completed",
-                    "message": serde_json::to_string(&summary)?,
-                    "startedAt": now, "finishedAt": now
-                }}
-            }]
-        }
-    });
-    pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(status))
-        .await?;
-    Ok(())
+/// [`crac_tests::poll`]: `check` every `every` until it returns `Some`; an error naming `what`
+/// after `limit`.
+pub async fn until<T, F, Fut>(what: &str, every: Duration, limit: Duration, check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    crac_tests::poll(every, limit, check)
+        .await
+        .with_context(|| format!("timed out after {limit:?} waiting for {what}"))
 }
 
-/// The checkpoint id the operator gave a checkpoint pod's app container.
-pub fn checkpoint_id_of(pod: &Pod) -> Option<String> {
-    let spec = pod.spec.as_ref()?;
-    let app = spec.containers.iter().find(|c| c.name == "app")?;
-    app.env
-        .as_ref()?
-        .iter()
-        .find(|e| e.name == ENV_CHECKPOINT_ID)?
-        .value
-        .clone()
+/// Runs `helper` (one of the tests', which fail by panicking) as a task of its own, so that a
+/// failure comes back as an error naming `what` and the driver can still clean up or go on.
+pub async fn catch_panic<T, F>(what: &str, helper: F) -> Result<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::spawn(helper)
+        .await
+        .with_context(|| format!("{what} failed"))
+}
+
+/// Creates the namespace `name` (labelled `crac.dev/bench`) and waits until it admits pods
+/// (its default ServiceAccount exists).
+pub async fn create_namespace(client: &Client, name: &str) -> Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name, "labels": { "crac.dev/bench": "true" } }
+    }))?;
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .with_context(|| format!("create namespace {name} (left over from a run?)"))?;
+    let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
+    until(
+        &format!("the default ServiceAccount of {name}"),
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+        || async { sa.get_opt("default").await.ok().flatten() },
+    )
+    .await?;
+    Ok(())
 }

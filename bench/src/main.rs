@@ -1,10 +1,10 @@
 //! `crac-bench-scale`: the operator at scale (issue 4's Measure). Creates N CracApps at once
 //! in a fresh namespace of the control plane `KUBECONFIG` points at, plays the agent's part in
-//! every checkpoint pod as soon as it runs (no kubelet runs containers here: the pod's status
-//! is set to Succeeded with the agent's JSON summary as the app container's termination
-//! message, as `tests/src/operator.rs` does), and measures the time until every app is
-//! `Ready`, the operator's peak memory, one reconcile's p50/p99 (from the operator's
-//! `/metrics` histogram), and where the CPU went. Then deletes the namespace while the
+//! every checkpoint pod as soon as it runs (no kubelet runs containers here: the tests'
+//! `crac_tests::operator::end_checkpoint_pod` sets the pod's status to Succeeded with the
+//! agent's JSON summary as the app container's termination message), and measures the time
+//! until every app is `Ready`, the operator's peak memory, one reconcile's p50/p99 (from the
+//! operator's `/metrics` histogram), and where the CPU went. Then deletes the namespace while the
 //! operator still runs (the apps' finalizer needs it). Prints a Markdown block on stdout and
 //! progress on stderr.
 //!
@@ -17,9 +17,11 @@ use anyhow::{Context as _, Result, bail};
 use crac_api::CracApp;
 use crac_api::agent::ENV_CHECKPOINT_ID;
 use crac_api::cracapp::Phase;
-use crac_bench::{checkpoint_id_of, end_checkpoint_pod, percentile, scrape};
+use crac_bench::{catch_panic, create_namespace, percentile, scrape};
+use crac_tests::checkpoint_id_of;
+use crac_tests::operator::{end_checkpoint_pod, example_app, success};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -208,24 +210,11 @@ fn difference(after: &BTreeMap<u64, f64>, before: &BTreeMap<u64, f64>) -> BTreeM
         .collect()
 }
 
-/// A CracApp as a user would write it (like tests/src/operator.rs's example), one replica.
-fn app(name: &str) -> Result<CracApp> {
-    Ok(serde_json::from_value(serde_json::json!({
-        "apiVersion": "crac.dev/v1alpha1",
-        "kind": "CracApp",
-        "metadata": { "name": name },
-        "spec": {
-            "replicas": 1,
-            "template": { "spec": { "containers": [{
-                "name": "app",
-                "image": "bench/app:1",
-                "command": ["java", "-jar", "/app/app.jar"],
-                "ports": [{ "containerPort": 8080, "name": "http" }],
-                "readinessProbe": { "httpGet": { "path": "/ready", "port": 8080 } }
-            }]}},
-            "checkpoint": { "engine": "criu" }
-        }
-    }))?)
+/// A CracApp as a user would write it (the tests' example), one replica.
+fn app(name: &str) -> CracApp {
+    let mut app = example_app(name, "bench/app:1");
+    app.spec.replicas = 1;
+    app
 }
 
 #[derive(Default, Clone)]
@@ -248,23 +237,9 @@ async fn main() -> Result<()> {
     let n = args.apps;
     let ns_name = args.namespace.clone();
 
-    // A fresh namespace; pods are admitted only once its default ServiceAccount exists.
+    // A fresh namespace, ready to admit pods.
+    create_namespace(&client, &ns_name).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": ns_name, "labels": { "crac.dev/bench": "true" } }
-    }))?;
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .with_context(|| format!("create namespace {ns_name} (left over from a run?)"))?;
-    let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns_name);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while sa.get_opt("default").await?.is_none() {
-        if Instant::now() > deadline {
-            bail!("no default ServiceAccount in {ns_name} after 60s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     let op = args.operator_pid;
     let (rss_start, _) = memory_kib(op).context("the operator's /proc/<pid>/status")?;
@@ -326,13 +301,15 @@ async fn main() -> Result<()> {
                 let (pods, progress, limit) = (pods.clone(), progress.clone(), limit.clone());
                 tokio::spawn(async move {
                     let _permit = limit.acquire().await;
-                    match end_checkpoint_pod(&pods, &name, &id).await {
+                    let pod = name.clone();
+                    let end = async move { end_checkpoint_pod(&pods, &pod, &success(&id)).await };
+                    match catch_panic("the status patch", end).await {
                         Ok(()) => {
                             let mut p = progress.lock().expect("progress lock");
                             p.checkpoints_ended += 1;
                             p.last_checkpoint_ended = Some(start.elapsed());
                         }
-                        Err(e) => eprintln!("bench: ending checkpoint pod {name}: {e}"),
+                        Err(e) => eprintln!("bench: ending checkpoint pod {name}: {e:#}"),
                     }
                 });
             }
@@ -419,7 +396,7 @@ async fn main() -> Result<()> {
             async move {
                 let name = format!("app-{i:04}");
                 let t = Instant::now();
-                apps.create(&PostParams::default(), &app(&name)?)
+                apps.create(&PostParams::default(), &app(&name))
                     .await
                     .with_context(|| format!("create CracApp {name}"))?;
                 created_at.lock().expect("created lock").insert(name, t);
@@ -664,12 +641,9 @@ async fn main() -> Result<()> {
 }
 
 async fn wait_gone(namespaces: &Api<Namespace>, name: &str, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        match namespaces.get_opt(name).await {
-            Ok(None) => return true,
-            _ => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-    false
+    crac_tests::poll(Duration::from_millis(500), limit, || async {
+        namespaces.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .is_some()
 }

@@ -23,12 +23,13 @@ use anyhow::{Context as _, Result, bail};
 use crac_api::CracApp;
 use crac_api::cracapp::Phase;
 use crac_bench::percentile;
+use crac_tests::real_node::{STORAGE_CLASS, http_get_waiting, logs, placement, send_get};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 struct Args {
     namespace: String,
@@ -82,16 +83,11 @@ fn parse_args() -> Result<Args> {
 
 const PORT: u16 = 8080;
 const DEADLINE: Duration = Duration::from_secs(300);
+/// How often a wait polls: the times below are taken when a poll succeeds.
+const POLL: Duration = Duration::from_millis(5);
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn placement() -> serde_json::Value {
-    serde_json::json!({
-        "nodeSelector": { "crac.dev/node": "real" },
-        "tolerations": [{ "key": "crac.dev/real-node", "operator": "Exists", "effect": "NoSchedule" }]
-    })
 }
 
 fn app(args: &Args) -> Result<CracApp> {
@@ -113,7 +109,7 @@ fn app(args: &Args) -> Result<CracApp> {
             "checkpoint": {
                 "engine": "criu",
                 "warmup": { "requests": [{ "path": "/", "count": args.warmup }] },
-                "storage": { "size": "2Gi", "storageClassName": "crac-node-local" },
+                "storage": { "size": "2Gi", "storageClassName": STORAGE_CLASS },
                 "timeout": "5m"
             },
             "scaleToZero": { "enabled": true, "idleAfter": "6h", "wakeTimeout": "120s" }
@@ -121,41 +117,22 @@ fn app(args: &Args) -> Result<CracApp> {
     }))?)
 }
 
-/// Polls `check` every 5 ms until it returns `Some`.
-async fn until<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+/// [`crac_bench::until`] every [`POLL`], failing after [`DEADLINE`].
+async fn until<T, F, Fut>(what: &str, check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if start.elapsed() > DEADLINE {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    crac_bench::until(what, POLL, DEADLINE, check).await
 }
 
+/// The status of a GET to the app's port, or `None` without an answer in 500 ms.
 async fn http_status(ip: &str, path: &str) -> Option<u16> {
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect((ip, PORT)).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = [0u8; 16];
-        let n = s.read(&mut buf).await.ok()?;
-        String::from_utf8_lossy(&buf[..n])
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    tokio::time::timeout(Duration::from_millis(500), exchange)
+    tokio::time::timeout(Duration::from_millis(500), http_get_waiting(ip, PORT, path))
         .await
         .ok()
         .flatten()
+        .map(|(status, _)| status)
 }
 
 fn is_ready(p: &Pod) -> bool {
@@ -378,11 +355,7 @@ async fn main() -> Result<()> {
         .await?;
         let t0 = Instant::now();
         let caller = tokio::spawn(async move {
-            let mut s = tokio::net::TcpStream::connect((ip.as_str(), port))
-                .await
-                .ok()?;
-            let req = format!("GET / HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n");
-            s.write_all(req.as_bytes()).await.ok()?;
+            let mut s = send_get(&ip, port, "/").await?;
             let mut b = [0u8; 1];
             s.read_exact(&mut b).await.ok()?;
             Some(t0.elapsed())
@@ -409,16 +382,7 @@ async fn main() -> Result<()> {
         .await?;
         let t_ready = t0.elapsed();
         let first_byte = caller.await?.context("the request at zero got no answer")?;
-        let log = pods
-            .logs(
-                &pod_name,
-                &kube::api::LogParams {
-                    container: Some("app".into()),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap_or_default();
+        let log = logs(&pods, &pod_name, "app").await;
         // "restored (pid N) and ready M ms after the agent started"
         let restored_ms = log
             .lines()

@@ -10,8 +10,9 @@
 //! it the driver serves the app's port (the "app": answers at once, it does not restore
 //! anything) and the agent's activity endpoint (no open connections), so the operator's
 //! drain and the activator's forward reach real sockets. The activator pod the operator
-//! points the Service at is a stand-in pod on the cluster's unroutable node; the requests go
-//! to the real activator process on `--activator-address`, as kube-proxy would send them.
+//! points the Service at is the tests' stand-in pod on the cluster's unroutable node
+//! (`crac_tests::operator::stand_in_activator`); the requests go to the real activator
+//! process on `--activator-address`, as kube-proxy would send them.
 //! Prints a Markdown block on stdout and one line per cycle on stderr.
 //!
 //! ```text
@@ -22,13 +23,19 @@
 
 use anyhow::{Context as _, Result, bail};
 use crac_api::CracApp;
-use crac_api::agent::{ACTIVITY_PATH, ActivityReport, DEFAULT_ACTIVITY_PORT};
+use crac_api::agent::ActivityReport;
 use crac_api::cracapp::{Phase, ServingMode};
 use crac_api::labels;
-use crac_bench::{checkpoint_id_of, end_checkpoint_pod, percentile, scrape};
+use crac_bench::{catch_panic, create_namespace, percentile, scrape};
+use crac_tests::activity::ActivityServer;
+use crac_tests::checkpoint_id_of;
+use crac_tests::operator::{
+    ACTIVATOR_LABEL, ACTIVATOR_NAMESPACE, end_checkpoint_pod, stand_in_activator, success,
+};
+use crac_tests::real_node::{http_get, read_response, send_get};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -48,8 +55,13 @@ const NODE: &str = "crac-bench-wake";
 const NODE_LABEL: &str = "crac.dev/pod-addresses";
 const NODE_LABEL_VALUE: &str = "bench-wake";
 const NODE_TAINT: &str = "crac.dev/bench-wake";
-const ACTIVATOR_LABEL: &str = "crac.dev/bench-activator";
 const DEADLINE: Duration = Duration::from_secs(60);
+/// How often a wait polls (none of these waits is what a wake's parts are timed by: the
+/// watches are).
+const POLL: Duration = Duration::from_millis(20);
+/// Ports of the activator's admin server and the operator's metrics, on `--activator-address`.
+const ACTIVATOR_ADMIN_PORT: u16 = 19190;
+const OPERATOR_METRICS_PORT: u16 = 18190;
 
 struct Args {
     cycles: usize,
@@ -113,22 +125,13 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// Polls `check` every 20 ms until it returns `Some`, or fails after `limit` naming `what`.
-async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T>
+/// [`crac_bench::until`] at this driver's pace.
+async fn wait_for<T, F, Fut>(what: &str, limit: Duration, check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crac_bench::until(what, POLL, limit, check).await
 }
 
 // ------------------------------------------------------------------------------ backends
@@ -136,23 +139,24 @@ where
 /// When the "app" was reached, and on which pod address.
 type Hits = Arc<Mutex<Vec<(Instant, Ipv4Addr)>>>;
 
-/// Serves the app's port and the agent's activity endpoint on every address of the node's
-/// /24, so whatever address kwok gives a pod, the operator and the activator reach a socket.
-async fn serve_pod_addresses(net: [u8; 3], app_port: u16) -> Result<Hits> {
+/// Serves the app's port and the agent's activity endpoint (the tests' stand-in, reporting no
+/// open connections) on every address of the node's /24, so whatever address kwok gives a
+/// pod, the operator and the activator reach a socket. The activity endpoints serve until
+/// the returned servers are dropped.
+async fn serve_pod_addresses(net: [u8; 3], app_port: u16) -> Result<(Hits, Vec<ActivityServer>)> {
     let hits: Hits = Arc::default();
-    let idle = serde_json::to_string(&ActivityReport {
+    let idle = ActivityReport {
         mode: "restored".into(),
         open_connections: 0,
         ..Default::default()
-    })?;
+    };
+    let mut agents = Vec::new();
     for host in 1..=254u8 {
         let ip = Ipv4Addr::new(net[0], net[1], net[2], host);
         let app = TcpListener::bind((ip, app_port))
             .await
             .with_context(|| format!("bind the app port {ip}:{app_port}"))?;
-        let activity = TcpListener::bind((ip, DEFAULT_ACTIVITY_PORT))
-            .await
-            .with_context(|| format!("bind the activity port {ip}:{DEFAULT_ACTIVITY_PORT}"))?;
+        agents.push(ActivityServer::start(&ip.to_string(), idle.clone()).await);
         let hits = hits.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = app.accept().await {
@@ -160,25 +164,8 @@ async fn serve_pod_addresses(net: [u8; 3], app_port: u16) -> Result<Hits> {
                 tokio::spawn(answer(stream, format!("hello from {ip}")));
             }
         });
-        let idle = idle.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = activity.accept().await {
-                let idle = idle.clone();
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let n = stream.read(&mut buf).await.unwrap_or(0);
-                    let asked = String::from_utf8_lossy(&buf[..n]);
-                    let response = if asked.starts_with(&format!("GET {ACTIVITY_PATH} ")) {
-                        format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{idle}")
-                    } else {
-                        "HTTP/1.0 404 Not Found\r\n\r\n".to_string()
-                    };
-                    let _ = stream.write_all(response.as_bytes()).await;
-                });
-            }
-        });
     }
-    Ok(hits)
+    Ok((hits, agents))
 }
 
 /// Answers one HTTP/1.1 request with `body` once its head has arrived.
@@ -200,45 +187,19 @@ async fn answer(mut stream: tokio::net::TcpStream, body: String) {
 
 /// One GET on a fresh connection: (status, body, time of the first response byte).
 async fn timed_get(address: (IpAddr, u16)) -> Result<(u16, String, Instant)> {
-    let mut stream = tokio::net::TcpStream::connect(address)
+    let (ip, port) = (address.0.to_string(), address.1);
+    let mut stream = send_get(&ip, port, "/")
         .await
-        .with_context(|| format!("connect to the activator at {address:?}"))?;
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: wake\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut first = [0u8; 1];
-    stream.read_exact(&mut first).await?;
-    let first_byte = Instant::now();
-    let mut rest = Vec::new();
-    stream.read_to_end(&mut rest).await?;
-    let text = format!("{}{}", char::from(first[0]), String::from_utf8_lossy(&rest));
-    let code = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body, first_byte))
-}
-
-/// A plain HTTP/1.0 GET's status code (0 when the connection fails).
-async fn status_of_get(address: &str, path: &str) -> u16 {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(address).await else {
-        return 0;
-    };
-    let request = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return 0;
+        .with_context(|| format!("send a request to the activator at {address:?}"))?;
+    // Waits for the first byte without taking it, so the whole response is read below.
+    if stream.peek(&mut [0u8; 1]).await? == 0 {
+        bail!("the activator at {address:?} closed the connection without answering");
     }
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text).await;
-    text.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    let first_byte = Instant::now();
+    let (code, body) = read_response(&mut stream)
+        .await
+        .with_context(|| format!("no HTTP response from the activator at {address:?}"))?;
+    Ok((code, body, first_byte))
 }
 
 // ------------------------------------------------------------------------------ watches
@@ -557,25 +518,6 @@ impl Bench {
 
 // ------------------------------------------------------------------------------ set-up
 
-async fn create_namespace(client: &Client, name: &str) -> Result<()> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": name, "labels": { "crac.dev/bench": "true" } }
-    }))?;
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .with_context(|| format!("create namespace {name} (left over from a run?)"))?;
-    let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
-    wait_for(
-        "the namespace's default ServiceAccount",
-        DEADLINE,
-        || async { sa.get_opt("default").await.ok().flatten() },
-    )
-    .await?;
-    Ok(())
-}
-
 /// A kwok node of the driver's own: its pods get addresses from the driver's /24.
 async fn create_node(client: &Client, net: [u8; 3]) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
@@ -608,28 +550,6 @@ async fn create_node(client: &Client, net: [u8; 3]) -> Result<()> {
             .then_some(())
     })
     .await
-}
-
-/// A pod standing in for the activator's, on the node whose addresses EndpointSlices accept
-/// (as `tests/src/operator.rs` makes one): the operator points the sleeping app's Service
-/// at it. Requests themselves go to the real activator process, as kube-proxy would.
-async fn stand_in_activator_pod(client: &Client, ns: &str) -> Result<()> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": "activator", "labels": { ACTIVATOR_LABEL: "wake" } },
-        "spec": {
-            "nodeSelector": { NODE_LABEL: "unroutable" },
-            "tolerations": [{ "key": "crac.dev/unroutable-pod-addresses", "operator": "Exists", "effect": "NoSchedule" }],
-            "containers": [{ "name": "activator", "image": "crac-activator:bench" }]
-        }
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
-    wait_for("the stand-in activator pod ready", DEADLINE, || async {
-        let p = pods.get("activator").await.ok()?;
-        crac_api::serving::serving_address(&p).map(String::from)
-    })
-    .await?;
-    Ok(())
 }
 
 fn the_app(app_port: u16) -> Result<CracApp> {
@@ -677,9 +597,10 @@ fn spawn(bin: &PathBuf, args: &[String], log: PathBuf) -> Result<Child> {
     Ok(Child(child))
 }
 
-async fn wait_answers(what: &str, admin: &str, path: &str) -> Result<()> {
+async fn wait_answers(what: &str, ip: IpAddr, port: u16, path: &str) -> Result<()> {
+    let ip = ip.to_string();
     wait_for(&format!("{what}'s {path}"), DEADLINE, || async {
-        (status_of_get(admin, path).await == 200).then_some(())
+        (http_get(&ip, port, path).await?.0 == 200).then_some(())
     })
     .await
 }
@@ -694,9 +615,8 @@ async fn main() -> Result<()> {
         .await
         .context("a client from KUBECONFIG")?;
     let ns = args.namespace.clone();
-    let activator_ns = format!("{ns}-activator");
 
-    let result = run(&client, args, &kubeconfig, &ns, &activator_ns).await;
+    let result = run(&client, args, &kubeconfig, &ns).await;
 
     // Clean up whatever was made. The operator has gone with `run`; release the app's
     // finalizer so its namespace can go.
@@ -709,20 +629,18 @@ async fn main() -> Result<()> {
         )
         .await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    for name in [&ns, &activator_ns] {
-        let _ = namespaces.delete(name, &DeleteParams::background()).await;
-    }
+    let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
+    // The stand-in activator pod (its namespace is shared, as in the tests: it stays).
+    let _ = Api::<Pod>::namespaced(client.clone(), ACTIVATOR_NAMESPACE)
+        .delete(&format!("activator-{ns}"), &DeleteParams::background())
+        .await;
     let _ = Api::<Node>::all(client.clone())
         .delete(NODE, &DeleteParams::background())
         .await;
     let gone = wait_for(
-        "the bench namespaces gone",
+        "the bench namespace gone",
         Duration::from_secs(120),
-        || async {
-            let a = namespaces.get_opt(&ns).await.ok()?;
-            let b = namespaces.get_opt(&activator_ns).await.ok()?;
-            (a.is_none() && b.is_none()).then_some(())
-        },
+        || async { namespaces.get_opt(&ns).await.ok()?.is_none().then_some(()) },
     )
     .await;
     if let Err(e) = gone {
@@ -731,22 +649,19 @@ async fn main() -> Result<()> {
     result
 }
 
-async fn run(
-    client: &Client,
-    args: Args,
-    kubeconfig: &str,
-    ns: &str,
-    activator_ns: &str,
-) -> Result<()> {
-    let hits = serve_pod_addresses(args.node_cidr, args.app_port).await?;
+async fn run(client: &Client, args: Args, kubeconfig: &str, ns: &str) -> Result<()> {
+    let (hits, _agents) = serve_pod_addresses(args.node_cidr, args.app_port).await?;
     create_node(client, args.node_cidr).await?;
-    create_namespace(client, activator_ns).await?;
     create_namespace(client, ns).await?;
-    stand_in_activator_pod(client, activator_ns).await?;
+    let (c, n) = (client.clone(), ns.to_string());
+    catch_panic("the stand-in activator pod", async move {
+        stand_in_activator(&c, &n).await
+    })
+    .await?;
 
     let address = args.activator_address;
-    let activator_admin = format!("{address}:19190");
-    let operator_metrics = format!("{address}:18190");
+    let activator_admin = format!("{address}:{ACTIVATOR_ADMIN_PORT}");
+    let operator_metrics = format!("{address}:{OPERATOR_METRICS_PORT}");
     let _activator = spawn(
         &args.activator,
         &[
@@ -768,16 +683,16 @@ async fn run(
             "--namespace".into(),
             ns.into(),
             "--activator-namespace".into(),
-            activator_ns.into(),
+            ACTIVATOR_NAMESPACE.into(),
             "--activator-selector".into(),
-            format!("{ACTIVATOR_LABEL}=wake"),
+            format!("{ACTIVATOR_LABEL}={ns}"),
         ],
         args.logs.join("wake-operator.log"),
     )?;
-    wait_answers("the activator", &activator_admin, "/readyz").await?;
+    wait_answers("the activator", address, ACTIVATOR_ADMIN_PORT, "/readyz").await?;
     // Not /readyz: the operator's stays 503 ("watches not synced") even once it reconciles.
     // That it reconciles shows below, when the app's checkpoint pod appears.
-    wait_answers("the operator", &operator_metrics, "/healthz").await?;
+    wait_answers("the operator", address, OPERATOR_METRICS_PORT, "/healthz").await?;
 
     let (tx, seen) = mpsc::unbounded_channel();
     spawn_watches(client, ns, tx);
@@ -800,7 +715,11 @@ async fn run(
         })
     })
     .await?;
-    end_checkpoint_pod(&pods, &pod, &id).await?;
+    let end = {
+        let pods = pods.clone();
+        async move { end_checkpoint_pod(&pods, &pod, &success(&id)).await }
+    };
+    catch_panic("ending the checkpoint pod", end).await?;
 
     let mut bench = Bench {
         client: client.clone(),

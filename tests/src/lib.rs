@@ -165,7 +165,25 @@ impl Drop for TestNamespace {
 
 /// Polls `check` every 100 ms until it returns `Some`, or fails the test after `deadline`
 /// naming what it waited for. Deadlines are generous: they catch hangs, not slowness.
-pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    poll(Duration::from_millis(100), deadline, check)
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "timed out after {deadline:?} waiting for {what} (component logs: {})",
+                repo_root().join("target/cluster/logs").display()
+            )
+        })
+}
+
+/// Polls `check` every `every` until it returns `Some`, or returns `None` once `deadline`
+/// has passed. [`wait_for`] is this at the tests' pace; the benchmarks (`bench/`) poll faster
+/// where they time what they wait for, and report a timeout as an error.
+pub async fn poll<T, F, Fut>(every: Duration, deadline: Duration, mut check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -173,15 +191,31 @@ where
     let start = tokio::time::Instant::now();
     loop {
         if let Some(value) = check().await {
-            return value;
+            return Some(value);
         }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what} (component logs: {})",
-            repo_root().join("target/cluster/logs").display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if start.elapsed() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(every).await;
     }
+}
+
+/// The checkpoint id the operator gave a checkpoint pod (its app container's
+/// `CRAC_CHECKPOINT_ID`): what the agent would report back, for
+/// [`operator::end_checkpoint_pod`] when only the pod is at hand.
+pub fn checkpoint_id_of(pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+    let app = pod
+        .spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == "app")?;
+    app.env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == crac_api::agent::ENV_CHECKPOINT_ID)?
+        .value
+        .clone()
 }
 
 /// Applies every CRD in `crds/` (server-side apply; idempotent) and waits until served.

@@ -10,6 +10,7 @@ use kube::api::{Api, ListParams, LogParams};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// The images node-up imports (tests/cluster/images builds them; nothing is pulled).
 pub const AGENT_IMAGE: &str = "ghcr.io/crac-operator/crac-agent:0.1.0";
@@ -142,9 +143,21 @@ pub async fn claim_dir(claims: &Api<PersistentVolumeClaim>, claim: &str) -> Path
 /// Like [`http_get`], but waits as long as the server holds the request (an activator holding
 /// it through a wake), with no timeout of its own: the caller bounds it.
 pub async fn http_get_waiting(ip: &str, port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+    let mut stream = send_get(ip, port, path).await?;
+    read_response(&mut stream).await
+}
+
+/// Connects to `ip:port` and sends `GET path` (HTTP/1.1, `Connection: close`), leaving the
+/// response unread, for a caller that times its first byte (`bench/`).
+pub async fn send_get(ip: &str, port: u16, path: &str) -> Option<TcpStream> {
+    let mut stream = TcpStream::connect((ip, port)).await.ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
+    Some(stream)
+}
+
+/// Reads the response to a request [`send_get`] sent, until the server closes: `(status, body)`.
+pub async fn read_response(stream: &mut TcpStream) -> Option<(u16, String)> {
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;
     let text = String::from_utf8_lossy(&response).into_owned();

@@ -10,9 +10,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::kube::WakeClient;
 use crate::metrics::AppMetrics;
 use crate::routes::{AppKey, RoundRobin};
+use crate::wake::WakeClient;
 
 /// How long a request that found every listed pod refusing connections waits before trying
 /// them again, when no watch event arrives first. Only this corner (a pod listed ready whose

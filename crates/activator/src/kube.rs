@@ -1,84 +1,24 @@
-//! The activator's two ties to Kubernetes: the watches that feed the [`Registry`] (CracApps in
-//! every namespace, pods labelled `crac.dev/app`), and the wake request, a status patch behind
-//! the [`WakeClient`] trait so the data path can be tested without a cluster.
+//! The watches that feed the [`Registry`]: CracApps in every namespace, and pods labelled
+//! `crac.dev/app`. (The activator's other tie to Kubernetes, the wake request, is
+//! [`crate::wake`].)
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crac_api::CracApp;
-use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 
 use crate::registry::Registry;
-use crate::routes::{AppConfig, AppKey, PodIndex, app_config, pod_entry};
+use crate::routes::{AppConfig, PodIndex, app_config, pod_entry};
 
-/// The field manager of the activator's status writes.
-pub const FIELD_MANAGER: &str = "crac-activator";
-
-/// A wake request that did not go through.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct WakeError {
-    /// Retrying cannot help (the app is gone, or the activator may not patch it): held
-    /// requests get 503 now instead of at their deadline.
-    pub permanent: bool,
-    pub message: String,
-}
-
-/// Asks the operator to wake an app.
-pub trait WakeClient: Send + Sync + 'static {
-    fn request_wake<'a>(&'a self, app: &'a AppKey) -> BoxFuture<'a, Result<(), WakeError>>;
-}
-
-/// Wakes apps by setting `status.wakeRequestedAt` (a JSON merge patch on the status
-/// subresource). Several replicas doing it at once is harmless: the operator only compares the
-/// time with when the app went to sleep.
-pub struct KubeWaker {
-    client: Client,
-}
-
-impl KubeWaker {
-    pub fn new(client: Client) -> Self {
-        Self { client }
-    }
-}
-
-impl WakeClient for KubeWaker {
-    fn request_wake<'a>(&'a self, app: &'a AppKey) -> BoxFuture<'a, Result<(), WakeError>> {
-        Box::pin(async move {
-            let api: Api<CracApp> = Api::namespaced(self.client.clone(), &app.namespace);
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let patch = serde_json::json!({ "status": { "wakeRequestedAt": now } });
-            let params = PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            };
-            match api
-                .patch_status(&app.name, &params, &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => Ok(()),
-                Err(kube::Error::Api(status)) => Err(WakeError {
-                    // 404: the app is gone; 403: RBAC forbids it; 422: the status is invalid.
-                    permanent: matches!(status.code, 403 | 404 | 422),
-                    message: format!(
-                        "patching status of {app}: {} ({})",
-                        status.message, status.code
-                    ),
-                }),
-                Err(err) => Err(WakeError {
-                    permanent: false,
-                    message: format!("patching status of {app}: {err}"),
-                }),
-            }
-        })
-    }
-}
+// The wake request lived here before it had a module of its own; tests/tests/install.rs still
+// names it by these paths.
+pub use crate::wake::{KubeWaker, WakeClient};
 
 /// Watches CracApps in every namespace and keeps the registry's apps and ports current.
 /// Returns only if the watch stream ends (it retries errors with backoff itself).

@@ -9,7 +9,9 @@
 //! - [`hold`]: bounded per-app queue with a deadline, and the one wake task per app;
 //! - [`proxy`]: forwarding (HTTP/1.1, h2c, upgrades, streaming bodies) over pooled connections;
 //! - [`server`]: listeners per port, connections, graceful shutdown;
-//! - [`kube`]: the watches and the wake request (behind [`kube::WakeClient`]);
+//! - [`tracker`]: the count of connections and tunnels a graceful shutdown waits for;
+//! - [`wake`]: the wake request, behind [`wake::WakeClient`] (a status patch in a cluster);
+//! - [`kube`]: the watches;
 //! - [`metrics`] and [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 
 pub mod admin;
@@ -20,6 +22,8 @@ pub mod proxy;
 pub mod registry;
 pub mod routes;
 pub mod server;
+pub mod tracker;
+pub mod wake;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -29,11 +33,12 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::hold::HoldContext;
-use crate::kube::WakeClient;
 use crate::metrics::Metrics;
 use crate::proxy::{Pool, Proxy};
 use crate::registry::Registry;
-use crate::server::{Server, Tracker};
+use crate::server::Server;
+use crate::tracker::Tracker;
+use crate::wake::WakeClient;
 
 /// Settings of one activator instance.
 #[derive(Clone, Debug)]

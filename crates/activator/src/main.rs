@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use crac_activator::kube::{KubeWaker, watch_apps, watch_pods};
+use crac_activator::kube::{watch_apps, watch_pods};
+use crac_activator::wake::KubeWaker;
 use crac_activator::{Activator, Config};
 
 fn duration(text: &str) -> Result<Duration, String> {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::hold::{HoldContext, Pick};
 use crate::metrics::{Metrics, Outcome};
 use crate::registry::Registry;
-use crate::server::Tracker;
+use crate::tracker::Tracker;
 
 /// Body of every response the activator returns: the pod's, streamed, or a short one of its own.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;

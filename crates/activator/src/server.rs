@@ -6,16 +6,16 @@ use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::proxy::{Caller, Proxy};
+use crate::tracker::Tracker;
 
 /// How often a port that could not be bound is tried again.
 const BIND_RETRY: Duration = Duration::from_secs(5);
@@ -25,50 +25,6 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Period of [`anchor_timers`]: shorter than [`HEADER_READ_TIMEOUT`].
 const TIMER_ANCHOR_PERIOD: Duration = Duration::from_secs(10);
-
-/// Counts work that a graceful shutdown waits for: connections and upgraded tunnels.
-#[derive(Clone, Default)]
-pub struct Tracker {
-    inner: Arc<(AtomicUsize, Notify)>,
-}
-
-pub struct TrackGuard {
-    inner: Arc<(AtomicUsize, Notify)>,
-}
-
-impl Tracker {
-    pub fn track(&self) -> TrackGuard {
-        self.inner.0.fetch_add(1, Ordering::AcqRel);
-        TrackGuard {
-            inner: Arc::clone(&self.inner),
-        }
-    }
-
-    pub fn active(&self) -> usize {
-        self.inner.0.load(Ordering::Acquire)
-    }
-
-    /// Resolves once nothing is tracked.
-    pub async fn idle(&self) {
-        loop {
-            let notified = self.inner.1.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.active() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for TrackGuard {
-    fn drop(&mut self) {
-        if self.inner.0.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.inner.1.notify_waiters();
-        }
-    }
-}
 
 pub struct Server {
     proxy: Arc<Proxy>,

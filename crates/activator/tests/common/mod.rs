@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use crac_activator::kube::{WakeClient, WakeError};
 use crac_activator::registry::Registry;
 use crac_activator::routes::{AppConfig, AppKey, PortMapping};
+use crac_activator::wake::{WakeClient, WakeError};
 use crac_activator::{Activator, Config};
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Full, StreamBody};
