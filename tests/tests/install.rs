@@ -570,8 +570,8 @@ async fn helm_install_runs_the_operator_with_minimal_rbac() {
     .await;
 
     // The activator asks for a wake the way it does for a held request.
-    use crac_activator::kube::WakeClient;
-    crac_activator::kube::KubeWaker::new(activator_client.clone())
+    use crac_activator::wake::WakeClient;
+    crac_activator::wake::KubeWaker::new(activator_client.clone())
         .request_wake(&crac_activator::routes::AppKey::new(
             ns.name.clone(),
             "demo",

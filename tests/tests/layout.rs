@@ -229,6 +229,11 @@ fn the_activators_modules_import_each_other_in_one_direction_only() {
 }
 
 #[test]
+fn the_operators_modules_import_each_other_in_one_direction_only() {
+    assert_no_module_cycle(&repo_root().join("crates/operator"));
+}
+
+#[test]
 fn the_module_cycle_check_sees_use_lines_groups_and_inline_paths() {
     let source = "use crate::a::X;\n// use crate::commented::Y;\nuse crate::{b::Z, c, d::{e, f}};\n\
                   fn g() { crate::h::i(); some_crate::j(); } /* crate::k */";

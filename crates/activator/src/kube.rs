@@ -16,10 +16,6 @@ use kube::runtime::watcher::{self, Event};
 use crate::registry::Registry;
 use crate::routes::{AppConfig, PodIndex, app_config, pod_entry};
 
-// The wake request lived here before it had a module of its own; tests/tests/install.rs still
-// names it by these paths.
-pub use crate::wake::{KubeWaker, WakeClient};
-
 /// Watches CracApps in every namespace and keeps the registry's apps and ports current.
 /// Returns only if the watch stream ends (it retries errors with backoff itself).
 pub async fn watch_apps(client: Client, registry: Arc<Registry>, default_wake_timeout: Duration) {
