@@ -37,8 +37,17 @@ impl Error {
             },
             _ => None,
         };
-        api.is_some_and(|e| e.code == 403 && e.message.contains("being terminated"))
+        api.is_some_and(|e| is_terminating(e))
     }
+}
+
+/// A write refused because its namespace is being deleted.
+pub fn refused_as_terminating(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(e) if is_terminating(e))
+}
+
+fn is_terminating(e: &kube::core::Status) -> bool {
+    e.code == 403 && e.message.contains("being terminated")
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -48,7 +48,12 @@ pub async fn publish(ctx: &Context, app: &CracApp, note: &Note) {
         action: "Reconcile",
         message: note.message.clone(),
     };
-    if let Err(e) = ctx.events.publish(&note, &app.object_ref(&())).await {
-        warn!(error = %e, "could not publish an Event");
+    match ctx.events.publish(&note, &app.object_ref(&())).await {
+        Ok(()) => {}
+        // The namespace is going, and the app with it: nobody will read the Event.
+        Err(e) if crate::error::refused_as_terminating(&e) => {
+            tracing::debug!("no Event: the namespace is being deleted");
+        }
+        Err(e) => warn!(error = %e, "could not publish an Event"),
     }
 }
