@@ -4,6 +4,7 @@
 
 use crate::cache;
 use crate::context::Context;
+use crate::reconcile::cleanup::forget;
 use crate::reconcile::{error_policy, reconcile};
 use crac_api::policy::CracScalePolicy;
 use crac_api::{CracApp, labels};
@@ -92,10 +93,17 @@ pub async fn run(ctx: Arc<Context>, concurrency: u16, on_ready: impl Fn() + Send
     .reflect(writers.activators);
     // The apps themselves, without their managedFields: parsed, those were the largest part
     // of a cached app (about 13 KiB each), and the operator never reads them.
+    // An app deleted without a finalizer is never reconciled again: forget it when it goes.
+    let forgetting = ctx.clone();
     let app_changes = watcher(api_in::<CracApp>(&client, ns), watcher::Config::default())
         .default_backoff()
         .modify(cache::slim_app)
         .reflect(writers.apps)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::Delete(app)) = event {
+                forget(app, &forgetting);
+            }
+        })
         .applied_objects();
     let apps = ctx.caches.apps.clone();
     let claim_users = apps.clone();

@@ -14,7 +14,8 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::warn;
 
-/// Drops what the operator remembers of an app that is going.
+/// Drops what the operator remembers of an app that is going: what it applied, the status
+/// version it replaced, and its activator ports (free for another app).
 pub fn forget(app: &CracApp, ctx: &Context) {
     let key = (
         app.namespace().unwrap_or_default(),
@@ -22,6 +23,15 @@ pub fn forget(app: &CracApp, ctx: &Context) {
     );
     ctx.caches.applied.forget(&key);
     ctx.caches.superseded.forget(&key);
+    let table = ctx.activator_ports.clone();
+    let release = async move {
+        if let Some(table) = table.lock().await.as_mut() {
+            table.retain(|_, owner| owner != &key);
+        }
+    };
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(release);
+    }
 }
 
 pub async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
