@@ -4,8 +4,9 @@
 //! the namespace's pods, a GET of the Job on every reconcile) and server-side applies that
 //! changed nothing. Reads are served from stores filled by the watch streams that also
 //! trigger reconciles ([`crate::watches::run`]), so a reconcile triggered by a change always
-//! sees it; a reconcile makes no GET or LIST. An object is applied again only when the operator wants something new, or when
-//! someone else changed it since the operator's last apply (its resourceVersion moved).
+//! sees it; a reconcile makes no GET or LIST. An object is applied again only when the
+//! operator wants something new, or when someone else changed it since the operator's last
+//! apply (see [`crate::applied`]).
 //!
 //! A reconcile waits until every store holds a complete first listing, so it never mistakes
 //! "not loaded yet" for "no pods" (which would empty a Service) or "no policy".
@@ -38,6 +39,7 @@ pub struct Caches {
     /// Every CracScalePolicy.
     pub policies: Store<CracScalePolicy>,
     pub jobs: Store<Job>,
+    /// Without their pod template (see [`slim_deployment`]).
     pub deployments: Store<Deployment>,
     pub services: Store<PartialObjectMeta<Service>>,
     /// Every claim where apps are watched: the apps' own, and the users' `existingClaim`s.
