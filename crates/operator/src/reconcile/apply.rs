@@ -80,19 +80,31 @@ pub async fn apply(
     Ok(())
 }
 
+/// A namespaced object the operator applies.
+pub trait Applicable:
+    Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + Serialize
+    + std::fmt::Debug
+{
+}
+
+impl<K> Applicable for K where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + Serialize
+        + std::fmt::Debug
+{
+}
+
 pub fn apply_params() -> PatchParams {
     PatchParams::apply(labels::MANAGER).force()
 }
 
 /// Server-side applies `obj` in namespace `ns`; what the API server answered.
-pub async fn apply_object<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
-{
+pub async fn apply_object<K: Applicable>(client: &Client, ns: &str, obj: &K) -> Result<K> {
     let api = Api::<K>::namespaced(client.clone(), ns);
     let name = obj.meta().name.clone().unwrap_or_default();
     let mut body = serde_json::to_value(obj).expect("Kubernetes objects serialize");
@@ -105,14 +117,12 @@ where
 
 /// Applies `obj` unless that would change nothing: the same object was applied last and the
 /// object `live` (from the caches) still holds it.
-async fn apply_changed<K>(ctx: &Context, app: &CracApp, obj: &K, live: Option<Live>) -> Result<()>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
-{
+async fn apply_changed<K: Applicable>(
+    ctx: &Context,
+    app: &CracApp,
+    obj: &K,
+    live: Option<Live>,
+) -> Result<()> {
     let ns = app.namespace().unwrap_or_default();
     let owner = (ns.clone(), app_name(app).to_string());
     let key = (
