@@ -51,6 +51,19 @@ impl Events {
         }
     }
 
+    /// Publishes `note` about `regarding`, logging a failure instead of returning it: an Event
+    /// is never worth failing a reconcile for. A refusal because the namespace is being
+    /// deleted is not even a warning: nobody will read the Event.
+    pub async fn publish_or_log(&self, note: &Note<'_>, regarding: &ObjectReference) {
+        match self.publish(note, regarding).await {
+            Ok(()) => {}
+            Err(e) if crate::error::refused_as_terminating(&e) => {
+                tracing::debug!("no Event: the namespace is being deleted");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not publish an Event"),
+        }
+    }
+
     /// Publishes `note` about `regarding`: a new Event, or one more in the series of the
     /// same Event published in the last few minutes.
     pub async fn publish(

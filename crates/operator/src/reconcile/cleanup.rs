@@ -12,7 +12,6 @@ use crate::events::Note;
 use crac_api::CracApp;
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
-use tracing::warn;
 
 /// Drops what the operator remembers of an app that is going: what it applied, the status
 /// version it replaced, and its activator ports (free for another app).
@@ -60,9 +59,7 @@ pub async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
                     app_name(app)
                 ),
             };
-            if let Err(e) = ctx.events.publish(&note, &app.object_ref(&())).await {
-                warn!(error = %e, "could not publish an Event");
-            }
+            ctx.events.publish_or_log(&note, &app.object_ref(&())).await;
             Ok(Action::await_change())
         }
         Some(_) => Err(Error::CleanupPending { claim }),

@@ -11,7 +11,6 @@ use crate::events;
 use crac_api::CracApp;
 use kube::api::{Api, Patch};
 use kube::{Resource, ResourceExt};
-use tracing::warn;
 
 pub async fn report(
     ctx: &Context,
@@ -40,7 +39,7 @@ pub async fn report(
     Ok(())
 }
 
-/// Publishes one Event about the app; a failure to publish is logged, not fatal.
+/// Publishes one Event about the app (a failure is logged, not fatal).
 pub async fn publish(ctx: &Context, app: &CracApp, note: &Note) {
     let note = events::Note {
         warning: note.warning,
@@ -48,12 +47,5 @@ pub async fn publish(ctx: &Context, app: &CracApp, note: &Note) {
         action: "Reconcile",
         message: note.message.clone(),
     };
-    match ctx.events.publish(&note, &app.object_ref(&())).await {
-        Ok(()) => {}
-        // The namespace is going, and the app with it: nobody will read the Event.
-        Err(e) if crate::error::refused_as_terminating(&e) => {
-            tracing::debug!("no Event: the namespace is being deleted");
-        }
-        Err(e) => warn!(error = %e, "could not publish an Event"),
-    }
+    ctx.events.publish_or_log(&note, &app.object_ref(&())).await;
 }
