@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 pub const ENV_IMAGE_DIR: &str = "CRAC_IMAGE_DIR";
 /// Full checkpoint id the agent writes (checkpoint mode) or restores (restore mode).
 pub const ENV_CHECKPOINT_ID: &str = "CRAC_CHECKPOINT_ID";
+/// Restore pods: the `sha256:<hex>` digest of the image's manifest, recorded by the operator
+/// from the checkpoint Job's summary. The agent restores only an image whose manifest hashes
+/// to it, and whose files match the manifest.
+pub const ENV_IMAGE_DIGEST: &str = "CRAC_IMAGE_DIGEST";
 /// `crac` or `criu`.
 pub const ENV_ENGINE: &str = "CRAC_ENGINE";
 /// How to tell the app is ready: `http://127.0.0.1:8080/path` or `tcp://127.0.0.1:8080`.
@@ -79,6 +83,9 @@ pub struct AgentSummary {
     /// `java -version` of the JVM that was checkpointed, e.g. `17.0.15`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jdk: Option<String>,
+    /// `sha256:<hex>` of the published image's manifest (see [`ENV_IMAGE_DIGEST`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
     /// Total bytes of the published image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_bytes: Option<u64>,

@@ -28,6 +28,9 @@ pub const APP_CONTAINER: &str = "app";
     validation = Rule::new("size(self.metadata.name) <= 40").message(
         "metadata.name: at most 40 characters; it prefixes the names of the Jobs, Services and labels the operator creates"
     ),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message(
+        "metadata.name: must be a DNS label that starts with a letter (lower-case letters, digits and '-'), because it names the app's Service"
+    ),
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",
@@ -365,6 +368,20 @@ pub struct ScaleToZeroSpec {
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('10m')")
         .message("must be between 1s and 10m"))]
     pub wake_timeout: Option<String>,
+
+    /// Namespaces whose pods may call the app through the activator while it sleeps or wakes.
+    /// The app's own namespace always may; callers from anywhere else get 403 and the app sees
+    /// nothing. (While the app is awake, the Service sends callers to its pods directly, and
+    /// the namespace's NetworkPolicies decide.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 32),
+        inner(
+            length(min = 1, max = 63),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+        )
+    )]
+    pub caller_namespaces: Vec<String>,
 }
 
 /// Where an app is in its life.
@@ -497,6 +514,11 @@ pub struct CheckpointStatus {
     pub jdk: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<Engine>,
+    /// `sha256:<hex>` of the image's manifest (every file's name, size and sha256), as the
+    /// checkpoint Job reported it. Restore pods get it in their spec and restore only an image
+    /// that matches it, whatever the files beside the image say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// A checkpoint in progress, or failing and waiting to be retried.

@@ -246,6 +246,7 @@ fn published_image(
         size_bytes: summary.image_bytes,
         duration_seconds,
         jdk: summary.jdk.clone(),
+        digest: summary.image_digest.clone(),
         engine: Some(engine),
     }
 }
