@@ -463,6 +463,41 @@ async fn invalid_objects_are_refused_by_the_api_server_naming_the_field() {
             serde_json::json!({ "metadata": { "name": "a".repeat(41) } }),
             "metadata.name",
         ),
+        (
+            "name starting with a digit",
+            serde_json::json!({ "metadata": { "name": "1app" } }),
+            "metadata.name",
+        ),
+        (
+            "name with a dot",
+            serde_json::json!({ "metadata": { "name": "a.b" } }),
+            "metadata.name",
+        ),
+        (
+            "host PID",
+            serde_json::json!({ "spec": { "template": { "spec": { "hostPID": true } } } }),
+            "spec.template.spec.hostPID",
+        ),
+        (
+            "host network",
+            serde_json::json!({ "spec": { "template": { "spec": { "hostNetwork": true } } } }),
+            "spec.template.spec.hostNetwork",
+        ),
+        (
+            "hostPath volume",
+            serde_json::json!({ "spec": { "template": { "spec": { "volumes": [{ "name": "root", "hostPath": { "path": "/" } }] } } } }),
+            "spec.template.spec.volumes",
+        ),
+        (
+            "privileged app container",
+            serde_json::json!({ "spec": { "template": { "spec": { "containers": [app_container(serde_json::json!({ "privileged": true }))] } } } }),
+            "spec.template.spec.containers",
+        ),
+        (
+            "privileged init container",
+            serde_json::json!({ "spec": { "template": { "spec": { "initContainers": [{ "name": "setup", "image": "x", "securityContext": { "privileged": true } }] } } } }),
+            "spec.template.spec.initContainers",
+        ),
     ];
     for (what, overlay, field) in cases {
         let mut body = serde_json::to_value(example_app("bad", "x:1")).unwrap();
@@ -485,6 +520,100 @@ async fn invalid_objects_are_refused_by_the_api_server_naming_the_field() {
         let err = apps.create(&PostParams::default(), &app).await.unwrap_err();
         assert_refused(what, field, err);
     }
+}
+
+/// The example app's container with `security` as its securityContext.
+fn app_container(security: serde_json::Value) -> serde_json::Value {
+    let mut container = serde_json::to_value(
+        &example_app("x", "x:1")
+            .spec
+            .template
+            .spec
+            .unwrap()
+            .containers[0],
+    )
+    .unwrap();
+    container["securityContext"] = security;
+    container
+}
+
+#[tokio::test]
+async fn a_template_asking_for_more_than_restore_needs_is_refused_and_nothing_is_created() {
+    let ns = setup("op-forbidden").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    // Beyond what the API server's rules see: a capability restore does not need, and a
+    // sidecar with a host port.
+    let cases = [
+        (
+            "greedy",
+            serde_json::json!([app_container(
+                serde_json::json!({ "capabilities": { "add": ["CHECKPOINT_RESTORE", "SYS_ADMIN"] } })
+            )]),
+            "spec.template.spec.containers[app].securityContext.capabilities.add",
+        ),
+        (
+            "hostport",
+            serde_json::json!([
+                app_container(serde_json::json!({})),
+                { "name": "proxy", "image": "proxy:1", "ports": [{ "containerPort": 9000, "hostPort": 9000 }] }
+            ]),
+            "spec.template.spec.containers[proxy].ports[9000].hostPort",
+        ),
+    ];
+    let apps: Api<CracApp> = ns.api();
+    for (name, containers, _) in &cases {
+        let mut app = example_app(name, "x:1");
+        app.spec.template.spec.as_mut().unwrap().containers =
+            serde_json::from_value(containers.clone()).unwrap();
+        apps.create(&PostParams::default(), &app).await.unwrap();
+    }
+    let events: Api<Event> = ns.api();
+    for (name, _, field) in &cases {
+        let status = wait_for("the refusal in status", DEADLINE, || async {
+            let s = status_of(&apps, name).await;
+            (condition(&s, "CheckpointReady")?.reason == "Forbidden").then_some(s)
+        })
+        .await;
+        assert_eq!(status.phase, Some(crac_api::cracapp::Phase::Failed));
+        let message = &condition(&status, "CheckpointReady").unwrap().message;
+        assert!(message.contains(field), "{name}: {message}");
+        wait_for("a Warning Event naming the field", DEADLINE, || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("Forbidden")
+                    && e.involved_object.name.as_deref() == Some(*name)
+                    && e.message.as_deref().is_some_and(|n| n.contains(field))
+            })
+        })
+        .await;
+    }
+    // Nothing was created for either app.
+    let lp = ListParams::default();
+    assert!(ns.api::<Job>().list(&lp).await.unwrap().items.is_empty());
+    assert!(
+        ns.api::<Deployment>()
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        ns.api::<Service>()
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        ns.api::<PersistentVolumeClaim>()
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
 
 fn assert_refused(what: &str, field: &str, err: kube::Error) {

@@ -446,6 +446,7 @@ async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app()
     app.spec.replicas = 1;
     app.spec.scale_to_zero = Some(crac_api::cracapp::ScaleToZeroSpec {
         enabled: Some(true),
+        caller_namespaces: Vec::new(),
         idle_after: Some("30m".into()),
         wake_timeout: Some("60s".into()),
     });

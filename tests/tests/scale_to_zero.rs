@@ -30,6 +30,7 @@ fn sleepy_app(name: &str, idle_after: &str) -> CracApp {
     app.spec.replicas = 1;
     app.spec.scale_to_zero = Some(crac_api::cracapp::ScaleToZeroSpec {
         enabled: Some(true),
+        caller_namespaces: Vec::new(),
         idle_after: Some(idle_after.into()),
         wake_timeout: Some("30s".into()),
     });

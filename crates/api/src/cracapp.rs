@@ -74,7 +74,33 @@ pub struct CracAppSpec {
             .reason(Reason::FieldValueRequired),
         validation = Rule::new("self.spec.containers.all(c, c.name != 'app' || (has(c.command) && size(c.command) > 0))")
             .message("the 'app' container must set command: the agent needs the JVM's start command (the image entrypoint cannot be read from the cluster)")
-            .reason(Reason::FieldValueRequired)
+            .reason(Reason::FieldValueRequired),
+        // What a template may ask for is checked whole by the operator (pod_security.rs);
+        // the API server refuses the plainest escalations first.
+        validation = Rule::new("!has(self.spec.hostPID) || !self.spec.hostPID")
+            .message("host namespaces are not allowed")
+            .field_path(".spec.hostPID")
+            .reason(Reason::FieldValueForbidden),
+        validation = Rule::new("!has(self.spec.hostIPC) || !self.spec.hostIPC")
+            .message("host namespaces are not allowed")
+            .field_path(".spec.hostIPC")
+            .reason(Reason::FieldValueForbidden),
+        validation = Rule::new("!has(self.spec.hostNetwork) || !self.spec.hostNetwork")
+            .message("host namespaces are not allowed")
+            .field_path(".spec.hostNetwork")
+            .reason(Reason::FieldValueForbidden),
+        validation = Rule::new("!has(self.spec.volumes) || self.spec.volumes.all(v, !has(v.hostPath))")
+            .message("hostPath volumes are not allowed")
+            .field_path(".spec.volumes")
+            .reason(Reason::FieldValueForbidden),
+        validation = Rule::new("self.spec.containers.all(c, !has(c.securityContext) || !has(c.securityContext.privileged) || !c.securityContext.privileged)")
+            .message("privileged containers are not allowed")
+            .field_path(".spec.containers")
+            .reason(Reason::FieldValueForbidden),
+        validation = Rule::new("!has(self.spec.initContainers) || self.spec.initContainers.all(c, !has(c.securityContext) || !has(c.securityContext.privileged) || !c.securityContext.privileged)")
+            .message("privileged containers are not allowed")
+            .field_path(".spec.initContainers")
+            .reason(Reason::FieldValueForbidden)
     )]
     #[schemars(schema_with = "pod_template_schema")]
     pub template: PodTemplateSpec,
@@ -471,6 +497,12 @@ pub struct CracAppStatus {
     /// name or its ClusterIP.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub activator_ports: Vec<ActivatorPort>,
+
+    /// Namespaces besides its own whose pods the activator lets call the app: the app's
+    /// `scaleToZero.callerNamespaces`, else its policy's. Written by the operator for the
+    /// activator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caller_namespaces: Vec<String>,
 
     /// The last time a pod of the app saw traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]

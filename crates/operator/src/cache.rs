@@ -355,7 +355,7 @@ mod tests {
     fn a_slimmed_deployment_still_says_what_it_restores_how_many_and_how_far() {
         use crate::build::deployment::{restore_deployment_for, restored_id};
         let app = crate::validate::tests::app();
-        let validated = crate::validate::validate(&app).expect("valid");
+        let validated = crate::validate::validate(&app, &Default::default()).expect("valid");
         let config = crate::build::BuildConfig {
             agent_image: "agent:1".into(),
         };

@@ -70,7 +70,7 @@ mod tests {
             .get(crac_api::labels::CHECKPOINT_REQUESTED_AT)
             .map(String::as_str);
         checkpoint_id(
-            &validate(a).unwrap(),
+            &validate(a, &Default::default()).unwrap(),
             a.spec.checkpoint.engine,
             "agent:1",
             refresh,
@@ -104,7 +104,7 @@ mod tests {
         let mut a = app();
         a.spec.checkpoint.engine = Engine::Crac;
         assert_ne!(id_of(&a), base, "engine");
-        let v = validate(&app()).unwrap();
+        let v = validate(&app(), &Default::default()).unwrap();
         assert_ne!(
             checkpoint_id(&v, Engine::Criu, "agent:2", None),
             base,

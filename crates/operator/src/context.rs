@@ -5,6 +5,7 @@ use crate::build::BuildConfig;
 use crate::cache::Caches;
 use crate::events::Events;
 use crate::metrics::Metrics;
+use crate::pod_security::PodAllowance;
 use crate::ports::PortTable;
 use crac_api::labels;
 use kube::Client;
@@ -47,6 +48,8 @@ pub struct Settings {
     /// Activator ports handed out. Shared only by operators in one process (the tests'),
     /// which would otherwise hand out the same port twice.
     pub activator_ports: PortTable,
+    /// What a CracApp's template may ask for beyond the baseline level.
+    pub pod_allowance: PodAllowance,
 }
 
 impl Settings {
@@ -61,6 +64,7 @@ impl Settings {
             activator: ActivatorRef::default(),
             namespace: None,
             activator_ports: PortTable::default(),
+            pod_allowance: PodAllowance::default(),
         }
     }
 }
@@ -74,6 +78,7 @@ pub struct Context {
     pub activator: ActivatorRef,
     pub namespace: Option<String>,
     pub activator_ports: PortTable,
+    pub pod_allowance: PodAllowance,
     /// What the watches saw; every read a reconcile makes comes from here.
     pub caches: Caches,
 }
@@ -89,6 +94,7 @@ impl Context {
             activator: settings.activator,
             namespace: settings.namespace,
             activator_ports: settings.activator_ports,
+            pod_allowance: settings.pod_allowance,
             caches: Caches::default(),
         }
     }

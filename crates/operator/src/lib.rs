@@ -16,6 +16,7 @@ pub mod error;
 pub mod events;
 pub mod leader;
 pub mod metrics;
+pub mod pod_security;
 pub mod policies;
 pub mod ports;
 pub mod reconcile;

@@ -7,6 +7,7 @@ use crac_operator::context::{
 };
 use crac_operator::leader::{self, LeaseSettings};
 use crac_operator::metrics::Metrics;
+use crac_operator::pod_security::PodAllowance;
 use crac_operator::server::{self, Health};
 use crac_operator::watches;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -47,6 +48,11 @@ struct Args {
     /// Reconcile CracApps of this namespace only (default: all namespaces).
     #[arg(long, env = "CRAC_WATCH_NAMESPACE")]
     namespace: Option<String>,
+    /// Capabilities a CracApp's containers may add beyond the PodSecurity baseline set (and
+    /// beyond CHECKPOINT_RESTORE and SYS_PTRACE on `app`), comma-separated. A platform team's
+    /// explicit opt-in; empty by default.
+    #[arg(long, env = "CRAC_ALLOWED_CAPABILITIES", default_value = "")]
+    allowed_capabilities: String,
     /// Log as JSON lines.
     #[arg(long, env = "CRAC_LOG_JSON", default_value_t = false)]
     log_json: bool,
@@ -102,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
             selector: args.activator_selector,
         },
         namespace: args.namespace,
+        pod_allowance: PodAllowance::from_list(&args.allowed_capabilities),
         ..Settings::new(args.agent_image, identity)
     };
     let ctx = Arc::new(Context::new(client, settings, metrics));

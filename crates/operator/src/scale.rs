@@ -39,6 +39,8 @@ pub struct Settings {
     /// Name of the governing policy.
     pub policy: Option<String>,
     pub max_awake: Option<i32>,
+    /// Namespaces whose pods may call the app through the activator, besides its own.
+    pub caller_namespaces: Vec<String>,
 }
 
 /// Whether `labels` satisfy `selector` (matchLabels and matchExpressions).
@@ -130,6 +132,12 @@ pub fn settings_for(
         quiet: policy.is_some_and(|p| in_quiet_hours(&p.spec.quiet_hours, minute_of_day(now))),
         policy: policy.map(|p| p.name_any()),
         max_awake: policy.and_then(|p| p.spec.max_awake),
+        caller_namespaces: own
+            .map(|s| &s.caller_namespaces)
+            .filter(|l| !l.is_empty())
+            .or_else(|| theirs.map(|s| &s.caller_namespaces))
+            .cloned()
+            .unwrap_or_default(),
     }
 }
 
@@ -307,6 +315,7 @@ mod tests {
             quiet: false,
             policy: None,
             max_awake: None,
+            caller_namespaces: Vec::new(),
         }
     }
 
@@ -459,6 +468,7 @@ mod tests {
                 enabled: Some(true),
                 idle_after: Some(idle.into()),
                 wake_timeout: None,
+                caller_namespaces: vec!["ingress".into()],
             });
             p
         };
@@ -478,9 +488,15 @@ mod tests {
             enabled: None,
             idle_after: Some("45s".into()),
             wake_timeout: None,
+            caller_namespaces: Vec::new(),
         };
         let s = settings_for(Some(&own), Some(chosen), t(0));
         assert!(s.enabled, "from the policy");
+        assert_eq!(s.caller_namespaces, ["ingress"], "from the policy");
+        let mut mine = own.clone();
+        mine.caller_namespaces = vec!["web".into()];
+        let s = settings_for(Some(&mine), Some(chosen), t(0));
+        assert_eq!(s.caller_namespaces, ["web"], "the app's own list wins");
         assert_eq!(
             s.idle_after,
             Duration::from_secs(45),

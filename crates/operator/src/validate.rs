@@ -2,6 +2,7 @@
 //! The CRD's schema and CEL rules refuse most bad input at the API server; this catches what
 //! they cannot see (a readiness probe that names a port the container does not declare).
 
+use crate::pod_security::{self, PodAllowance};
 use crac_api::cracapp::{APP_CONTAINER, CracApp};
 use crac_api::duration;
 use k8s_openapi::api::core::v1::{Container, Probe};
@@ -33,9 +34,23 @@ pub enum SpecError {
     NoCommand,
     #[error("{field}: {problem}")]
     Invalid { field: String, problem: String },
+    /// The template asks for more than restore needs (see [`crate::pod_security`]).
+    #[error("{field}: {problem}")]
+    Forbidden { field: String, problem: String },
 }
 
-pub fn validate(app: &CracApp) -> Result<ValidatedApp, SpecError> {
+impl SpecError {
+    /// The condition and Event reason: `Forbidden` for a template asking for too much, so a
+    /// platform team can alert on it apart from mistakes.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SpecError::Forbidden { .. } => "Forbidden",
+            _ => "InvalidSpec",
+        }
+    }
+}
+
+pub fn validate(app: &CracApp, allowance: &PodAllowance) -> Result<ValidatedApp, SpecError> {
     let name = app.metadata.name.clone().unwrap_or_default();
     let namespace = app.metadata.namespace.clone().unwrap_or_default();
     let pod = app
@@ -44,6 +59,7 @@ pub fn validate(app: &CracApp) -> Result<ValidatedApp, SpecError> {
         .spec
         .as_ref()
         .ok_or(SpecError::NoAppContainer)?;
+    pod_security::check(pod, allowance)?;
     let container = pod
         .containers
         .iter()
@@ -160,7 +176,7 @@ pub(crate) mod tests {
 
     #[test]
     fn command_is_command_then_args() {
-        let v = validate(&app()).unwrap();
+        let v = validate(&app(), &PodAllowance::default()).unwrap();
         assert_eq!(
             v.command,
             ["java", "-jar", "/home/app/demo.jar", "--server.port=8080"]
@@ -170,7 +186,7 @@ pub(crate) mod tests {
 
     #[test]
     fn readiness_comes_from_the_probe_with_named_port_resolved() {
-        let v = validate(&app()).unwrap();
+        let v = validate(&app(), &PodAllowance::default()).unwrap();
         assert_eq!(v.readiness, "http://127.0.0.1:8080/ready");
         assert_eq!(v.app_port, Some(8080));
     }
@@ -179,7 +195,10 @@ pub(crate) mod tests {
     fn readiness_falls_back_to_tcp_on_first_port() {
         let mut a = app();
         a.spec.template.spec.as_mut().unwrap().containers[0].readiness_probe = None;
-        assert_eq!(validate(&a).unwrap().readiness, "tcp://127.0.0.1:8080");
+        assert_eq!(
+            validate(&a, &PodAllowance::default()).unwrap().readiness,
+            "tcp://127.0.0.1:8080"
+        );
     }
 
     #[test]
@@ -193,7 +212,9 @@ pub(crate) mod tests {
             .as_mut()
             .unwrap()
             .port = IntOrString::String("admin".into());
-        let err = validate(&a).unwrap_err().to_string();
+        let err = validate(&a, &PodAllowance::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("readinessProbe.httpGet.port"), "{err}");
         assert!(err.contains("admin"), "{err}");
     }
@@ -202,9 +223,15 @@ pub(crate) mod tests {
     fn missing_app_container_or_command_is_refused() {
         let mut a = app();
         a.spec.template.spec.as_mut().unwrap().containers[0].name = "web".into();
-        assert_eq!(validate(&a).unwrap_err(), SpecError::NoAppContainer);
+        assert_eq!(
+            validate(&a, &PodAllowance::default()).unwrap_err(),
+            SpecError::NoAppContainer
+        );
         let mut a = app();
         a.spec.template.spec.as_mut().unwrap().containers[0].command = Some(vec![]);
-        assert_eq!(validate(&a).unwrap_err(), SpecError::NoCommand);
+        assert_eq!(
+            validate(&a, &PodAllowance::default()).unwrap_err(),
+            SpecError::NoCommand
+        );
     }
 }

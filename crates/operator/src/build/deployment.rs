@@ -99,7 +99,7 @@ mod tests {
 
     fn deployment() -> Deployment {
         let a = app();
-        let v = validate(&a).unwrap();
+        let v = validate(&a, &Default::default()).unwrap();
         let config = BuildConfig {
             agent_image: "crac-agent:test".into(),
         };
@@ -153,7 +153,7 @@ mod tests {
     fn without_a_readiness_probe_pods_are_ready_once_the_restored_app_listens() {
         let mut a = app();
         a.spec.template.spec.as_mut().unwrap().containers[0].readiness_probe = None;
-        let v = validate(&a).unwrap();
+        let v = validate(&a, &Default::default()).unwrap();
         let config = BuildConfig {
             agent_image: "crac-agent:test".into(),
         };

@@ -33,9 +33,7 @@ impl Mode {
     }
 }
 
-/// Capabilities checkpoint and restore need (Linux >= 5.9), added to the app container and
-/// nothing more: not privileged, no SYS_ADMIN.
-pub const CAPABILITIES: [&str; 2] = ["CHECKPOINT_RESTORE", "SYS_PTRACE"];
+use crate::pod_security::RESTORE_CAPABILITIES as CAPABILITIES;
 
 /// The seccomp profile of the app container (see `inject_agent`).
 pub const SECCOMP_PROFILE: &str = "Unconfined";

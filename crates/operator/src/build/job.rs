@@ -96,7 +96,7 @@ mod tests {
 
     fn job() -> Job {
         let a = app();
-        let v = validate(&a).unwrap();
+        let v = validate(&a, &Default::default()).unwrap();
         let config = BuildConfig {
             agent_image: "crac-agent:test".into(),
         };

@@ -159,7 +159,7 @@ mod tests {
     #[test]
     fn service_has_no_selector_and_exposes_the_app_ports() {
         let a = app();
-        let ports = app_ports(&validate(&a).unwrap());
+        let ports = app_ports(&validate(&a, &Default::default()).unwrap());
         let svc = service_for(&a, &ports).unwrap();
         let spec = svc.spec.unwrap();
         assert!(spec.selector.is_none());
@@ -170,7 +170,7 @@ mod tests {
     #[test]
     fn slice_lists_backends_under_the_service_name() {
         let a = app();
-        let ports = app_ports(&validate(&a).unwrap());
+        let ports = app_ports(&validate(&a, &Default::default()).unwrap());
         let backends = Backends {
             addresses: vec!["10.244.1.2".into(), "10.244.1.1".into(), "127.0.0.1".into()],
             ports: vec![(ports[0].clone(), 8080)],

@@ -254,6 +254,7 @@ mod tests {
                 quiet: false,
                 policy: Some("cap".into()),
                 max_awake: Some(1),
+                caller_namespaces: Vec::new(),
             },
             requests: Requests {
                 wake: None,

@@ -68,9 +68,10 @@ pub fn decide(
         Ok(spec) => spec,
         // A spec the operator cannot act on is reported; nothing is torn down, so an app that
         // was serving keeps serving its previous image.
-        Err(message) => {
+        Err(error) => {
             let progress = CheckpointProgress::InvalidSpec {
-                message: message.clone(),
+                reason: error.reason().to_string(),
+                message: error.to_string(),
             };
             return reported_only(app, seen, progress, None);
         }
@@ -83,7 +84,7 @@ pub fn decide(
         return reported_only(app, seen, progress, Some(STORAGE_RETRY));
     }
 
-    let mut next = carried_over(app, &seen.previous);
+    let mut next = carried_over(app, seen);
     let checkpoint = checkpoint::decide(
         seen.previous.checkpoint.as_ref(),
         seen.previous.pending_checkpoint.as_ref(),
@@ -112,9 +113,7 @@ pub fn decide(
         seen.now,
     );
     let cycle_event = cycle::record(&plan, &seen.previous, &mut next, seen.now);
-    if plan.settings.enabled || !next.activator_ports.is_empty() {
-        next.activator_ports = seen.activator_ports.clone();
-    }
+    next.caller_namespaces = plan.settings.caller_namespaces.clone();
 
     let (deployment, scale, rollout) = restore(app, seen, spec, &next, &plan, config);
     let service = service_for(app, &spec.ports);
@@ -219,14 +218,17 @@ fn rollout_of(
     }
 }
 
-/// The status fields kept from the previous status unless this reconcile changes them.
-fn carried_over(app: &CracApp, previous: &CracAppStatus) -> CracAppStatus {
+/// The status fields kept from the previous status unless this reconcile changes them, and
+/// the activator ports as the operator's table checked them.
+fn carried_over(app: &CracApp, seen: &Observed) -> CracAppStatus {
+    let previous = &seen.previous;
     CracAppStatus {
         checkpoint: previous.checkpoint.clone(),
         pending_checkpoint: previous.pending_checkpoint.clone(),
         selector: Some(format!("{}={}", labels::APP, crate::build::app_name(app))),
         serving_mode: previous.serving_mode.or(Some(ServingMode::Pods)),
-        activator_ports: previous.activator_ports.clone(),
+        activator_ports: seen.activator_ports.clone(),
+        caller_namespaces: previous.caller_namespaces.clone(),
         last_activity_time: previous.last_activity_time.clone(),
         last_wake: previous.last_wake.clone(),
         slept_at: previous.slept_at.clone(),
@@ -247,7 +249,7 @@ fn reported_only(
         rollout_of(d.status.clone(), wanted)
     });
     let mut events = Vec::new();
-    let next = carried_over(app, &seen.previous);
+    let next = carried_over(app, seen);
     let status = complete(app, seen, next, progress, rollout, false, &mut events);
     Decision {
         status,
@@ -329,13 +331,11 @@ mod tests {
 
     /// What a reconcile of `app` observes with nothing created yet and scale to zero off.
     fn observed(app: &CracApp, previous: CracAppStatus) -> Observed {
-        let spec = validate(app)
-            .map_err(|e| e.to_string())
-            .map(|validated| Spec {
-                id: checkpoint_id(&validated, app.spec.checkpoint.engine, "agent:1", None),
-                ports: app_ports(&validated),
-                validated,
-            });
+        let spec = validate(app, &Default::default()).map(|validated| Spec {
+            id: checkpoint_id(&validated, app.spec.checkpoint.engine, "agent:1", None),
+            ports: app_ports(&validated),
+            validated,
+        });
         let requests = cycle::requests_of(app, &previous);
         Observed {
             now: now(),
@@ -359,6 +359,7 @@ mod tests {
                     quiet: false,
                     policy: None,
                     max_awake: None,
+                    caller_namespaces: Vec::new(),
                 },
                 requests,
                 activity: Activity::default(),

@@ -13,7 +13,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::ports::{ports_held, reserve};
 use crate::scale::{Activity, governing_policy, settings_for};
-use crate::validate::{ValidatedApp, validate};
+use crate::validate::{SpecError, ValidatedApp, validate};
 use crac_api::agent::{ACTIVITY_PATH, ActivityReport, DEFAULT_ACTIVITY_PORT};
 use crac_api::cracapp::{ActivatorPort, CracAppStatus};
 use crac_api::{CracApp, labels};
@@ -37,7 +37,7 @@ pub struct Observed {
     /// The status as last written (default when none).
     pub previous: CracAppStatus,
     /// The spec as the builders need it, or why it cannot be acted on.
-    pub spec: Result<Spec, String>,
+    pub spec: Result<Spec, SpecError>,
     /// A problem with the images volume the user must fix: (reason, message).
     pub storage_problem: Option<(String, String)>,
     /// The objects as the caches hold them.
@@ -72,7 +72,7 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
     let previous = app.status.clone().unwrap_or_default();
     let caches = &ctx.caches;
 
-    let spec = validate(app).map_err(|e| e.to_string()).map(|validated| {
+    let spec = validate(app, &ctx.pod_allowance).map(|validated| {
         let refresh = app
             .annotations()
             .get(labels::CHECKPOINT_REQUESTED_AT)
@@ -164,16 +164,29 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
         _ => None,
     };
 
-    let activator_ports = match &spec {
+    // Every port in the status is checked against the table, forged or not.
+    let targets: Option<Vec<i32>> = match &spec {
         Ok(s) if settings.enabled || !previous.activator_ports.is_empty() => {
-            let targets: Vec<i32> = s.ports.iter().map(|p| p.port).collect();
+            Some(s.ports.iter().map(|p| p.port).collect())
+        }
+        Err(_) if !previous.activator_ports.is_empty() => Some(
+            previous
+                .activator_ports
+                .iter()
+                .map(|p| p.target_port)
+                .collect(),
+        ),
+        _ => None,
+    };
+    let activator_ports = match targets {
+        Some(targets) => {
             // One reservation at a time, from a table seeded from every app's status once.
             let mut table = ctx.activator_ports.lock().await;
             let table =
                 table.get_or_insert_with(|| ports_held(caches.apps.state().iter().map(|a| &**a)));
             reserve(table, &key, &previous.activator_ports, &targets)
         }
-        _ => previous.activator_ports.clone(),
+        None => Vec::new(),
     };
 
     Ok(Observed {

@@ -13,7 +13,9 @@ pub enum CheckpointProgress {
     /// The pods' image was taken from the current spec.
     Current,
     /// The spec cannot be acted on; the message names the field.
-    InvalidSpec { message: String },
+    /// `reason` is `InvalidSpec`, or `Forbidden` for a template asking for more than restore
+    /// needs.
+    InvalidSpec { reason: String, message: String },
     /// The volume for images is not usable; retried slowly, not in a hot loop.
     StorageProblem { reason: String, message: String },
     /// A checkpoint Job runs. `last_failure` is the agent's reason from a failed pod of
@@ -85,8 +87,8 @@ pub fn conditions_for(o: &StatusInput, previous: &[Condition], now: Timestamp) -
             "CheckpointPublished",
             "the pods restore from an image of the current spec",
         ),
-        CheckpointProgress::InvalidSpec { message } => {
-            cond(CHECKPOINT_READY, false, "InvalidSpec", message.clone())
+        CheckpointProgress::InvalidSpec { reason, message } => {
+            cond(CHECKPOINT_READY, false, reason, message.clone())
         }
         CheckpointProgress::StorageProblem { reason, message } => {
             cond(CHECKPOINT_READY, false, reason, message.clone())
@@ -147,10 +149,10 @@ pub fn conditions_for(o: &StatusInput, previous: &[Condition], now: Timestamp) -
             reason,
             format!("still serving the previous image: {message}"),
         ),
-        (CheckpointProgress::InvalidSpec { message }, true) => cond(
+        (CheckpointProgress::InvalidSpec { reason, message }, true) => cond(
             DEGRADED,
             true,
-            "InvalidSpec",
+            reason,
             format!("still serving the previous image: {message}"),
         ),
         _ => cond(DEGRADED, false, "AsExpected", ""),
