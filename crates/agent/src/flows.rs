@@ -1,6 +1,7 @@
 //! The three modes, top to bottom: checkpoint, restore (with its fallback), run.
 
 use std::fs;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +21,9 @@ pub struct Ctx {
     pub sup: Supervisor,
     /// When the agent started: restore and cold-start times count from here.
     pub started: Instant,
+    /// The activity port, bound before any JVM runs and held until the agent exits (see
+    /// `activity::listen`); served once the JVM is up in restore and run modes.
+    pub activity_listener: Option<TcpListener>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -742,7 +746,12 @@ fn supervise(ctx: &Ctx, r: Running, s: &mut AgentSummary) -> i32 {
         last_activity_time: None,
         start_ms: (r.start_ms > 0).then_some(r.start_ms),
     };
-    if let Err(e) = Activity::start(report, ctx.cfg.app_port, ctx.cfg.activity_port) {
+    // A second handle on the same socket: the agent's own stays open for its whole life.
+    let listener = ctx
+        .activity_listener
+        .as_ref()
+        .and_then(|l| l.try_clone().ok());
+    if let Err(e) = Activity::start(report, ctx.cfg.app_port, listener) {
         log(format!(
             "activity endpoint on port {} unavailable: {e}",
             ctx.cfg.activity_port

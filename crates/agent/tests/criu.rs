@@ -424,3 +424,91 @@ fn an_image_rewritten_consistently_is_not_trusted() {
     assert_eq!(r.summary().outcome, Some(Outcome::Restored));
     assert_eq!(r.stop(), 143);
 }
+
+/// Names, sizes and modification times of everything under the images directory.
+fn tree_state(dir: &std::path::Path) -> Vec<(String, u64, std::time::SystemTime)> {
+    let mut v = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        v.push((
+            e.path().to_string_lossy().into_owned(),
+            m.len(),
+            m.modified().unwrap(),
+        ));
+        if m.is_dir() {
+            v.extend(tree_state(&e.path()));
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Restore pods mount the claim read-only: restore writes nothing into the image directory
+/// (CRIU's log, its pidfile and work files go to a directory in $TMPDIR), so it works from a
+/// read-only mount and leaves the image as it found it, restore after restore. The activity
+/// port is bound before the JVM is restored and nothing else can bind it meanwhile.
+#[test]
+fn restore_from_a_read_only_image_writes_nothing_there() {
+    let _g = serial();
+    let s = Scratch::new("read-only");
+    let port = free_port();
+    let ck = checkpoint(&s, "c1", port, &[]);
+    // The checkpoint held the activity port before it started the JVM.
+    let log = ck.log();
+    let bound = format!("activity port {} bound", ck.activity_port);
+    let (b, st) = (log.find(&bound), log.find("crac-agent: starting "));
+    assert!(
+        b.is_some() && b < st,
+        "bind must precede the JVM's start:\n{log}"
+    );
+    let before = tree_state(&s.images());
+
+    for round in 0..2 {
+        let mut r = restore_run(&s, &format!("restore-ro-{round}"), "c1", port)
+            .read_only_images()
+            .start();
+        assert_eq!(
+            r.get_when_up("/", Duration::from_secs(20)).trim(),
+            "hello 201",
+            "log:\n{}",
+            r.log()
+        );
+        assert_eq!(r.summary().outcome, Some(Outcome::Restored), "{}", r.log());
+        // The images directory really is read-only for the agent.
+        let mountinfo = fs::read_to_string(format!("/proc/{}/mountinfo", r.agent_pid())).unwrap();
+        let images = s.images().canonicalize().unwrap();
+        let images = images.to_string_lossy();
+        assert!(
+            mountinfo.lines().any(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.get(4) == Some(&&*images)
+                    && f.get(5).is_some_and(|o| o.split(',').any(|x| x == "ro"))
+            }),
+            "{images} is not mounted read-only for the agent:\n{mountinfo}"
+        );
+        let log = r.log();
+        let bound = format!("activity port {} bound", r.activity_port);
+        let (b, v) = (log.find(&bound), log.find("image c1 verified"));
+        assert!(
+            b.is_some() && b < v,
+            "bind must precede the restore:\n{log}"
+        );
+        // While the agent holds it, nothing else can bind the activity port (the app could
+        // otherwise answer in the agent's name).
+        for addr in ["0.0.0.0", "127.0.0.1"] {
+            assert!(
+                std::net::TcpListener::bind((addr, r.activity_port)).is_err(),
+                "{addr}:{} could be bound beside the agent",
+                r.activity_port
+            );
+        }
+        assert_eq!(activity(&r).mode, "restored");
+        assert_eq!(r.stop(), 143);
+        assert_eq!(
+            tree_state(&s.images()),
+            before,
+            "restore changed the image directory"
+        );
+    }
+}

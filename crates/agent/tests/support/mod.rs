@@ -142,6 +142,9 @@ pub struct AgentRun {
     pub port: u16,
     pub activity_port: u16,
     pub dir: PathBuf,
+    /// Mount the images directory read-only in the agent's mount namespace, as restore pods
+    /// mount the claim.
+    pub read_only_images: bool,
 }
 
 impl AgentRun {
@@ -174,7 +177,13 @@ impl AgentRun {
             port,
             activity_port,
             dir: s.dir.clone(),
+            read_only_images: false,
         }
+    }
+
+    pub fn read_only_images(mut self) -> AgentRun {
+        self.read_only_images = true;
+        self
     }
 
     pub fn arg(mut self, k: &str, v: &str) -> AgentRun {
@@ -198,8 +207,17 @@ impl AgentRun {
 
     fn command(&self) -> Command {
         let mut c = Command::new("unshare");
-        c.args(["--pid", "--fork", "--mount-proc"])
-            .arg(agent_bin())
+        c.args(["--pid", "--fork", "--mount-proc"]);
+        if self.read_only_images {
+            // In the new (private) mount namespace only; `exec` keeps the agent PID 1.
+            c.args([
+                "sh",
+                "-c",
+                r#"mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@""#,
+            ])
+            .arg(self.dir.join("images"));
+        }
+        c.arg(agent_bin())
             .arg(self.mode)
             .args(&self.args)
             .arg("--")
