@@ -473,7 +473,12 @@ garbage
         // Closed without an answer (EOF, or a reset), well before the head timeout.
         let n = extra.read(&mut buf).unwrap_or(0);
         assert_eq!(n, 0);
-        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // (Well before a silent caller's head timeout; generous for a loaded machine.)
+        assert!(
+            t.elapsed() < HEAD_TIMEOUT - Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
         // Once the silent callers time out, the endpoint answers again.
         std::thread::sleep(HEAD_TIMEOUT + Duration::from_millis(300));
         assert!(get(port, "/activity").unwrap().starts_with("HTTP/1.1 200"));
