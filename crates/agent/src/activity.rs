@@ -1,12 +1,19 @@
 //! Activity: how many connections are open on the app's port and when traffic was last seen,
 //! read from the kernel's socket tables (`/proc/net/tcp`, `/proc/net/tcp6`) once a second.
 //! The agent never sits in the request path. `GET /activity` on the activity port serves it.
+//!
+//! The endpoint is reachable by anything in the cluster network and by the app itself, so it
+//! assumes hostile callers: each connection gets its own thread (at most [`MAX_CONNECTIONS`] at
+//! once; more are closed at once), the request head must arrive whole within [`HEAD_TIMEOUT`]
+//! and fit in [`MAX_HEAD_BYTES`], and the answer must be taken within [`WRITE_TIMEOUT`]. The
+//! port is bound before the JVM starts and held for the pod's life ([`listen`]).
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crac_api::agent::{ACTIVITY_PATH, ActivityReport};
 
@@ -149,20 +156,36 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// Connections served at once; more are closed as soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Time a caller has to send its whole request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a caller has to take the answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest request head read; the rest is not.
+pub const MAX_HEAD_BYTES: usize = 2048;
+
+/// Binds the activity port on every address (IPv4 and IPv6) before the JVM starts: the app can
+/// then never bind it (no `SO_REUSEPORT`), so it cannot answer in the agent's name. The
+/// listener is close-on-exec, so neither the JVM nor CRIU inherits it, and the agent is never
+/// dumped. Connections wait in its backlog until [`Activity::start`] serves them.
+pub fn listen(activity_port: u16) -> io::Result<TcpListener> {
+    crate::sys::listen_all_addresses(activity_port)
+}
+
 #[derive(Clone)]
 pub struct Activity {
     report: Arc<Mutex<ActivityReport>>,
 }
 
 impl Activity {
-    /// Starts polling `app_port` (if known) and serving `/activity` on `activity_port` (if not 0).
-    /// The listener is close-on-exec (std's default) and is opened only after the JVM runs, so
-    /// neither the JVM nor a CRIU dump ever sees it.
+    /// Starts polling `app_port` (if known) and serving `/activity` on `listener` (if any).
+    /// Called once the JVM is up: no thread is spawned (and no pid spent) before a restore.
     pub fn start(
         base: ActivityReport,
         app_port: Option<u16>,
-        activity_port: u16,
-    ) -> std::io::Result<Activity> {
+        listener: Option<TcpListener>,
+    ) -> io::Result<Activity> {
         let a = Activity {
             report: Arc::new(Mutex::new(base)),
         };
@@ -172,8 +195,7 @@ impl Activity {
                 .name("activity-poll".into())
                 .spawn(move || me.poll_loop(port))?;
         }
-        if activity_port != 0 {
-            let listener = TcpListener::bind(("0.0.0.0", activity_port))?;
+        if let Some(listener) = listener {
             let me = a.clone();
             std::thread::Builder::new()
                 .name("activity-http".into())
@@ -205,31 +227,38 @@ impl Activity {
             .clone()
     }
 
+    /// Accepts forever; each connection is answered on its own thread, at most
+    /// [`MAX_CONNECTIONS`] at once. A caller's errors (timeouts, resets) are its own: they are
+    /// not logged, so no caller can fill the container's log.
     fn serve(&self, listener: TcpListener) {
+        let active = Arc::new(AtomicUsize::new(0));
         for conn in listener.incoming() {
-            let Ok(stream) = conn else { continue };
-            if let Err(e) = self.answer(stream) {
-                eprintln!("crac-agent: activity endpoint: {e}");
+            let Ok(stream) = conn else {
+                // EMFILE and the like: do not spin.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                active.fetch_sub(1, Ordering::AcqRel);
+                let _ = stream.shutdown(Shutdown::Both);
+                continue;
             }
+            let slot = Slot(active.clone());
+            let me = self.clone();
+            // On failure the closure (and with it the slot and the stream) is dropped.
+            let _ = std::thread::Builder::new()
+                .name("activity-conn".into())
+                .spawn(move || {
+                    let _slot = slot;
+                    let _ = me.answer(stream);
+                });
         }
     }
 
-    fn answer(&self, mut s: TcpStream) -> std::io::Result<()> {
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.set_write_timeout(Some(Duration::from_secs(2)))?;
-        let mut buf = [0u8; 2048];
-        let mut len = 0;
-        while len < buf.len() {
-            let n = s.read(&mut buf[len..])?;
-            if n == 0 {
-                break;
-            }
-            len += n;
-            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-        let head = String::from_utf8_lossy(&buf[..len]);
+    fn answer(&self, mut s: TcpStream) -> io::Result<()> {
+        let head = read_head(&mut s, Instant::now() + HEAD_TIMEOUT)?;
+        s.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let head = String::from_utf8_lossy(&head);
         let mut parts = head.split_whitespace();
         let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         let path = target.split('?').next().unwrap_or("");
@@ -250,6 +279,43 @@ impl Activity {
             body.len()
         )
     }
+}
+
+/// A connection's place among the [`MAX_CONNECTIONS`], given back when its thread ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Reads a request head (up to the blank line, or [`MAX_HEAD_BYTES`], or the caller's end of
+/// the stream), all of it before `deadline`: a caller trickling bytes gets no more time than
+/// one sending nothing.
+fn read_head(s: &mut TcpStream, deadline: Instant) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_HEAD_BYTES];
+    let mut len = 0;
+    while len < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head too slow",
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
+        let n = s.read(&mut buf[len..])?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -331,6 +397,111 @@ garbage
         assert!(!is_activity(&tw, &tw));
         // Connections going away is not activity.
         assert!(!is_activity(&tw, &idle));
+    }
+
+    fn serving() -> (Activity, u16) {
+        let listener = listen(0).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let report = ActivityReport {
+            mode: "running".into(),
+            ..Default::default()
+        };
+        (Activity::start(report, None, Some(listener)).unwrap(), port)
+    }
+
+    fn get(port: u16, path: &str) -> io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn a_slow_caller_does_not_hold_up_others() {
+        let (_a, port) = serving();
+        // One caller sends nothing, another trickles a byte every 500 ms.
+        let _silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut trickle = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let trickler = std::thread::spawn(move || {
+            let start = Instant::now();
+            for b in b"GET /activity HTTP/1.0\r\n\r\n" {
+                if trickle.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            // The endpoint gave up on it after HEAD_TIMEOUT.
+            let mut rest = Vec::new();
+            let _ = trickle.read_to_end(&mut rest);
+            (start.elapsed(), rest)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..3 {
+            let t = Instant::now();
+            let answer = get(port, "/activity").unwrap();
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "answered after {:?}",
+                t.elapsed()
+            );
+            assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+            assert!(answer.contains("\"mode\":\"running\""), "{answer}");
+        }
+        let (took, rest) = trickler.join().unwrap();
+        assert!(rest.is_empty(), "a head that never finished got an answer");
+        assert!(
+            took < HEAD_TIMEOUT + Duration::from_secs(2),
+            "the trickling caller was kept {took:?}"
+        );
+    }
+
+    #[test]
+    fn callers_beyond_the_cap_are_closed_at_once() {
+        let (_a, port) = serving();
+        let held: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let mut extra = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        // Closed without an answer (EOF, or a reset), well before the head timeout.
+        let n = extra.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0);
+        // (Well before a silent caller's head timeout; generous for a loaded machine.)
+        assert!(
+            t.elapsed() < HEAD_TIMEOUT - Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        // Once the silent callers time out, the endpoint answers again.
+        std::thread::sleep(HEAD_TIMEOUT + Duration::from_millis(300));
+        assert!(get(port, "/activity").unwrap().starts_with("HTTP/1.1 200"));
+        drop(held);
+    }
+
+    #[test]
+    fn a_huge_head_is_cut_short() {
+        let (_a, port) = serving();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Only MAX_HEAD_BYTES are read and the request line decides; the connection is closed
+        // at once (with the rest unread the kernel may reset it rather than deliver the answer).
+        let t = Instant::now();
+        let mut req = b"GET /activity HTTP/1.0\r\nX: ".to_vec();
+        req.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES * 4));
+        let _ = s.write_all(&req);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        if !out.is_empty() {
+            assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+        }
     }
 
     #[test]

@@ -189,6 +189,9 @@ pub struct Config {
     pub activity_port: u16,
     pub termination_log: PathBuf,
     pub criu: String,
+    /// Restore: the `sha256:<hex>` digest of the image's metadata.json the operator recorded
+    /// from the checkpoint's summary (validated where it is used, see `image::expected_digest`).
+    pub image_digest: Option<String>,
     /// `ns_last_pid` to raise to before starting a JVM to checkpoint.
     pub min_pid: u32,
 }
@@ -217,9 +220,10 @@ flags (each overrides its environment variable):
   --termination-log P    CRAC_TERMINATION_LOG (default /dev/termination-log)
   --criu PATH            CRAC_CRIU: a criu binary or a CRIU bundle directory (default: the
                          bundle installed beside the agent, else criu on PATH)
-  --min-pid N            CRAC_MIN_PID (default 200)";
+  --min-pid N            CRAC_MIN_PID (default 200)
+  --image-digest D       CRAC_IMAGE_DIGEST (restore: sha256:<64 hex> of the image's metadata.json)";
 
-const FLAGS: [(&str, &str); 13] = [
+const FLAGS: [(&str, &str); 14] = [
     ("--image-dir", api::ENV_IMAGE_DIR),
     ("--checkpoint-id", api::ENV_CHECKPOINT_ID),
     ("--engine", api::ENV_ENGINE),
@@ -233,6 +237,7 @@ const FLAGS: [(&str, &str); 13] = [
     ("--termination-log", api::ENV_TERMINATION_LOG),
     ("--criu", "CRAC_CRIU"),
     ("--min-pid", "CRAC_MIN_PID"),
+    ("--image-digest", api::ENV_IMAGE_DIGEST),
 ];
 
 /// Parses `args` (without the program name) with `env` as the source of defaults.
@@ -305,6 +310,21 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
     };
     // The app port defaults to the readiness port: that is where its traffic arrives.
     let app_port = app_port.or(readiness.as_ref().map(|r| r.host_port().1));
+    let activity_port = num(api::ENV_ACTIVITY_PORT, api::DEFAULT_ACTIVITY_PORT as u64)?;
+    let activity_port = u16::try_from(activity_port).map_err(|_| {
+        Failure::config(format!(
+            "{}={activity_port} is not a port",
+            api::ENV_ACTIVITY_PORT
+        ))
+    })?;
+    // The agent holds the activity port for the pod's life; an app serving there would never
+    // get it (and must not be able to answer in the agent's name).
+    if let Some(p) = app_port.filter(|p| activity_port != 0 && *p == activity_port) {
+        return Err(Failure::config(format!(
+            "the app's port {p} is the agent's activity port ({}): give the app another port, or move the activity port",
+            api::ENV_ACTIVITY_PORT
+        )));
+    }
     Ok(Config {
         mode,
         command,
@@ -317,7 +337,7 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
         fallback: Fallback::parse(get(api::ENV_FALLBACK).unwrap_or("ColdStart"))?,
         timeout: Duration::from_secs(num(api::ENV_TIMEOUT_SECONDS, 600)?.max(1)),
         app_port,
-        activity_port: num(api::ENV_ACTIVITY_PORT, api::DEFAULT_ACTIVITY_PORT as u64)? as u16,
+        activity_port,
         termination_log: PathBuf::from(
             get(api::ENV_TERMINATION_LOG).unwrap_or(api::DEFAULT_TERMINATION_LOG),
         ),
@@ -325,6 +345,7 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
             .map(str::to_string)
             .unwrap_or_else(default_criu),
         min_pid: num("CRAC_MIN_PID", DEFAULT_MIN_PID as u64)? as u32,
+        image_digest: get(api::ENV_IMAGE_DIGEST).map(str::to_string),
     })
 }
 
@@ -480,6 +501,67 @@ mod tests {
         assert!(parse(&args(&["run", "--nope", "1", "--", "x"]), |_| None).is_err());
         assert!(parse(&args(&["run", "--retain", "x", "--", "x"]), |_| None).is_err());
         assert!(parse(&args(&["run", "--fallback", "Maybe", "--", "x"]), |_| None).is_err());
+    }
+
+    #[test]
+    fn the_app_may_not_use_the_activity_port() {
+        // Given outright, or through the readiness URL (the app port defaults to its port).
+        for a in [
+            args(&["run", "--app-port", "9901", "--", "java"]),
+            args(&[
+                "run",
+                "--readiness",
+                "http://127.0.0.1:9901/r",
+                "--",
+                "java",
+            ]),
+            args(&[
+                "run",
+                "--app-port",
+                "8080",
+                "--activity-port",
+                "8080",
+                "--",
+                "java",
+            ]),
+        ] {
+            let e = parse(&a, |_| None).unwrap_err();
+            assert_eq!(e.reason, crate::error::reason::CONFIG_INVALID);
+            assert!(e.message.contains("activity port"), "{}", e.message);
+        }
+        // The activity endpoint disabled: any app port is fine.
+        assert!(
+            parse(
+                &args(&[
+                    "run",
+                    "--app-port",
+                    "8080",
+                    "--activity-port",
+                    "0",
+                    "--",
+                    "java"
+                ]),
+                |_| None
+            )
+            .is_ok()
+        );
+        assert!(
+            parse(
+                &args(&["run", "--activity-port", "70000", "--", "java"]),
+                |_| None
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn image_digest_comes_from_the_environment() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let env = |k: &str| (k == "CRAC_IMAGE_DIGEST").then(|| d.clone());
+        let c = parse(&args(&["restore", "--", "java"]), env).unwrap();
+        assert_eq!(c.image_digest.as_deref(), Some(d.as_str()));
+        let c = parse(&args(&["restore", "--", "java"]), |_| Some(String::new())).unwrap();
+        assert_eq!(c.image_digest, None, "an empty variable is no digest");
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub mod reason {
     pub const PUBLISH_FAILED: &str = "PublishFailed";
     pub const IMAGE_MISSING: &str = "ImageMissing";
     pub const IMAGE_CORRUPT: &str = "ImageCorrupt";
+    /// The image's metadata does not hash to the digest the operator recorded at checkpoint
+    /// (or no valid digest was given): someone else may have rewritten it.
+    pub const IMAGE_NOT_TRUSTED: &str = "ImageNotTrusted";
     pub const METADATA_MISMATCH: &str = "MetadataMismatch";
     pub const CPU_FEATURES_MISSING: &str = "CpuFeaturesMissing";
     pub const RESTORE_TIMEOUT: &str = "RestoreTimeout";

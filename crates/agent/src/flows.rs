@@ -1,6 +1,7 @@
 //! The three modes, top to bottom: checkpoint, restore (with its fallback), run.
 
 use std::fs;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +21,9 @@ pub struct Ctx {
     pub sup: Supervisor,
     /// When the agent started: restore and cold-start times count from here.
     pub started: Instant,
+    /// The activity port, bound before any JVM runs and held until the agent exits (see
+    /// `activity::listen`); served once the JVM is up in restore and run modes.
+    pub activity_listener: Option<TcpListener>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -204,7 +208,7 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
             "a readiness check is required to checkpoint (CRAC_READINESS or CRAC_APP_PORT)",
         ));
     }
-    fs::create_dir_all(&image_dir).map_err(|e| {
+    image::create_private_dir_all(&image_dir).map_err(|e| {
         Failure::new(
             reason::PUBLISH_FAILED,
             format!("cannot create {}: {e}", image_dir.display()),
@@ -215,7 +219,8 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
         Engine::Crac => None,
     };
     let tmp_path = image_dir.join(format!(".tmp-{id}-{}", image::unique_suffix()));
-    fs::create_dir(&tmp_path).map_err(|e| {
+    // 0700 before CRIU or the JVM writes the process's memory into it.
+    image::create_private_dir(&tmp_path).map_err(|e| {
         Failure::new(
             reason::PUBLISH_FAILED,
             format!("cannot create {}: {e}", tmp_path.display()),
@@ -383,6 +388,13 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
     guard.armed = false;
     let dump_ms = ms(t_dump.elapsed());
     log(format!("dumped in {dump_ms} ms"));
+    // The image holds the JVM's memory: 0600 files, whatever CRIU or the JVM created.
+    image::seal_modes(&tmp_path).map_err(|e| {
+        Failure::new(
+            reason::PUBLISH_FAILED,
+            format!("cannot set the new image's modes: {e}"),
+        )
+    })?;
 
     let files = image::hash_dir(&tmp_path).map_err(|e| {
         Failure::new(
@@ -419,40 +431,47 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
         pids,
         stdio_pipes,
         host_files,
-        command: cfg.command.clone(),
         ready_ms: s.ready_ms.unwrap_or(0),
         warmup_ms: s.warmup_ms.unwrap_or(0),
         dump_ms,
         total_bytes,
         files,
     };
-    image::write_metadata(&tmp_path, &meta).map_err(|e| {
+    let written = image::write_metadata(&tmp_path, &meta).map_err(|e| {
         Failure::new(
             reason::PUBLISH_FAILED,
             format!("cannot write metadata: {e}"),
         )
     })?;
-    // Verify what we are about to publish, as restore will.
-    let written = fs::read_to_string(tmp_path.join(crac_api::agent::METADATA_FILE))
-        .map_err(|e| Failure::new(reason::PUBLISH_FAILED, e.to_string()))
-        .and_then(|t| image::parse_metadata(&t))?;
-    image::verify_files(&tmp_path, &written)?;
+    let digest = image::digest_of(&written);
+    // Verify what we are about to publish, as restore will: the same bytes on disk, and the
+    // files they list.
+    let on_disk = image::read_metadata_bytes(&tmp_path)
+        .map_err(|e| Failure::new(reason::PUBLISH_FAILED, format!("cannot read metadata: {e}")))?;
+    image::verify_digest(&on_disk, &digest)?;
+    image::verify_files(&tmp_path, &image::parse_metadata(&on_disk)?)?;
 
-    match image::publish(&image_dir, &tmp_path, &id)? {
-        Published::New => log(format!("published {}", image_dir.join(&id).display())),
+    let dest = image_dir.join(&id);
+    let published = image::publish(&image_dir, &tmp_path, &id)?;
+    match published {
+        Published::New => log(format!("published {} ({digest})", dest.display())),
         Published::Replaced => log(format!(
-            "replaced the unused image {}",
-            image_dir.join(&id).display()
+            "replaced the unused image {} ({digest})",
+            dest.display()
         )),
         Published::KeptInUse => {
             log(format!(
                 "{} is in use by a running pod: kept it, discarded the new image",
-                image_dir.join(&id).display()
+                dest.display()
             ));
             s.message = Some("an image with this id is in use by running pods: kept it".into());
         }
     }
     tmp.0 = None;
+    s.image_digest = Some(match published {
+        Published::KeptInUse => kept_image_digest(&dest)?,
+        Published::New | Published::Replaced => digest,
+    });
     s.checkpoint_ms = Some(ms(t_dump.elapsed()));
     s.image_bytes = Some(total_bytes);
 
@@ -464,6 +483,23 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
         ));
     }
     Ok(())
+}
+
+/// The digest of an image with this id that a running pod holds (a checkpoint kept it rather
+/// than replace it): the restore pods the operator starts next must be given this one. Its
+/// files are checked against its metadata first, as restore would.
+fn kept_image_digest(dir: &Path) -> Result<String, Failure> {
+    let bytes = image::read_metadata_bytes(dir).map_err(|e| {
+        Failure::new(
+            reason::IMAGE_CORRUPT,
+            format!(
+                "the image in use at {} cannot be read ({e}): checkpoint again once no pod uses it",
+                dir.display()
+            ),
+        )
+    })?;
+    image::verify_files(dir, &image::parse_metadata(&bytes)?)?;
+    Ok(image::digest_of(&bytes))
 }
 
 fn crac_checkpoint(
@@ -583,9 +619,12 @@ pub fn restore(ctx: &Ctx) -> i32 {
 fn try_restore(ctx: &Ctx, s: &mut AgentSummary) -> Result<Running, Failure> {
     let cfg = &ctx.cfg;
     let (image_dir, id) = ctx.image_dir_and_id()?;
+    let want_digest = image::expected_digest(cfg.image_digest.as_deref())?;
     let dir = image_dir.join(&id);
-    let (lock, text) = image::lock_and_read(&dir)?;
-    let meta = image::parse_metadata(&text)?;
+    // Read once: the digest is checked on these bytes and these same bytes are parsed.
+    let (lock, bytes) = image::lock_and_read(&dir)?;
+    image::verify_digest(&bytes, want_digest)?;
+    let meta = image::parse_metadata(&bytes)?;
     s.jdk = meta.jdk.clone();
     s.image_bytes = Some(meta.total_bytes);
     image::verify_host(&meta, &image::host_info(), &id, cfg.engine.as_str())?;
@@ -707,7 +746,12 @@ fn supervise(ctx: &Ctx, r: Running, s: &mut AgentSummary) -> i32 {
         last_activity_time: None,
         start_ms: (r.start_ms > 0).then_some(r.start_ms),
     };
-    if let Err(e) = Activity::start(report, ctx.cfg.app_port, ctx.cfg.activity_port) {
+    // A second handle on the same socket: the agent's own stays open for its whole life.
+    let listener = ctx
+        .activity_listener
+        .as_ref()
+        .and_then(|l| l.try_clone().ok());
+    if let Err(e) = Activity::start(report, ctx.cfg.app_port, listener) {
         log(format!(
             "activity endpoint on port {} unavailable: {e}",
             ctx.cfg.activity_port

@@ -3,11 +3,20 @@
 //!
 //! Layout: `<image dir>/<checkpoint id>/` is a published image. `.tmp-<id>-<rand>` is one being
 //! written (never read by restore), `.old-…`/`.trash-…` are being removed.
+//!
+//! Trust: the volume may be shared with other apps, so `metadata.json` beside the files proves
+//! nothing by itself. The image's digest is `sha256:` + the sha256 of the exact bytes of its
+//! `metadata.json`, which lists every file's size and sha256; the checkpoint reports it, the
+//! operator records it and gives it back to restore pods, and restore uses an image only if its
+//! metadata hashes to it and its files match that metadata.
+//!
+//! Images hold the JVM's memory (secrets included): image directories are 0700 and their files
+//! 0600.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -20,6 +29,14 @@ use crate::sys;
 
 /// Bump when the layout or the meaning of a field changes; restore refuses other formats.
 pub const FORMAT: u32 = 1;
+
+/// Mode of image directories (the app's and each image's): the owner only.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of every file of an image, metadata.json included.
+pub const FILE_MODE: u32 = 0o600;
+
+/// metadata.json lists a few hundred files and pids at most; anything far bigger is not ours.
+const MAX_METADATA_BYTES: u64 = 16 << 20;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -69,7 +86,6 @@ pub struct Metadata {
     pub pids: Vec<i32>,
     pub stdio_pipes: Vec<StdioPipe>,
     pub host_files: Vec<HostFile>,
-    pub command: Vec<String>,
     pub ready_ms: u64,
     pub warmup_ms: u64,
     pub dump_ms: u64,
@@ -257,8 +273,25 @@ pub fn verify_host_files(meta: &Metadata) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Opens a file of an image for reading: not through a symlink, never blocking on a FIFO,
+/// and only if it is a regular file (another app sharing the volume may have put anything
+/// there).
+fn open_regular(path: &Path) -> io::Result<File> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
 pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
+    let mut f = open_regular(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -273,6 +306,57 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The digest of an image: `sha256:` + the hex sha256 of its metadata.json's bytes.
+pub fn digest_of(metadata_bytes: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(metadata_bytes)))
+}
+
+/// Whether `s` is a digest as [`digest_of`] writes it: `sha256:` and 64 lowercase hex digits.
+pub fn valid_digest(s: &str) -> bool {
+    s.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// The digest restore must find (`CRAC_IMAGE_DIGEST`): refused when missing or malformed.
+pub fn expected_digest(given: Option<&str>) -> Result<&str, Failure> {
+    match given {
+        None => Err(Failure::new(
+            reason::IMAGE_NOT_TRUSTED,
+            format!(
+                "no image digest was given ({}): the agent restores only an image the operator recorded at checkpoint; use the operator's agent image and release together, or checkpoint again",
+                crac_api::agent::ENV_IMAGE_DIGEST
+            ),
+        )),
+        Some(d) if !valid_digest(d) => Err(Failure::new(
+            reason::IMAGE_NOT_TRUSTED,
+            format!(
+                "the image digest given ({}={:?}) is not sha256:<64 lowercase hex>: checkpoint again",
+                crac_api::agent::ENV_IMAGE_DIGEST,
+                d.chars().take(80).collect::<String>()
+            ),
+        )),
+        Some(d) => Ok(d),
+    }
+}
+
+/// Checks that `metadata_bytes` (read once, and parsed afterwards from these same bytes) are
+/// the ones whose digest the operator recorded.
+pub fn verify_digest(metadata_bytes: &[u8], want: &str) -> Result<(), Failure> {
+    let got = digest_of(metadata_bytes);
+    if got != want {
+        return Err(Failure::new(
+            reason::IMAGE_NOT_TRUSTED,
+            format!(
+                "the image does not match the digest the operator recorded at checkpoint ({METADATA_FILE} hashes to {got}, not {want}): it was changed after it was published; checkpoint again"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Names of the regular files in `dir`, except metadata.json. Sub-directories are an error
@@ -292,6 +376,35 @@ fn image_file_names(dir: &Path) -> io::Result<Vec<String>> {
     }
     names.sort();
     Ok(names)
+}
+
+/// Creates `dir` and its missing parents with mode 0700 (existing ones are left as they are:
+/// the app's directory may be a volume's sub-path someone else made).
+pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
+/// Creates one new directory (not its parents), mode exactly 0700 whatever the umask.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(DIR_MODE).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
+}
+
+/// Sets the modes of an image being written: the directory 0700 and every file 0600, whatever
+/// CRIU or the JVM created them with. Anything but regular files is an error.
+pub fn seal_modes(dir: &Path) -> io::Result<()> {
+    fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
+    let mut names = image_file_names(dir)?;
+    if dir.join(METADATA_FILE).exists() {
+        names.push(METADATA_FILE.to_string());
+    }
+    for n in names {
+        open_regular(&dir.join(&n))?.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+    }
+    Ok(())
 }
 
 /// Sizes and sha256 of every file in `dir`, hashed on two threads (the pages file dominates).
@@ -378,9 +491,9 @@ pub fn verify_files(dir: &Path, meta: &Metadata) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Parses metadata.json text.
-pub fn parse_metadata(text: &str) -> Result<Metadata, Failure> {
-    serde_json::from_str(text).map_err(|e| {
+/// Parses metadata.json's bytes.
+pub fn parse_metadata(bytes: &[u8]) -> Result<Metadata, Failure> {
+    serde_json::from_slice(bytes).map_err(|e| {
         Failure::new(
             reason::METADATA_MISMATCH,
             format!("{METADATA_FILE} is not valid: {e}"),
@@ -401,14 +514,39 @@ pub fn unique_suffix() -> String {
     format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
 }
 
-/// Writes `meta` into `tmp`, syncs every file and the directory.
-pub fn write_metadata(tmp: &Path, meta: &Metadata) -> io::Result<()> {
-    let text = serde_json::to_string_pretty(meta).map_err(io::Error::other)?;
-    fs::write(tmp.join(METADATA_FILE), text)?;
+/// Writes `meta` into `tmp` as a new file of mode 0600, syncs every file and the directory,
+/// and returns the bytes written: the image's digest is theirs ([`digest_of`]).
+pub fn write_metadata(tmp: &Path, meta: &Metadata) -> io::Result<Vec<u8>> {
+    let bytes = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(tmp.join(METADATA_FILE))?;
+    f.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+    f.write_all(&bytes)?;
+    drop(f);
     for e in fs::read_dir(tmp)? {
         File::open(e?.path())?.sync_all()?;
     }
-    fsync_dir(tmp)
+    fsync_dir(tmp)?;
+    Ok(bytes)
+}
+
+/// Reads an image's metadata.json (at most 16 MiB, a regular file, not through a symlink).
+pub fn read_metadata_bytes(dir: &Path) -> io::Result<Vec<u8>> {
+    read_bounded(open_regular(&dir.join(METADATA_FILE))?)
+}
+
+fn read_bounded(file: impl Read) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    file.take(MAX_METADATA_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_METADATA_BYTES {
+        return Err(io::Error::other(format!(
+            "{METADATA_FILE} is larger than {MAX_METADATA_BYTES} bytes"
+        )));
+    }
+    Ok(bytes)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -498,9 +636,9 @@ pub fn list_images(image_dir: &Path) -> Vec<ImageEntry> {
             return None;
         }
         let meta_path = e.path().join(METADATA_FILE);
-        let created_unix = fs::read_to_string(&meta_path)
+        let created_unix = read_metadata_bytes(&e.path())
             .ok()
-            .and_then(|t| serde_json::from_str::<Metadata>(&t).ok())
+            .and_then(|b| serde_json::from_slice::<Metadata>(&b).ok())
             .map(|m| m.created_unix)
             .or_else(|| {
                 fs::metadata(&meta_path)
@@ -565,12 +703,14 @@ pub struct ImageLock {
     _file: File,
 }
 
-/// Opens and share-locks `<dir>/metadata.json`, returning its text. Retries if the image was
-/// replaced between the open and the lock.
-pub fn lock_and_read(dir: &Path) -> Result<(ImageLock, String), Failure> {
+/// Opens and share-locks `<dir>/metadata.json`, returning its bytes, read once from the locked
+/// file itself (the caller checks the digest of these bytes and parses these same bytes).
+/// Retries if the image was replaced between the open and the lock. Reads only: restore pods
+/// mount the volume read-only.
+pub fn lock_and_read(dir: &Path) -> Result<(ImageLock, Vec<u8>), Failure> {
     let path: PathBuf = dir.join(METADATA_FILE);
     for _ in 0..5 {
-        let file = File::open(&path).map_err(|e| {
+        let file = open_regular(&path).map_err(|e| {
             Failure::new(
                 reason::IMAGE_MISSING,
                 format!(
@@ -592,13 +732,13 @@ pub fn lock_and_read(dir: &Path) -> Result<(ImageLock, String), Failure> {
         if !same {
             continue;
         }
-        let text = fs::read_to_string(&path).map_err(|e| {
+        let bytes = read_bounded(&file).map_err(|e| {
             Failure::new(
                 reason::IMAGE_CORRUPT,
                 format!("cannot read {}: {e}", path.display()),
             )
         })?;
-        return Ok((ImageLock { _file: file }, text));
+        return Ok((ImageLock { _file: file }, bytes));
     }
     Err(Failure::new(
         reason::IMAGE_MISSING,
@@ -747,6 +887,119 @@ mod tests {
     }
 
     #[test]
+    fn digests_are_strict() {
+        let d = digest_of(b"{}");
+        assert_eq!(
+            d,
+            "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+        assert!(valid_digest(&d));
+        assert_eq!(expected_digest(Some(&d)).unwrap(), d);
+        for bad in [
+            "",
+            "sha256:",
+            &d[7..],
+            &d.to_uppercase(),
+            &format!("sha256:{}", "A".repeat(64)),
+            &format!("sha512:{}", &d[7..]),
+            &format!("{d}0"),
+            &d[..d.len() - 1],
+            &format!(" {d}"),
+            &format!("sha256:{}g", &d[7..70]),
+        ] {
+            assert!(!valid_digest(bad), "{bad:?} must be refused");
+            let e = expected_digest(Some(bad)).unwrap_err();
+            assert_eq!(e.reason, reason::IMAGE_NOT_TRUSTED);
+        }
+        let e = expected_digest(None).unwrap_err();
+        assert_eq!(e.reason, reason::IMAGE_NOT_TRUSTED);
+        assert!(e.message.contains("no image digest"), "{}", e.message);
+    }
+
+    #[test]
+    fn digest_covers_every_file_through_the_metadata() {
+        let d = tempdir("digest");
+        fs::write(d.join("pages-1.img"), vec![7u8; 10_000]).unwrap();
+        let mut m = meta();
+        m.files = hash_dir(&d).unwrap();
+        let written = write_metadata(&d, &m).unwrap();
+        let digest = digest_of(&written);
+        let (_lock, read) = lock_and_read(&d).unwrap();
+        assert_eq!(read, written, "the bytes read are the bytes written");
+        assert!(verify_digest(&read, &digest).is_ok());
+
+        // Another app rewrites a file and the metadata consistently: the files match the
+        // metadata, but the metadata no longer matches the digest.
+        fs::write(d.join("pages-1.img"), vec![8u8; 10_000]).unwrap();
+        m.files = hash_dir(&d).unwrap();
+        fs::remove_file(d.join(METADATA_FILE)).unwrap();
+        write_metadata(&d, &m).unwrap();
+        let (_lock, forged) = lock_and_read(&d).unwrap();
+        assert!(verify_files(&d, &parse_metadata(&forged).unwrap()).is_ok());
+        let e = verify_digest(&forged, &digest).unwrap_err();
+        assert_eq!(e.reason, reason::IMAGE_NOT_TRUSTED);
+        assert!(e.message.contains("recorded"), "{}", e.message);
+        // Even one byte of whitespace changes the digest.
+        let mut spaced = written.clone();
+        spaced.push(b' ');
+        assert!(verify_digest(&spaced, &digest).is_err());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn images_are_private() {
+        let root = tempdir("modes");
+        let apps = root.join("apps/hello");
+        create_private_dir_all(&apps).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&apps), 0o700);
+        let tmp = apps.join(".tmp-x");
+        create_private_dir(&tmp).unwrap();
+        assert_eq!(mode(&tmp), 0o700);
+        // As CRIU might leave them.
+        fs::write(tmp.join("pages-1.img"), b"p").unwrap();
+        fs::set_permissions(tmp.join("pages-1.img"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(tmp.join("dump.log"), b"l").unwrap();
+        fs::set_permissions(tmp.join("dump.log"), fs::Permissions::from_mode(0o666)).unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+        seal_modes(&tmp).unwrap();
+        let mut m = meta();
+        m.files = hash_dir(&tmp).unwrap();
+        write_metadata(&tmp, &m).unwrap();
+        assert_eq!(mode(&tmp), 0o700);
+        for f in ["pages-1.img", "dump.log", METADATA_FILE] {
+            assert_eq!(mode(&tmp.join(f)), 0o600, "{f}");
+        }
+        publish(&apps, &tmp, "one").unwrap();
+        assert_eq!(mode(&apps.join("one")), 0o700);
+        assert_eq!(mode(&apps.join("one").join(METADATA_FILE)), 0o600);
+        // What was written is what the metadata says: no command line in it.
+        let text = fs::read_to_string(apps.join("one").join(METADATA_FILE)).unwrap();
+        assert!(!text.contains("\"command\""), "{text}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn symlinks_and_fifos_are_not_read() {
+        let d = tempdir("links");
+        let outside = d.join("outside.json");
+        fs::write(&outside, b"{}").unwrap();
+        let img = d.join("img");
+        fs::create_dir(&img).unwrap();
+        std::os::unix::fs::symlink(&outside, img.join(METADATA_FILE)).unwrap();
+        assert!(lock_and_read(&img).is_err());
+        fs::remove_file(img.join(METADATA_FILE)).unwrap();
+        let st = std::process::Command::new("mkfifo")
+            .arg(img.join(METADATA_FILE))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // Would block forever if opened as a plain read.
+        assert!(lock_and_read(&img).is_err());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn publish_prune_and_locks() {
         let root = tempdir("publish");
         let mk = |id: &str, t: u64| {
@@ -768,7 +1021,7 @@ mod tests {
         // Re-checkpointing an in-use id keeps the old image.
         assert_eq!(mk("one", 5), Published::KeptInUse);
         assert_eq!(
-            parse_metadata(&fs::read_to_string(root.join("one/metadata.json")).unwrap())
+            parse_metadata(&fs::read(root.join("one/metadata.json")).unwrap())
                 .unwrap()
                 .created_unix,
             1

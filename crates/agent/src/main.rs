@@ -68,7 +68,28 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let ctx = flows::Ctx { cfg, sup, started };
+    // Before any JVM runs, in every mode: the app can then never bind the activity port.
+    let activity_listener = match cfg.activity_port {
+        0 => None,
+        port => match activity::listen(port) {
+            Ok(l) => {
+                eprintln!("crac-agent: activity port {port} bound");
+                Some(l)
+            }
+            Err(e) => {
+                eprintln!(
+                    "crac-agent: warning: cannot bind the activity port {port} ({e}): the operator will not see this pod's activity"
+                );
+                None
+            }
+        },
+    };
+    let ctx = flows::Ctx {
+        cfg,
+        sup,
+        started,
+        activity_listener,
+    };
     let code = match ctx.cfg.mode {
         config::Mode::Checkpoint => flows::checkpoint(&ctx),
         config::Mode::Restore => flows::restore(&ctx),

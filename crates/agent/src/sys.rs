@@ -1,13 +1,15 @@
 //! The few raw syscalls the agent needs that std does not wrap: signal masks and `sigwait`,
 //! `waitpid(-1)`, `kill`, `flock`, `setsid` and fd hygiene in the child before `exec`, and
-//! `PR_SET_CHILD_SUBREAPER`, and a fork that only exits (to spend pids).
+//! `PR_SET_CHILD_SUBREAPER`, a fork that only exits (to spend pids), and a dual-stack TCP
+//! listener without `SO_REUSEPORT`.
 //!
 //! This is the only module allowed `unsafe` (the workspace forbids it elsewhere): every block is
 //! a direct libc call on plain integers or on memory owned by the calling function.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -217,4 +219,127 @@ pub fn flock(file: &impl AsRawFd, exclusive: bool, nonblocking: bool) -> io::Res
         return Err(err);
     }
     Ok(true)
+}
+
+/// Listens on `port` on every address, IPv4 and IPv6 (one `[::]` socket with `IPV6_V6ONLY`
+/// off; `0.0.0.0` where the kernel has no IPv6), close-on-exec, with `SO_REUSEADDR` (a restart
+/// is not held up by TIME_WAIT) and never `SO_REUSEPORT`: while it is open, no other socket in
+/// the pod can bind the port on any address, so nothing else can answer in the agent's name.
+pub fn listen_all_addresses(port: u16) -> io::Result<TcpListener> {
+    match listen_dual_stack(port) {
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            TcpListener::bind(("0.0.0.0", port))
+        }
+        r => r,
+    }
+}
+
+fn setsockopt_int(fd: &OwnedFd, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: a pointer to an int owned by this frame and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn listen_dual_stack(port: u16) -> io::Result<TcpListener> {
+    // SAFETY: socket with integer arguments.
+    let raw = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor just created and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    setsockopt_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    // SAFETY: sockaddr_in6 is plain data; all zeroes is `[::]`, port 0, before the fields set.
+    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    addr.sin6_port = port.to_be();
+    // SAFETY: a pointer to a sockaddr_in6 owned by this frame and its exact size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen with integer arguments.
+    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpListener::from(fd))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    /// What an app could try: bind `addr` with `SO_REUSEPORT` (and `SO_REUSEADDR`).
+    fn bind_with_reuseport(addr: SocketAddrV4) -> io::Result<()> {
+        // SAFETY: as in listen_dual_stack.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+        // SAFETY: plain data, then the fields set.
+        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_port = addr.port().to_be();
+        sa.sin_addr.s_addr = u32::from(*addr.ip()).to_be();
+        // SAFETY: a pointer to a sockaddr_in owned by this frame and its exact size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn nobody_else_can_bind_the_listened_port() {
+        let ours = listen_all_addresses(0).unwrap();
+        let port = ours.local_addr().unwrap().port();
+        // std's bind sets SO_REUSEADDR, as most servers do.
+        for addr in ["0.0.0.0", "127.0.0.1", "[::]", "[::1]"] {
+            let r = TcpListener::bind(format!("{addr}:{port}"));
+            assert!(r.is_err(), "{addr}:{port} could be bound beside the agent");
+        }
+        for ip in [Ipv4Addr::UNSPECIFIED, Ipv4Addr::LOCALHOST] {
+            let e = bind_with_reuseport(SocketAddrV4::new(ip, port)).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{ip}");
+        }
+        // It serves both families (IPv6 only where the kernel has it).
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        if ours.local_addr().unwrap().is_ipv6() {
+            std::net::TcpStream::connect(("::1", port)).unwrap();
+        }
+        // Close-on-exec, so neither the JVM nor CRIU inherits it.
+        // SAFETY: fcntl with integer arguments on a descriptor we own.
+        let flags = unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_GETFD) };
+        assert!(flags & libc::FD_CLOEXEC != 0);
+        drop(ours);
+        TcpListener::bind(("127.0.0.1", port)).unwrap();
+    }
 }

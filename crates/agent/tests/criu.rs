@@ -6,9 +6,10 @@ mod support;
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use crac_api::agent::{ActivityReport, Outcome};
+use crac_api::agent::{ActivityReport, ENV_IMAGE_DIGEST, Outcome};
 use support::*;
 
 fn metadata(s: &Scratch, id: &str) -> serde_json::Value {
@@ -71,10 +72,22 @@ fn checkpoint_then_restore_keeps_heap_state_and_forwards_sigterm() {
             .len()
             == 64
     );
+    // The summary carries the image's digest: that of metadata.json's exact bytes.
+    let meta_bytes = fs::read(s.images().join("c1/metadata.json")).unwrap();
+    assert_eq!(sum.image_digest, Some(digest_of(&meta_bytes)));
+    // The image holds the JVM's memory: the owner alone may read it; the command line (which
+    // may carry secrets) is not recorded.
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&s.images().join("c1")), 0o700);
+    for e in fs::read_dir(s.images().join("c1")).unwrap() {
+        let e = e.unwrap();
+        assert_eq!(mode(&e.path()), 0o600, "{:?}", e.file_name());
+    }
+    assert!(meta.get("command").is_none(), "{meta}");
     // The app is gone after the dump.
     assert!(http_get(port, "/").is_err());
 
-    let mut r = AgentRun::new(&s, "restore", "restore", "c1", port).start();
+    let mut r = restore_run(&s, "restore", "c1", port).start();
     // 200 warm-up requests were answered before the checkpoint: the heap came back.
     assert_eq!(
         r.get_when_up("/", Duration::from_secs(20)).trim(),
@@ -122,7 +135,7 @@ fn corrupted_image_is_refused_and_cold_started() {
     checkpoint(&s, "c1", port, &[]);
     corrupt_byte(&s.images().join("c1/pages-1.img"), 4096 * 10 + 7);
 
-    let mut r = AgentRun::new(&s, "restore", "restore", "c1", port).start();
+    let mut r = restore_run(&s, "restore", "c1", port).start();
     // A cold JVM: the counter starts again.
     assert_eq!(
         r.get_when_up("/", Duration::from_secs(20)).trim(),
@@ -157,8 +170,12 @@ fn metadata_mismatch_is_refused_and_cold_started() {
                 .unwrap()
                 .push("avx1024_imaginary".into()),
         }
-        fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
-        let mut r = AgentRun::new(&s, &format!("restore-{edit}"), "restore", "c1", port).start();
+        let edited = serde_json::to_string(&meta).unwrap();
+        fs::write(&path, &edited).unwrap();
+        // As if the operator had recorded this metadata: the host checks are what is tested.
+        let mut r = AgentRun::new(&s, &format!("restore-{edit}"), "restore", "c1", port)
+            .env(ENV_IMAGE_DIGEST, &digest_of(edited.as_bytes()))
+            .start();
         assert_eq!(
             r.get_when_up("/", Duration::from_secs(20)).trim(),
             "hello 1"
@@ -186,7 +203,7 @@ fn fallback_fail_exits_nonzero_with_the_reason() {
     let port = free_port();
     checkpoint(&s, "c1", port, &[]);
     corrupt_byte(&s.images().join("c1/pages-1.img"), 100);
-    let r = AgentRun::new(&s, "restore", "restore", "c1", port).arg("--fallback", "Fail");
+    let r = restore_run(&s, "restore", "c1", port).arg("--fallback", "Fail");
     let code = r.run(Duration::from_secs(30));
     assert_eq!(code, 1, "log:\n{}", r.log());
     let sum = r.summary();
@@ -198,7 +215,9 @@ fn fallback_fail_exits_nonzero_with_the_reason() {
     );
 
     // No image at all: same, with its own reason.
-    let r = AgentRun::new(&s, "restore-missing", "restore", "nope", port).arg("--fallback", "Fail");
+    let r = AgentRun::new(&s, "restore-missing", "restore", "nope", port)
+        .env(ENV_IMAGE_DIGEST, &digest_of(b"{}"))
+        .arg("--fallback", "Fail");
     assert_eq!(r.run(Duration::from_secs(30)), 1);
     assert_eq!(r.summary().reason.as_deref(), Some("ImageMissing"));
 }
@@ -292,7 +311,8 @@ fn prune_keeps_retain_images_and_never_one_in_use() {
     let (p1, p2) = (free_port(), free_port());
     checkpoint(&s, "a", p1, &[("--retain", "1")]);
     // A pod restores "a" and keeps running: "a" is in use.
-    let mut pod = AgentRun::new(&s, "restore-a", "restore", "a", p1).start();
+    let digest_a = reported_digest(&s, "a");
+    let mut pod = restore_run(&s, "restore-a", "a", p1).start();
     assert_eq!(
         pod.get_when_up("/", Duration::from_secs(20)).trim(),
         "hello 201"
@@ -315,6 +335,8 @@ fn prune_keeps_retain_images_and_never_one_in_use() {
         before
     );
     assert!(again.summary().message.unwrap().contains("in use"));
+    // The summary names the image kept, which restore pods will be given.
+    assert_eq!(again.summary().image_digest, Some(digest_a));
 
     assert_eq!(pod.stop(), 143);
     checkpoint(&s, "d", p2, &[("--retain", "2")]);
@@ -331,4 +353,162 @@ fn missing_criu_is_reported() {
     let sum = r.summary();
     assert_eq!(sum.reason.as_deref(), Some("CriuMissing"), "{sum:?}");
     assert!(image_dirs(&s).is_empty());
+}
+
+/// Another app sharing the volume rewrites an image consistently: a pages file and its entry in
+/// metadata.json, so the files match the metadata. The digest the operator recorded at
+/// checkpoint no longer matches: refused (`ImageNotTrusted`), cold-started like `ImageCorrupt`.
+#[test]
+fn an_image_rewritten_consistently_is_not_trusted() {
+    let _g = serial();
+    let s = Scratch::new("forged");
+    let port = free_port();
+    checkpoint(&s, "c1", port, &[]);
+    let digest = reported_digest(&s, "c1");
+    let dir = s.images().join("c1");
+    let (pages, meta_path) = (dir.join("pages-1.img"), dir.join("metadata.json"));
+    let (orig_pages, orig_meta) = (fs::read(&pages).unwrap(), fs::read(&meta_path).unwrap());
+
+    corrupt_byte(&pages, 4096 * 10 + 7);
+    let mut meta: serde_json::Value = serde_json::from_slice(&orig_meta).unwrap();
+    let forged_sha = digest_of(&fs::read(&pages).unwrap())[7..].to_string();
+    meta["files"]["pages-1.img"]["sha256"] = forged_sha.into();
+    fs::write(&meta_path, serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
+
+    let mut r = restore_run(&s, "restore-forged", "c1", port).start();
+    assert_eq!(
+        r.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 1",
+        "a forged image must not be restored; log:\n{}",
+        r.log()
+    );
+    let sum = r.summary();
+    assert_eq!(sum.outcome, Some(Outcome::ColdStarted), "{sum:?}");
+    assert_eq!(sum.reason.as_deref(), Some("ImageNotTrusted"), "{sum:?}");
+    let msg = sum.message.unwrap();
+    assert!(msg.contains("digest the operator recorded"), "{msg}");
+    assert!(msg.contains("checkpoint again"), "{msg}");
+    assert_eq!(activity(&r).mode, "coldStarted");
+    assert_eq!(r.stop(), 143);
+
+    // With fallback Fail it fails, as ImageCorrupt does; so do a missing and a malformed digest.
+    for (name, digest) in [
+        ("restore-forged-fail", Some(digest.as_str())),
+        ("restore-no-digest", None),
+        ("restore-bad-digest", Some(&digest[..70])),
+    ] {
+        let mut run = AgentRun::new(&s, name, "restore", "c1", port).arg("--fallback", "Fail");
+        if let Some(d) = digest {
+            run = run.env(ENV_IMAGE_DIGEST, d);
+        }
+        assert_eq!(run.run(Duration::from_secs(30)), 1, "log:\n{}", run.log());
+        let sum = run.summary();
+        assert_eq!(sum.outcome, Some(Outcome::Failed), "{sum:?}");
+        assert_eq!(sum.reason.as_deref(), Some("ImageNotTrusted"), "{sum:?}");
+        if digest.is_none() {
+            assert!(sum.message.unwrap().contains("no image digest"));
+        }
+    }
+    assert!(http_get(port, "/").is_err());
+
+    // The untouched image, with the digest its checkpoint reported, still restores.
+    fs::write(&pages, &orig_pages).unwrap();
+    fs::write(&meta_path, &orig_meta).unwrap();
+    let mut r = restore_run(&s, "restore-original", "c1", port).start();
+    assert_eq!(
+        r.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 201",
+        "log:\n{}",
+        r.log()
+    );
+    assert_eq!(r.summary().outcome, Some(Outcome::Restored));
+    assert_eq!(r.stop(), 143);
+}
+
+/// Names, sizes and modification times of everything under the images directory.
+fn tree_state(dir: &std::path::Path) -> Vec<(String, u64, std::time::SystemTime)> {
+    let mut v = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        v.push((
+            e.path().to_string_lossy().into_owned(),
+            m.len(),
+            m.modified().unwrap(),
+        ));
+        if m.is_dir() {
+            v.extend(tree_state(&e.path()));
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Restore pods mount the claim read-only: restore writes nothing into the image directory
+/// (CRIU's log, its pidfile and work files go to a directory in $TMPDIR), so it works from a
+/// read-only mount and leaves the image as it found it, restore after restore. The activity
+/// port is bound before the JVM is restored and nothing else can bind it meanwhile.
+#[test]
+fn restore_from_a_read_only_image_writes_nothing_there() {
+    let _g = serial();
+    let s = Scratch::new("read-only");
+    let port = free_port();
+    let ck = checkpoint(&s, "c1", port, &[]);
+    // The checkpoint held the activity port before it started the JVM.
+    let log = ck.log();
+    let bound = format!("activity port {} bound", ck.activity_port);
+    let (b, st) = (log.find(&bound), log.find("crac-agent: starting "));
+    assert!(
+        b.is_some() && b < st,
+        "bind must precede the JVM's start:\n{log}"
+    );
+    let before = tree_state(&s.images());
+
+    for round in 0..2 {
+        let mut r = restore_run(&s, &format!("restore-ro-{round}"), "c1", port)
+            .read_only_images()
+            .start();
+        assert_eq!(
+            r.get_when_up("/", Duration::from_secs(20)).trim(),
+            "hello 201",
+            "log:\n{}",
+            r.log()
+        );
+        assert_eq!(r.summary().outcome, Some(Outcome::Restored), "{}", r.log());
+        // The images directory really is read-only for the agent.
+        let mountinfo = fs::read_to_string(format!("/proc/{}/mountinfo", r.agent_pid())).unwrap();
+        let images = s.images().canonicalize().unwrap();
+        let images = images.to_string_lossy();
+        assert!(
+            mountinfo.lines().any(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.get(4) == Some(&&*images)
+                    && f.get(5).is_some_and(|o| o.split(',').any(|x| x == "ro"))
+            }),
+            "{images} is not mounted read-only for the agent:\n{mountinfo}"
+        );
+        let log = r.log();
+        let bound = format!("activity port {} bound", r.activity_port);
+        let (b, v) = (log.find(&bound), log.find("image c1 verified"));
+        assert!(
+            b.is_some() && b < v,
+            "bind must precede the restore:\n{log}"
+        );
+        // While the agent holds it, nothing else can bind the activity port (the app could
+        // otherwise answer in the agent's name).
+        for addr in ["0.0.0.0", "127.0.0.1"] {
+            assert!(
+                std::net::TcpListener::bind((addr, r.activity_port)).is_err(),
+                "{addr}:{} could be bound beside the agent",
+                r.activity_port
+            );
+        }
+        assert_eq!(activity(&r).mode, "restored");
+        assert_eq!(r.stop(), 143);
+        assert_eq!(
+            tree_state(&s.images()),
+            before,
+            "restore changed the image directory"
+        );
+    }
 }

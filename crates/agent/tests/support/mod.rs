@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use crac_api::agent::AgentSummary;
+use crac_api::agent::{AgentSummary, ENV_IMAGE_DIGEST};
+use sha2::{Digest, Sha256};
 
 const CRIU_VERSION: &str = "4.2.1";
 
@@ -141,6 +142,9 @@ pub struct AgentRun {
     pub port: u16,
     pub activity_port: u16,
     pub dir: PathBuf,
+    /// Mount the images directory read-only in the agent's mount namespace, as restore pods
+    /// mount the claim.
+    pub read_only_images: bool,
 }
 
 impl AgentRun {
@@ -173,7 +177,13 @@ impl AgentRun {
             port,
             activity_port,
             dir: s.dir.clone(),
+            read_only_images: false,
         }
+    }
+
+    pub fn read_only_images(mut self) -> AgentRun {
+        self.read_only_images = true;
+        self
     }
 
     pub fn arg(mut self, k: &str, v: &str) -> AgentRun {
@@ -197,8 +207,17 @@ impl AgentRun {
 
     fn command(&self) -> Command {
         let mut c = Command::new("unshare");
-        c.args(["--pid", "--fork", "--mount-proc"])
-            .arg(agent_bin())
+        c.args(["--pid", "--fork", "--mount-proc"]);
+        if self.read_only_images {
+            // In the new (private) mount namespace only; `exec` keeps the agent PID 1.
+            c.args([
+                "sh",
+                "-c",
+                r#"mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@""#,
+            ])
+            .arg(self.dir.join("images"));
+        }
+        c.arg(agent_bin())
             .arg(self.mode)
             .args(&self.args)
             .arg("--")
@@ -411,6 +430,34 @@ pub fn checkpoint(s: &Scratch, id: &str, port: u16, extra: &[(&str, &str)]) -> A
     let code = run.run(Duration::from_secs(60));
     assert_eq!(code, 0, "checkpoint failed; log:\n{}", run.log());
     run
+}
+
+/// The digest the checkpoint of `id` reported (`imageDigest` of its summary), which the
+/// operator gives restore pods as `CRAC_IMAGE_DIGEST`.
+pub fn reported_digest(s: &Scratch, id: &str) -> String {
+    let path = s.dir.join(format!("checkpoint-{id}.summary"));
+    let sum = read_summary(&path, "");
+    let d = sum
+        .image_digest
+        .clone()
+        .unwrap_or_else(|| panic!("the checkpoint of {id} reported no imageDigest: {sum:?}"));
+    assert!(d.starts_with("sha256:") && d.len() == 71, "{d}");
+    d
+}
+
+/// `sha256:` + the hex sha256 of `bytes`, as the agent computes an image's digest.
+pub fn digest_of(bytes: &[u8]) -> String {
+    let hex: String = Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
+/// A restore of `id` as the operator starts one: with the digest its checkpoint reported.
+pub fn restore_run(s: &Scratch, name: &str, id: &str, port: u16) -> AgentRun {
+    let digest = reported_digest(s, id);
+    AgentRun::new(s, name, "restore", id, port).env(ENV_IMAGE_DIGEST, &digest)
 }
 
 pub fn corrupt_byte(file: &Path, at: u64) {
