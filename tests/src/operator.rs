@@ -122,6 +122,10 @@ pub async fn running_job_pods(pods: &Api<Pod>, job: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The image digest a stand-in checkpoint reports (kwok pods run no agent to compute one).
+pub const STAND_IN_DIGEST: &str =
+    "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
 pub fn success(id: &str) -> AgentSummary {
     AgentSummary {
         outcome: Some(Outcome::Checkpointed),
@@ -129,6 +133,7 @@ pub fn success(id: &str) -> AgentSummary {
         engine: Some("criu".into()),
         jdk: Some("17.0.15".into()),
         image_bytes: Some(59_000_000),
+        image_digest: Some(STAND_IN_DIGEST.into()),
         checkpoint_ms: Some(900),
         ..Default::default()
     }

@@ -9,7 +9,7 @@ use crac_api::CracApp;
 use crac_api::agent as contract;
 use crac_api::labels;
 use crac_tests::operator::{
-    AGENT_IMAGE, create_and_make_ready, end_checkpoint_pod, example_app, failure,
+    AGENT_IMAGE, STAND_IN_DIGEST, create_and_make_ready, end_checkpoint_pod, example_app, failure,
     running_checkpoint, running_job_pods, start_operator, status_of, success,
 };
 use crac_tests::{TestNamespace, install_crds, wait_for};
@@ -117,6 +117,7 @@ async fn create_checkpoints_then_rolls_out_restore_pods_to_ready() {
         "read from the agent's summary"
     );
     assert_eq!(image.jdk.as_deref(), Some("17.0.15"));
+    assert_eq!(image.digest.as_deref(), Some(STAND_IN_DIGEST));
     assert_eq!(
         condition(&status, "CheckpointReady").unwrap().status,
         "True"
@@ -128,6 +129,16 @@ async fn create_checkpoints_then_rolls_out_restore_pods_to_ready() {
     let d = deployments.get("demo").await.unwrap();
     let pod = d.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.containers[0].command.as_ref().unwrap()[1], "restore");
+    let digest = pod.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == contract::ENV_IMAGE_DIGEST);
+    assert_eq!(
+        digest.and_then(|e| e.value.as_deref()),
+        Some(STAND_IN_DIGEST),
+        "restore pods verify the image against the digest the status records"
+    );
     let images = pod
         .volumes
         .unwrap()

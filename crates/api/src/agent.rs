@@ -123,3 +123,67 @@ pub struct ActivityReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_ms: Option<u64>,
 }
+
+/// Stable reason strings (never rename one: operators and dashboards match on them).
+pub mod reason {
+    pub const CONFIG_INVALID: &str = "ConfigInvalid";
+    pub const SPAWN_FAILED: &str = "SpawnFailed";
+    pub const READINESS_TIMEOUT: &str = "ReadinessTimeout";
+    pub const JVM_EXITED: &str = "JvmExited";
+    pub const WARMUP_FAILED: &str = "WarmupFailed";
+    pub const CHECKPOINT_TIMEOUT: &str = "CheckpointTimeout";
+    pub const TERMINATED: &str = "Terminated";
+    pub const OPEN_FILES: &str = "OpenFiles";
+    pub const OPEN_SOCKETS: &str = "OpenSockets";
+    pub const PERMISSION_DENIED: &str = "PermissionDenied";
+    pub const CRIU_MISSING: &str = "CriuMissing";
+    pub const CRIU_DUMP_FAILED: &str = "CriuDumpFailed";
+    pub const CRIU_RESTORE_FAILED: &str = "CriuRestoreFailed";
+    pub const PID_CONFLICT: &str = "PidConflict";
+    pub const FILE_CHANGED: &str = "FileChanged";
+    pub const PUBLISH_FAILED: &str = "PublishFailed";
+    pub const IMAGE_MISSING: &str = "ImageMissing";
+    pub const IMAGE_CORRUPT: &str = "ImageCorrupt";
+    /// The image's metadata does not hash to the digest the operator recorded at checkpoint
+    /// (or no valid digest was given): someone else may have rewritten it.
+    pub const IMAGE_NOT_TRUSTED: &str = "ImageNotTrusted";
+    pub const METADATA_MISMATCH: &str = "MetadataMismatch";
+    pub const CPU_FEATURES_MISSING: &str = "CpuFeaturesMissing";
+    pub const RESTORE_TIMEOUT: &str = "RestoreTimeout";
+    pub const NOT_A_CRAC_JDK: &str = "NotACracJdk";
+    pub const RESTORE_UNSUPPORTED: &str = "RestoreUnsupported";
+    pub const JCMD_FAILED: &str = "JcmdFailed";
+    pub const CRAC_CHECKPOINT_FAILED: &str = "CracCheckpointFailed";
+    pub const CRAC_RESTORE_FAILED: &str = "CracRestoreFailed";
+
+    /// Every reason the agent reports; anything else in a summary came from somewhere else.
+    pub const ALL: [&str; 27] = [
+        CONFIG_INVALID,
+        SPAWN_FAILED,
+        READINESS_TIMEOUT,
+        JVM_EXITED,
+        WARMUP_FAILED,
+        CHECKPOINT_TIMEOUT,
+        TERMINATED,
+        OPEN_FILES,
+        OPEN_SOCKETS,
+        PERMISSION_DENIED,
+        CRIU_MISSING,
+        CRIU_DUMP_FAILED,
+        CRIU_RESTORE_FAILED,
+        PID_CONFLICT,
+        FILE_CHANGED,
+        PUBLISH_FAILED,
+        IMAGE_MISSING,
+        IMAGE_CORRUPT,
+        IMAGE_NOT_TRUSTED,
+        METADATA_MISMATCH,
+        CPU_FEATURES_MISSING,
+        RESTORE_TIMEOUT,
+        NOT_A_CRAC_JDK,
+        RESTORE_UNSUPPORTED,
+        JCMD_FAILED,
+        CRAC_CHECKPOINT_FAILED,
+        CRAC_RESTORE_FAILED,
+    ];
+}

@@ -359,7 +359,11 @@ mod tests {
         let config = crate::build::BuildConfig {
             agent_image: "agent:1".into(),
         };
-        let mut d = restore_deployment_for(&app, &validated, "abc", 2, &config);
+        let image = crac_api::cracapp::CheckpointStatus {
+            id: "abc".into(),
+            ..Default::default()
+        };
+        let mut d = restore_deployment_for(&app, &validated, &image, 2, &config);
         d.metadata.generation = Some(4);
         d.status = Some(serde_json::from_value(serde_json::json!({ "readyReplicas": 2 })).unwrap());
         let whole = serde_json::to_vec(&d).unwrap().len();

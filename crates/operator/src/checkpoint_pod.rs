@@ -1,6 +1,10 @@
 //! Reading the agent's report back from a checkpoint pod: the one-line JSON summary it
 //! writes to the termination message (see `crac_api::agent`), or what Kubernetes knows when
 //! the agent could not write one (killed, out of memory, image pull failure).
+//!
+//! The termination message is written from inside the app's container, so the app can write
+//! anything there: every field is bounded before it reaches a condition, an Event, the status
+//! or a metric label.
 
 use crac_api::agent::{AgentSummary, Outcome};
 use crac_api::cracapp::APP_CONTAINER;
@@ -38,7 +42,7 @@ pub fn summary_of(pod: &Pod) -> Option<AgentSummary> {
     };
     let raw = terminated.message.as_deref().unwrap_or("").trim();
     if let Ok(summary) = serde_json::from_str::<AgentSummary>(raw) {
-        return Some(summary);
+        return Some(bounded(summary));
     }
     let ok = terminated.exit_code == 0;
     let reason = match terminated.reason.as_deref() {
@@ -84,6 +88,69 @@ pub fn failure_of(summary: &AgentSummary) -> (String, String) {
     )
 }
 
+/// Longest reason kept; also the limit of a condition's reason in Kubernetes' own types.
+const MAX_REASON: usize = 64;
+/// Longest JDK version string kept.
+const MAX_JDK: usize = 64;
+
+/// A reason as conditions need it: CamelCase, letters and digits, at most 64 characters.
+/// Anything else becomes `AgentFailed`.
+pub fn sanitize_reason(raw: &str) -> String {
+    let mut chars = raw.chars();
+    let camel = chars.next().is_some_and(|c| c.is_ascii_uppercase())
+        && chars.all(|c| c.is_ascii_alphanumeric())
+        && raw.len() <= MAX_REASON;
+    if camel {
+        raw.to_string()
+    } else {
+        "AgentFailed".to_string()
+    }
+}
+
+/// The value of a metric's `reason` label: one of the known reasons, else `Other`, so an
+/// app cannot grow the label's values without bound.
+pub fn reason_label(reason: &str) -> &str {
+    const OPERATOR_REASONS: [&str; 8] = [
+        "AgentFailed",
+        "CheckpointFailed",
+        "Completed",
+        "OutOfMemory",
+        "PodFailed",
+        "BackoffLimitExceeded",
+        "DeadlineExceeded",
+        "ImageDigestMissing",
+    ];
+    if crac_api::agent::reason::ALL.contains(&reason) || OPERATOR_REASONS.contains(&reason) {
+        reason
+    } else {
+        "Other"
+    }
+}
+
+/// A digest as restore pods are given it: `sha256:` and 64 lower-case hex digits.
+pub fn valid_digest(digest: &str) -> bool {
+    digest.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// `summary` with every text field bounded: the reason sanitised, messages cut to one short
+/// line, a malformed digest dropped.
+fn bounded(mut summary: AgentSummary) -> AgentSummary {
+    summary.reason = summary.reason.as_deref().map(sanitize_reason);
+    summary.message = summary.message.as_deref().map(truncate);
+    summary.image_digest = summary.image_digest.filter(|d| valid_digest(d));
+    summary.jdk = summary
+        .jdk
+        .filter(|j| j.len() <= MAX_JDK && j.chars().all(|c| c.is_ascii_graphic() || c == ' '));
+    summary.engine = summary.engine.filter(|e| e.len() <= 16);
+    summary.checkpoint_id = summary.checkpoint_id.filter(|i| i.len() <= 64);
+    summary
+}
+
 fn truncate(text: &str) -> String {
     let line = text.lines().last().unwrap_or_default();
     match line.char_indices().nth(MAX_MESSAGE) {
@@ -118,6 +185,33 @@ mod tests {
                 "no answer on :8080 within 600s".into()
             )
         );
+    }
+
+    #[test]
+    fn whatever_the_app_writes_there_is_bounded() {
+        let long = "x".repeat(5000);
+        let json = serde_json::json!({
+            "outcome": "failed",
+            "reason": "Not a reason\nwith=label\"chars",
+            "message": long,
+            "jdk": "17\u{7}",
+            "imageDigest": "sha256:../../etc",
+        })
+        .to_string();
+        let s = summary_of(&pod(1, "Error", &json)).unwrap();
+        assert_eq!(s.reason.as_deref(), Some("AgentFailed"));
+        assert!(s.message.unwrap().chars().count() <= MAX_MESSAGE + 1);
+        assert_eq!(s.jdk, None);
+        assert_eq!(s.image_digest, None);
+        assert_eq!(
+            sanitize_reason(&format!("A{}", "b".repeat(64))),
+            "AgentFailed"
+        );
+        assert_eq!(sanitize_reason("OpenSockets"), "OpenSockets");
+        assert_eq!(reason_label("OpenSockets"), "OpenSockets");
+        assert_eq!(reason_label("MadeUpButCamelCase"), "Other");
+        assert!(valid_digest(&format!("sha256:{}", "a".repeat(64))));
+        assert!(!valid_digest(&format!("sha256:{}", "A".repeat(64))));
     }
 
     #[test]

@@ -7,11 +7,13 @@ use super::{BuildConfig, app_name, labels_for, owner_ref};
 use crate::checkpoint_id::short;
 use crate::validate::ValidatedApp;
 use crac_api::CracApp;
+use crac_api::agent as contract;
+use crac_api::cracapp::{APP_CONTAINER, CheckpointStatus};
 use crac_api::labels;
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::api::core::v1::{EnvVar, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
@@ -22,14 +24,16 @@ pub fn pod_selector(app: &str) -> BTreeMap<String, String> {
     BTreeMap::from([(labels::APP.to_string(), app.to_string())])
 }
 
-/// The Deployment restoring image `id` with `replicas` pods.
+/// The Deployment restoring the published `image` with `replicas` pods. The pods get the
+/// image's digest in their spec, and restore only an image that matches it.
 pub fn restore_deployment_for(
     app: &CracApp,
     validated: &ValidatedApp,
-    id: &str,
+    image: &CheckpointStatus,
     replicas: i32,
     config: &BuildConfig,
 ) -> Deployment {
+    let id = image.id.as_str();
     let name = app_name(app);
     let template_meta = app.spec.template.metadata.clone().unwrap_or_default();
     let mut pod_labels = template_meta.labels.unwrap_or_default();
@@ -40,6 +44,17 @@ pub fn restore_deployment_for(
 
     let mut pod_spec = app.spec.template.spec.clone().unwrap_or_default();
     inject_agent(&mut pod_spec, Mode::Restore, app, validated, id, config);
+    if let Some(container) = pod_spec
+        .containers
+        .iter_mut()
+        .find(|c| c.name == APP_CONTAINER)
+    {
+        container.env.get_or_insert_with(Vec::new).push(EnvVar {
+            name: contract::ENV_IMAGE_DIGEST.into(),
+            value: image.digest.clone(),
+            ..Default::default()
+        });
+    }
 
     Deployment {
         metadata: ObjectMeta {
@@ -103,7 +118,27 @@ mod tests {
         let config = BuildConfig {
             agent_image: "crac-agent:test".into(),
         };
-        restore_deployment_for(&a, &v, &"cd".repeat(32), 2, &config)
+        restore_deployment_for(&a, &v, &image(), 2, &config)
+    }
+
+    fn image() -> CheckpointStatus {
+        CheckpointStatus {
+            id: "cd".repeat(32),
+            digest: Some(format!("sha256:{}", "e".repeat(64))),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pods_are_given_the_digest_the_status_records() {
+        let d = deployment();
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let env = pod.containers[0].env.as_ref().unwrap();
+        let digest = env
+            .iter()
+            .find(|e| e.name == contract::ENV_IMAGE_DIGEST)
+            .and_then(|e| e.value.clone());
+        assert_eq!(digest, image().digest);
     }
 
     #[test]
@@ -157,7 +192,7 @@ mod tests {
         let config = BuildConfig {
             agent_image: "crac-agent:test".into(),
         };
-        let d = restore_deployment_for(&a, &v, &"cd".repeat(32), 1, &config);
+        let d = restore_deployment_for(&a, &v, &image(), 1, &config);
         let pod = d.spec.unwrap().template.spec.unwrap();
         let c = pod.containers.iter().find(|c| c.name == "app").unwrap();
         let probe = c.readiness_probe.as_ref().expect("a probe is added");

@@ -48,7 +48,7 @@ pub async fn apply(
             ctx.metrics
                 .checkpoint_failures
                 .get_or_create(&crate::metrics::ReasonLabel {
-                    reason: reason.clone(),
+                    reason: crate::checkpoint_pod::reason_label(reason).to_string(),
                 })
                 .inc();
         }

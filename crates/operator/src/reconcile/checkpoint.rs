@@ -12,6 +12,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{RoundMode, Timestamp, TimestampRound, Unit};
 use std::time::Duration;
 
+/// The reason of a completed checkpoint whose summary has no valid image digest.
+pub const DIGEST_MISSING: &str = "ImageDigestMissing";
+
 /// What the checkpoint step found, and what it wants.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CheckpointDecision {
@@ -70,7 +73,7 @@ pub fn decide(
             outcome: None,
         };
     }
-    let mut pending = pending_for(recorded, id);
+    let pending = pending_for(recorded, id);
     let unchanged = |progress, pending, start_job, requeue| CheckpointDecision {
         progress,
         checkpoint: published.cloned(),
@@ -78,6 +81,24 @@ pub fn decide(
         start_job,
         requeue,
         outcome: None,
+    };
+    // A failed attempt: counted, recorded with its reason, retried after a backoff.
+    let failed = |mut pending: PendingCheckpoint, summary: &AgentSummary| {
+        let (reason, message) = failure_of(summary);
+        pending.failures += 1;
+        pending.last_failure_time = Some(Time(now));
+        pending.last_failure_reason = Some(reason.clone());
+        pending.last_failure_message = Some(message.clone());
+        let wait = retry_backoff(pending.failures, retry_base);
+        let progress = CheckpointProgress::Failed {
+            failures: pending.failures,
+            reason: reason.clone(),
+            message: retry_message(&message, &pending, retry_base),
+        };
+        CheckpointDecision {
+            outcome: Some(Outcome::Failed { reason }),
+            ..unchanged(progress, pending, false, Some(wait))
+        }
     };
     match seen.job {
         None => match backoff_remaining(&pending, retry_base, now) {
@@ -106,6 +127,19 @@ pub fn decide(
                 .filter(|p| phase(p) == Some("Succeeded"))
                 .find_map(summary_of)
                 .unwrap_or_default();
+            // Restore pods trust only the digest the status records: no digest, no image.
+            if summary.image_digest.is_none() {
+                let missing = AgentSummary {
+                    reason: Some(DIGEST_MISSING.into()),
+                    message: Some(
+                        "the checkpoint Job completed without reporting a valid image digest, \
+                         so restore pods could not verify the image; it is not published"
+                            .into(),
+                    ),
+                    ..Default::default()
+                };
+                return failed(pending, &missing);
+            }
             let image = published_image(job, &summary, engine, id, now);
             CheckpointDecision {
                 progress: CheckpointProgress::Current,
@@ -124,21 +158,7 @@ pub fn decide(
                 message: Some("the checkpoint Job failed".into()),
                 ..Default::default()
             });
-            let (reason, message) = failure_of(&summary);
-            pending.failures += 1;
-            pending.last_failure_time = Some(Time(now));
-            pending.last_failure_reason = Some(reason.clone());
-            pending.last_failure_message = Some(message.clone());
-            let wait = retry_backoff(pending.failures, retry_base);
-            let progress = CheckpointProgress::Failed {
-                failures: pending.failures,
-                reason: reason.clone(),
-                message: retry_message(&message, &pending, retry_base),
-            };
-            CheckpointDecision {
-                outcome: Some(Outcome::Failed { reason }),
-                ..unchanged(progress, pending, false, Some(wait))
-            }
+            failed(pending, &summary)
         }
         Some(_) => {
             let last_failure = newest_failure(seen.pods).map(|s| {
@@ -419,6 +439,7 @@ mod tests {
             outcome: Some(AgentOutcome::Checkpointed),
             image_bytes: Some(59_000_000),
             jdk: Some("17.0.15".into()),
+            image_digest: Some(format!("sha256:{}", "0f".repeat(32))),
             ..Default::default()
         };
         let pods = [ended_pod("a", "2027-01-15T08:00:00Z", &report)];
@@ -432,8 +453,27 @@ mod tests {
         assert_eq!(image.id, "abc");
         assert_eq!(image.size_bytes, Some(59_000_000));
         assert_eq!(image.duration_seconds, Some(4.0));
+        assert_eq!(image.digest, report.image_digest);
         assert_eq!(d.pending, None);
         assert_eq!(d.progress, CheckpointProgress::Current);
+    }
+
+    #[test]
+    fn a_complete_job_without_a_valid_digest_publishes_nothing_and_is_retried() {
+        for digest in [None, Some("sha256:forged".to_string())] {
+            let report = AgentSummary {
+                outcome: Some(AgentOutcome::Checkpointed),
+                image_digest: digest,
+                ..Default::default()
+            };
+            let pods = [ended_pod("a", "2027-01-15T08:00:00Z", &report)];
+            let d = decide_with(None, Some(&job(Some("Complete"))), &pods, t(5));
+            assert_eq!(d.checkpoint, None, "nothing published");
+            let pending = d.pending.unwrap();
+            assert_eq!(pending.failures, 1);
+            assert_eq!(pending.last_failure_reason.as_deref(), Some(DIGEST_MISSING));
+            assert!(d.requeue.is_some(), "retried after a backoff");
+        }
     }
 
     #[test]

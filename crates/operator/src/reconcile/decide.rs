@@ -187,7 +187,7 @@ fn restore(
     match &next.checkpoint {
         None => (None, None, None),
         Some(image) if image.id == spec.id => {
-            let desired = restore_deployment_for(app, &spec.validated, &spec.id, wanted, config);
+            let desired = restore_deployment_for(app, &spec.validated, image, wanted, config);
             (Some(desired), None, Some(rollout(live)))
         }
         // The spec moved on but its image is not ready: the pods stay on the template that
@@ -399,7 +399,10 @@ mod tests {
         let old_deployment = restore_deployment_for(
             &app,
             &old.spec.as_ref().unwrap().validated,
-            &old_id,
+            &CheckpointStatus {
+                id: old_id.clone(),
+                ..Default::default()
+            },
             2,
             &config(),
         );
