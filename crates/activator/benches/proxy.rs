@@ -423,7 +423,9 @@ async fn add_app(activator: &Activator, key: AppKey, target_port: u16) -> u16 {
             target_port,
         }],
         wake_timeout: Duration::from_secs(30),
-        serving_mode: None,
+        // Requests that land on the activator are served while the app sleeps or wakes.
+        serving_mode: Some(crac_api::cracapp::ServingMode::Activator),
+        caller_namespaces: Vec::new(),
     });
     assert!(activator.wait_listening(port, Duration::from_secs(5)).await);
     activator.registry().set_ready_pods(&key, vec![LOOPBACK]);
@@ -457,6 +459,15 @@ fn main() {
         waker.clone() as Arc<dyn WakeClient>,
     );
     *waker.registry.lock().unwrap() = Some(Arc::clone(activator.registry()));
+    // The callers (on 127.0.0.1) are a pod of the apps' namespace, so every request pays for
+    // the caller check as it would in a cluster.
+    activator
+        .registry()
+        .apply_caller_pod(crac_activator::access::PodAddresses {
+            namespace: "bench".into(),
+            name: "client".into(),
+            ips: vec![LOOPBACK],
+        });
     let key = AppKey::new("bench", "demo");
     let (proxy_port, busy_proxy_port, hello_proxy_port) = activator_rt.block_on({
         let activator = Arc::clone(&activator);

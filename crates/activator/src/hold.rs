@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::metrics::AppMetrics;
-use crate::routes::{AppKey, RoundRobin};
+use crate::routes::{AppKey, RoundRobin, Serving};
 use crate::wake::WakeClient;
 
 /// How long a request that found every listed pod refusing connections waits before trying
@@ -39,6 +39,8 @@ pub struct Backends {
     pub last_failure: Option<Arc<str>>,
     /// The CracApp is gone.
     pub removed: bool,
+    /// Whether the activator still serves the app (its `servingMode` as seen here).
+    pub serving: Option<Serving>,
 }
 
 /// Result of asking for a backend.
@@ -65,9 +67,16 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(key: AppKey, wake_timeout: Duration, ips: Vec<IpAddr>, metrics: AppMetrics) -> Self {
+    pub fn new(
+        key: AppKey,
+        wake_timeout: Duration,
+        ips: Vec<IpAddr>,
+        serving: Serving,
+        metrics: AppMetrics,
+    ) -> Self {
         let (backends, _) = watch::channel(Backends {
             ips: ips.into(),
+            serving: Some(serving),
             ..Default::default()
         });
         Self {
@@ -99,6 +108,44 @@ impl AppState {
             b.ips = ips.into();
             true
         });
+    }
+
+    /// The app's `servingMode` was seen (again) at `now`.
+    pub fn observe_serving_mode(
+        &self,
+        mode: Option<crac_api::cracapp::ServingMode>,
+        now: std::time::Instant,
+    ) {
+        self.backends.send_if_modified(|b| {
+            let next = match b.serving {
+                Some(serving) => serving.observe(mode, now),
+                None => Serving::first_seen(mode),
+            };
+            let changed = b.serving != Some(next);
+            b.serving = Some(next);
+            changed
+        });
+    }
+
+    /// Whether a request arriving at `now` is served (see [`Serving`]).
+    pub fn serves(&self, now: std::time::Instant, grace: Duration) -> bool {
+        self.backends
+            .borrow()
+            .serving
+            .is_some_and(|s| s.serves(now, grace))
+    }
+
+    /// Waits up to `limit` for the app to be served again (its mode turning `Activator`).
+    /// For a request that may have raced the switch to sleep: the operator points the
+    /// Service at the activator a moment before the status saying so reaches this activator.
+    pub async fn wait_served(&self, grace: Duration, limit: Duration) -> bool {
+        let mut rx = self.backends.subscribe();
+        let served = rx.wait_for(|b| {
+            b.removed
+                || b.serving
+                    .is_some_and(|s| s.serves(std::time::Instant::now(), grace))
+        });
+        matches!(tokio::time::timeout(limit, served).await, Ok(Ok(b)) if !b.removed)
     }
 
     pub fn ready_ips(&self) -> Arc<[IpAddr]> {

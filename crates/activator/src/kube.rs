@@ -1,6 +1,6 @@
-//! The watches that feed the [`Registry`]: CracApps in every namespace, and pods labelled
-//! `crac.dev/app`. (The activator's other tie to Kubernetes, the wake request, is
-//! [`crate::wake`].)
+//! The watches that feed the [`Registry`]: CracApps in every namespace, the restore pods
+//! (labelled `crac.dev/app`), and every pod's IPs and namespace for the caller check. (The
+//! activator's other tie to Kubernetes, the wake request, is [`crate::wake`].)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 
+use crate::access::{CallerIndex, CallerPod, pod_addresses};
 use crate::registry::Registry;
 use crate::routes::{AppConfig, PodIndex, app_config, pod_entry};
 
@@ -93,6 +94,47 @@ pub async fn watch_pods(client: Client, registry: Arc<Registry>) {
             },
             Ok(None) => return,
             Err(err) => tracing::warn!(error = %err, "pod watch failed; retrying"),
+        }
+    }
+}
+
+/// Watches every pod in the cluster and keeps, for the caller check, only which namespace each
+/// pod IP belongs to. Decodes just the pod's name, namespace, phase, host-network flag and IPs
+/// ([`CallerPod`]), and keeps no objects: the index holds names and addresses only.
+pub async fn watch_callers(client: Client, registry: Arc<Registry>) {
+    let api: Api<CallerPod> = Api::all(client);
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut relist: Option<CallerIndex> = None;
+    loop {
+        match events.try_next().await {
+            Ok(Some(event)) => match event {
+                Event::Apply(pod) => {
+                    if let Some(pod) = pod_addresses(&pod) {
+                        registry.apply_caller_pod(pod);
+                    }
+                }
+                Event::Delete(pod) => {
+                    if let Some(pod) = pod_addresses(&pod) {
+                        registry.delete_caller_pod(&pod.namespace, &pod.name);
+                    }
+                }
+                Event::Init => relist = Some(CallerIndex::default()),
+                Event::InitApply(pod) => {
+                    if let Some(pod) = pod_addresses(&pod) {
+                        relist.get_or_insert_with(CallerIndex::default).apply(pod);
+                    }
+                }
+                Event::InitDone => {
+                    let index = relist.take().unwrap_or_default();
+                    tracing::info!(ips = index.len(), "pod addresses listed");
+                    registry.replace_caller_pods(index);
+                    registry.mark_callers_synced();
+                }
+            },
+            Ok(None) => return,
+            Err(err) => tracing::warn!(error = %err, "caller pod watch failed; retrying"),
         }
     }
 }

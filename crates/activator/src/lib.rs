@@ -4,7 +4,9 @@
 //! The app a connection is for is named by the local port it arrived on (each app gets its own
 //! activator ports, listed in `status.activatorPorts`), so callers using the Service's DNS name
 //! and callers using its ClusterIP reach the same app. Module map:
-//! - [`routes`]: pure state (ports to apps, ready pods, round-robin), unit-tested;
+//! - [`routes`]: pure state (ports to apps, ready pods, round-robin, whether an app is still
+//!   served), unit-tested;
+//! - [`access`]: pure caller check (trusted ranges, pod IP to namespace), unit-tested;
 //! - [`registry`]: that state shared with the request path, fed by the watches;
 //! - [`hold`]: bounded per-app queue with a deadline, and the one wake task per app;
 //! - [`proxy`]: forwarding (HTTP/1.1, h2c, upgrades, streaming bodies) over pooled connections;
@@ -14,6 +16,7 @@
 //! - [`kube`]: the watches;
 //! - [`metrics`] and [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 
+pub mod access;
 pub mod admin;
 pub mod hold;
 pub mod kube;
@@ -32,6 +35,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+use crate::access::Cidr;
 use crate::hold::HoldContext;
 use crate::metrics::Metrics;
 use crate::proxy::{Pool, Proxy};
@@ -61,6 +65,11 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Idle HTTP/1.1 connections kept per pod.
     pub max_idle_per_backend: usize,
+    /// Source ranges whose requests skip the caller check (node-local health checks; tests).
+    /// Everyone else must be a pod of the app's namespace or of its `callerNamespaces`.
+    pub trusted_callers: Vec<Cidr>,
+    /// How long after an app's `servingMode` turned `Pods` its requests are still forwarded.
+    pub awake_grace: Duration,
 }
 
 impl Default for Config {
@@ -75,6 +84,8 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(30),
             max_idle_per_backend: 64,
+            trusted_callers: Vec::new(),
+            awake_grace: Duration::from_secs(30),
         }
     }
 }
@@ -104,6 +115,8 @@ impl Activator {
             metrics: Arc::clone(&metrics),
             retry_after: config.retry_after,
             tracker: Tracker::default(),
+            trusted_callers: config.trusted_callers.clone(),
+            awake_grace: config.awake_grace,
         });
         let server = Arc::new(Server::new(proxy, config.listen_ip));
         Arc::new(Self {
@@ -141,7 +154,7 @@ impl Activator {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Ready to take traffic: both watches have synced and no shutdown has begun.
+    /// Ready to take traffic: every watch has synced and no shutdown has begun.
     pub fn ready(&self) -> bool {
         self.registry.synced() && !self.shutting_down.load(Ordering::Acquire)
     }

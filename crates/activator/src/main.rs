@@ -8,13 +8,22 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use crac_activator::kube::{watch_apps, watch_pods};
+use crac_activator::access::{Cidr, parse_cidrs};
+use crac_activator::kube::{watch_apps, watch_callers, watch_pods};
 use crac_activator::wake::KubeWaker;
 use crac_activator::{Activator, Config};
 
 fn duration(text: &str) -> Result<Duration, String> {
     crac_api::duration::parse(text)
         .ok_or_else(|| format!("{text:?} is not a duration such as 30s, 500ms or 1m"))
+}
+
+/// `--trusted-callers`: one comma-separated value (so an empty one means none).
+#[derive(Clone, Debug)]
+struct Ranges(Vec<Cidr>);
+
+fn ranges(text: &str) -> Result<Ranges, String> {
+    parse_cidrs(text).map(Ranges)
 }
 
 /// Holds requests for CracApps scaled to zero, wakes them and forwards to their pods.
@@ -52,6 +61,20 @@ struct Args {
     /// On SIGTERM, how long to wait for held and in-flight requests.
     #[arg(long, default_value = "30s", value_parser = duration)]
     drain_timeout: Duration,
+    /// Comma-separated source ranges (CIDRs, e.g. 10.0.0.0/8,127.0.0.1/32) whose requests skip
+    /// the caller check. Everyone else must be a pod in the app's namespace or in its
+    /// scaleToZero.callerNamespaces, or gets 403. Empty: no one is trusted.
+    #[arg(
+        long,
+        default_value = "",
+        value_parser = ranges,
+        env = "CRAC_ACTIVATOR_TRUSTED_CALLERS"
+    )]
+    trusted_callers: Ranges,
+    /// How long after an app's servingMode turns Pods its requests are still forwarded (endpoint
+    /// propagation, requests held during the wake); later ones get 503 and are told to reconnect.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    awake_grace: Duration,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -105,13 +128,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         wake_resend_interval: args.wake_resend_interval,
         connect_timeout: args.connect_timeout,
         drain_timeout: args.drain_timeout,
+        trusted_callers: args.trusted_callers.0.clone(),
+        awake_grace: args.awake_grace,
         ..Config::default()
     };
     let activator = Activator::new(config, Arc::new(KubeWaker::new(client.clone())));
     let admin = tokio::net::TcpListener::bind(args.admin_address)
         .await
         .with_context(|| format!("binding the admin address {}", args.admin_address))?;
-    tracing::info!(admin = %args.admin_address, listen = %args.listen_address, "crac-activator starting");
+    let trusted: Vec<String> = args
+        .trusted_callers
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(admin = %args.admin_address, listen = %args.listen_address, trusted_callers = trusted.join(","), "crac-activator starting");
     tokio::spawn(crac_activator::admin::serve(admin, Arc::clone(&activator)));
     let listeners = activator.start();
     tokio::spawn(watch_apps(
@@ -119,7 +150,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Arc::clone(activator.registry()),
         args.default_wake_timeout,
     ));
-    tokio::spawn(watch_pods(client, Arc::clone(activator.registry())));
+    tokio::spawn(watch_pods(client.clone(), Arc::clone(activator.registry())));
+    tokio::spawn(watch_callers(client, Arc::clone(activator.registry())));
 
     shutdown_signal().await?;
     tracing::info!("shutting down");

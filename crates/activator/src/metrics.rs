@@ -32,6 +32,36 @@ pub enum Outcome {
     queue_full,
     /// A pod was chosen but the exchange with it failed: 502.
     bad_gateway,
+    /// The app is awake and its grace has passed: 503 with `Connection: close`, so the caller
+    /// reconnects through the Service, which points at the pods.
+    app_awake,
+}
+
+const OUTCOMES: [Outcome; 7] = [
+    Outcome::forwarded,
+    Outcome::woken,
+    Outcome::wake_timeout,
+    Outcome::wake_failed,
+    Outcome::queue_full,
+    Outcome::bad_gateway,
+    Outcome::app_awake,
+];
+
+/// Why a request was refused before it reached any app's state (`reason` label; a fixed set).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RefusedReason {
+    /// 403: the source IP is no pod the activator knows, and not a trusted caller.
+    unknown_caller,
+    /// 403: the caller's pod is in a namespace the app does not let call it.
+    namespace_not_allowed,
+    /// 503: two or more apps claim the port, so it serves none of them.
+    port_conflict,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub reason: RefusedReason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -63,6 +93,12 @@ pub struct Metrics {
     pub unknown_port: Counter,
     /// Activator ports that could not be bound (in use by something else).
     pub bind_failures: Family<PortLabels, Counter>,
+    /// Requests refused, by reason (handles made once: the request path only increments).
+    refused: [Counter; 3],
+    /// Ports two or more apps claim now (served to none).
+    pub port_conflicts: Gauge,
+    /// Pod IPs the caller check knows now.
+    pub caller_ips: Gauge,
 }
 
 /// Handles for one app, cheap to use on the request path.
@@ -72,7 +108,7 @@ pub struct AppMetrics {
     pub wakes: Counter,
     pub wake_requests_failed: Counter,
     pub wake_seconds: Histogram,
-    outcomes: [Counter; 6],
+    outcomes: [Counter; 7],
 }
 
 impl AppMetrics {
@@ -98,6 +134,19 @@ impl Metrics {
         let outcomes = Family::<OutcomeLabels, Counter>::default();
         let unknown_port = Counter::default();
         let bind_failures = Family::<PortLabels, Counter>::default();
+        let refused_family = Family::<RefusedLabels, Counter>::default();
+        let refused = [
+            RefusedReason::unknown_caller,
+            RefusedReason::namespace_not_allowed,
+            RefusedReason::port_conflict,
+        ]
+        .map(|reason| {
+            refused_family
+                .get_or_create(&RefusedLabels { reason })
+                .clone()
+        });
+        let port_conflicts = Gauge::default();
+        let caller_ips = Gauge::default();
         registry.register(
             "held_requests",
             "Requests held while their app wakes",
@@ -129,6 +178,21 @@ impl Metrics {
             "Activator ports that could not be bound",
             bind_failures.clone(),
         );
+        registry.register(
+            "requests_refused",
+            "Requests refused before reaching an app: callers not allowed (403), ports two apps claim (503)",
+            refused_family,
+        );
+        registry.register(
+            "port_conflicts",
+            "Activator ports two or more apps claim now; served to none of them",
+            port_conflicts.clone(),
+        );
+        registry.register(
+            "caller_ips",
+            "Pod IPs the caller check knows (every pod in the cluster with its own IP)",
+            caller_ips.clone(),
+        );
         Self {
             registry,
             held,
@@ -138,7 +202,14 @@ impl Metrics {
             outcomes,
             unknown_port,
             bind_failures,
+            refused,
+            port_conflicts,
+            caller_ips,
         }
+    }
+
+    pub fn refused(&self, reason: RefusedReason) -> &Counter {
+        &self.refused[reason as usize]
     }
 
     pub fn for_app(&self, app: &AppKey) -> AppMetrics {
@@ -160,14 +231,7 @@ impl Metrics {
             wakes: self.wakes.get_or_create(&labels).clone(),
             wake_requests_failed: self.wake_requests_failed.get_or_create(&labels).clone(),
             wake_seconds: self.wake_seconds.get_or_create(&labels).clone(),
-            outcomes: [
-                outcome(Outcome::forwarded),
-                outcome(Outcome::woken),
-                outcome(Outcome::wake_timeout),
-                outcome(Outcome::wake_failed),
-                outcome(Outcome::queue_full),
-                outcome(Outcome::bad_gateway),
-            ],
+            outcomes: OUTCOMES.map(outcome),
         }
     }
 
@@ -181,14 +245,7 @@ impl Metrics {
         self.wakes.remove(&labels);
         self.wake_requests_failed.remove(&labels);
         self.wake_seconds.remove(&labels);
-        for outcome in [
-            Outcome::forwarded,
-            Outcome::woken,
-            Outcome::wake_timeout,
-            Outcome::wake_failed,
-            Outcome::queue_full,
-            Outcome::bad_gateway,
-        ] {
+        for outcome in OUTCOMES {
             self.outcomes.remove(&OutcomeLabels {
                 namespace: app.namespace.clone(),
                 app: app.name.clone(),

@@ -17,12 +17,19 @@ use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::access::{Cidr, Refusal, check_caller};
 use crate::hold::{HoldContext, Pick};
-use crate::metrics::{Metrics, Outcome};
-use crate::registry::Registry;
+use crate::metrics::{Metrics, Outcome, RefusedReason};
+use crate::registry::{PortEntry, Registry};
 use crate::tracker::Tracker;
+
+/// How long a request for an app that is not served waits for its mode to turn `Activator`
+/// before it is told to reconnect: the operator points the Service at the activator a moment
+/// before the status saying so arrives here.
+const SWITCH_WAIT: Duration = Duration::from_secs(1);
 
 /// Body of every response the activator returns: the pod's, streamed, or a short one of its own.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -32,19 +39,26 @@ pub type OutBody = Either<Incoming, Empty<Bytes>>;
 
 /// The caller at the other end of one connection, worked out once per connection rather than
 /// once per request.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Caller {
     pub addr: SocketAddr,
+    /// The source IP is in a `--trusted-callers` range: no caller check.
+    pub trusted: bool,
     /// `X-Forwarded-For` for a request that carries none: the caller's IP (always a valid
     /// header value; `None` would give 400, as an invalid one did before).
     forwarded_for: Option<HeaderValue>,
+    /// Notified when the connection should close after its current requests (the app is
+    /// awake: the caller should reconnect through the Service).
+    pub close: Notify,
 }
 
 impl Caller {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: SocketAddr, trusted: bool) -> Self {
         Self {
             addr,
+            trusted,
             forwarded_for: HeaderValue::try_from(addr.ip().to_string()).ok(),
+            close: Notify::new(),
         }
     }
 }
@@ -58,6 +72,10 @@ pub struct Proxy {
     pub retry_after: Duration,
     /// Upgraded tunnels outlive their request; a shutdown waits for them too.
     pub tracker: Tracker,
+    /// Source ranges allowed without a caller check (`--trusted-callers`).
+    pub trusted_callers: Vec<Cidr>,
+    /// How long after an app's switch to `Pods` it is still served (`--awake-grace`).
+    pub awake_grace: Duration,
 }
 
 impl Proxy {
@@ -69,13 +87,44 @@ impl Proxy {
         caller: &Caller,
     ) -> Response<ProxyBody> {
         let arrived = Instant::now();
-        let Some(route) = self.registry.route(local_port) else {
-            self.metrics.unknown_port.inc();
-            return plain(StatusCode::NOT_FOUND, "no app is served on this port\n");
+        let route = match self.registry.route(local_port) {
+            Some(PortEntry::App(route)) => route,
+            Some(PortEntry::Contested) => {
+                self.metrics.refused(RefusedReason::port_conflict).inc();
+                return self.unavailable("this port is claimed by more than one app\n");
+            }
+            None => {
+                self.metrics.unknown_port.inc();
+                return plain(StatusCode::NOT_FOUND, "no app is served on this port\n");
+            }
         };
         let app = route.app;
-        let upgrade = is_upgrade(&req);
+        // Before anything about the app is looked at: a refused caller wakes nothing and
+        // learns nothing of its state.
+        if !caller.trusted {
+            let namespace = self.registry.caller_namespace(caller.addr.ip());
+            if let Err(refusal) = check_caller(
+                namespace.as_deref(),
+                &app.key.namespace,
+                &route.caller_namespaces,
+            ) {
+                let reason = match refusal {
+                    Refusal::UnknownCaller => RefusedReason::unknown_caller,
+                    Refusal::NamespaceNotAllowed => RefusedReason::namespace_not_allowed,
+                };
+                self.metrics.refused(reason).inc();
+                tracing::debug!(app = %app.key, caller = %caller.addr, ?reason, "caller refused");
+                return plain(StatusCode::FORBIDDEN, "caller not allowed\n");
+            }
+        }
         let h2 = req.version() == Version::HTTP_2;
+        if !app.serves(arrived.into_std(), self.awake_grace)
+            && !app.wait_served(self.awake_grace, SWITCH_WAIT).await
+        {
+            app.metrics.outcome(Outcome::app_awake).inc();
+            return reconnect(caller, h2);
+        }
+        let upgrade = is_upgrade(&req);
         if let Err(status) = prepare_request(&mut req, caller, h2, upgrade) {
             return plain(status, "malformed request\n");
         }
@@ -147,6 +196,24 @@ impl Proxy {
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         resp
     }
+}
+
+/// The app is awake and the Service points at its pods: 503 with `Retry-After: 0` and the
+/// connection closed after it (HTTP/1.1: `Connection: close`; h2: GOAWAY, which lets the
+/// connection's other streams finish), so the caller reconnects through the Service.
+fn reconnect(caller: &Caller, h2: bool) -> Response<ProxyBody> {
+    let mut resp = plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the app is awake; reconnect through its Service\n",
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("0"));
+    if !h2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    caller.close.notify_one();
+    resp
 }
 
 /// A short text response of the activator's own.
@@ -610,7 +677,7 @@ mod tests {
     }
 
     fn peer() -> Caller {
-        Caller::new("127.0.0.1:4000".parse().expect("addr"))
+        Caller::new("127.0.0.1:4000".parse().expect("addr"), false)
     }
 
     #[test]

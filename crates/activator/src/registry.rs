@@ -1,22 +1,35 @@
 //! What the activator knows about the cluster, fed by the watches (or a test): apps and their
-//! ports, ready pods per app. Requests look up their app here by local port.
+//! ports, ready pods per app, and which namespace each pod IP belongs to. Requests look up
+//! their app here by local port, and their caller by source IP.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
+use crate::access::{CallerIndex, PodAddresses};
 use crate::hold::AppState;
 use crate::metrics::Metrics;
-use crate::routes::{AppConfig, AppKey, port_table};
+use crate::routes::{AppConfig, AppKey, Serving, port_table};
 
-/// A local port's app and the port its pods listen on.
+/// A local port's app, the port its pods listen on, and who may call it.
 #[derive(Clone)]
 pub struct Route {
     pub app: Arc<AppState>,
     pub target_port: u16,
+    /// `spec.scaleToZero.callerNamespaces` (the app's own namespace may always call).
+    pub caller_namespaces: Arc<[String]>,
+}
+
+/// What a local port serves.
+#[derive(Clone)]
+pub enum PortEntry {
+    App(Route),
+    /// Two or more apps claim the port: it serves none of them.
+    Contested,
 }
 
 #[derive(Default)]
@@ -26,15 +39,19 @@ struct Inner {
     /// Ready pods per app, kept even for apps not (yet) seen, since the two watches deliver in
     /// any order.
     pods: HashMap<AppKey, Vec<IpAddr>>,
+    /// Ports claimed by more than one app, as last logged.
+    contested: BTreeMap<u16, BTreeSet<AppKey>>,
 }
 
 pub struct Registry {
     inner: Mutex<Inner>,
-    routes: RwLock<HashMap<u16, Route>>,
+    routes: RwLock<HashMap<u16, PortEntry>>,
+    callers: RwLock<CallerIndex>,
     ports: watch::Sender<BTreeSet<u16>>,
     metrics: Arc<Metrics>,
     apps_synced: AtomicBool,
     pods_synced: AtomicBool,
+    callers_synced: AtomicBool,
 }
 
 impl Registry {
@@ -42,15 +59,17 @@ impl Registry {
         Self {
             inner: Mutex::default(),
             routes: RwLock::default(),
+            callers: RwLock::default(),
             ports: watch::channel(BTreeSet::new()).0,
             metrics,
             apps_synced: AtomicBool::new(false),
             pods_synced: AtomicBool::new(false),
+            callers_synced: AtomicBool::new(false),
         }
     }
 
-    /// The app a connection on `port` is for.
-    pub fn route(&self, port: u16) -> Option<Route> {
+    /// What a connection on `port` is for.
+    pub fn route(&self, port: u16) -> Option<PortEntry> {
         self.routes
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -72,14 +91,14 @@ impl Registry {
     pub fn upsert_app(&self, config: AppConfig) {
         let mut inner = self.lock();
         self.upsert_locked(&mut inner, config);
-        self.rebuild_routes(&inner);
+        self.rebuild_routes(&mut inner);
     }
 
     /// An app was deleted.
     pub fn remove_app(&self, key: &AppKey) {
         let mut inner = self.lock();
         self.remove_locked(&mut inner, key);
-        self.rebuild_routes(&inner);
+        self.rebuild_routes(&mut inner);
     }
 
     /// A full relist of apps: anything not in `configs` is gone.
@@ -98,7 +117,7 @@ impl Registry {
         for config in configs {
             self.upsert_locked(&mut inner, config);
         }
-        self.rebuild_routes(&inner);
+        self.rebuild_routes(&mut inner);
     }
 
     /// The ready pods of an app changed (first-ready first).
@@ -114,6 +133,40 @@ impl Registry {
         }
     }
 
+    /// The namespace of the pod with this IP; `None` when no pod (or pods of two namespaces)
+    /// has it.
+    pub fn caller_namespace(&self, ip: IpAddr) -> Option<Arc<str>> {
+        self.callers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .namespace_of(ip)
+            .cloned()
+    }
+
+    /// A pod was added or changed (its IPs; none when it has no IP of its own any more).
+    pub fn apply_caller_pod(&self, pod: PodAddresses) {
+        let mut callers = self.callers.write().unwrap_or_else(PoisonError::into_inner);
+        callers.apply(pod);
+        self.metrics.caller_ips.set(callers.len() as i64);
+    }
+
+    /// A pod was deleted.
+    pub fn delete_caller_pod(&self, namespace: &str, name: &str) {
+        let mut callers = self.callers.write().unwrap_or_else(PoisonError::into_inner);
+        callers.delete(namespace, name);
+        self.metrics.caller_ips.set(callers.len() as i64);
+    }
+
+    /// A full relist of pods: this index replaces the current one.
+    pub fn replace_caller_pods(&self, index: CallerIndex) {
+        self.metrics.caller_ips.set(index.len() as i64);
+        *self.callers.write().unwrap_or_else(PoisonError::into_inner) = index;
+    }
+
+    pub fn mark_callers_synced(&self) {
+        self.callers_synced.store(true, Ordering::Release);
+    }
+
     pub fn mark_apps_synced(&self) {
         self.apps_synced.store(true, Ordering::Release);
     }
@@ -122,9 +175,11 @@ impl Registry {
         self.pods_synced.store(true, Ordering::Release);
     }
 
-    /// Both watches have listed everything once.
+    /// Every watch (apps, restore pods, callers) has listed everything once.
     pub fn synced(&self) -> bool {
-        self.apps_synced.load(Ordering::Acquire) && self.pods_synced.load(Ordering::Acquire)
+        self.apps_synced.load(Ordering::Acquire)
+            && self.pods_synced.load(Ordering::Acquire)
+            && self.callers_synced.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -133,13 +188,17 @@ impl Registry {
 
     fn upsert_locked(&self, inner: &mut Inner, config: AppConfig) {
         match inner.apps.get(&config.key) {
-            Some(app) => app.set_wake_timeout(config.wake_timeout),
+            Some(app) => {
+                app.set_wake_timeout(config.wake_timeout);
+                app.observe_serving_mode(config.serving_mode, Instant::now());
+            }
             None => {
                 let ips = inner.pods.get(&config.key).cloned().unwrap_or_default();
                 let app = AppState::new(
                     config.key.clone(),
                     config.wake_timeout,
                     ips,
+                    Serving::first_seen(config.serving_mode),
                     self.metrics.for_app(&config.key),
                 );
                 inner.apps.insert(config.key.clone(), Arc::new(app));
@@ -156,24 +215,54 @@ impl Registry {
         }
     }
 
-    fn rebuild_routes(&self, inner: &Inner) {
-        let (table, conflicts) = port_table(inner.configs.values());
-        for c in conflicts {
-            tracing::warn!(port = c.port, winner = %c.winner, loser = %c.loser, "two apps claim one activator port");
+    fn rebuild_routes(&self, inner: &mut Inner) {
+        let table = port_table(inner.configs.values());
+        if table.contested != inner.contested {
+            for (port, apps) in &table.contested {
+                if inner.contested.get(port) != Some(apps) {
+                    let apps: Vec<String> = apps.iter().map(ToString::to_string).collect();
+                    tracing::warn!(
+                        port,
+                        apps = apps.join(", "),
+                        "several apps claim one activator port; serving none of them"
+                    );
+                }
+            }
+            for port in inner.contested.keys() {
+                if !table.contested.contains_key(port) {
+                    tracing::info!(port, "activator port claimed by one app again");
+                }
+            }
+            self.metrics
+                .port_conflicts
+                .set(table.contested.len() as i64);
+            inner.contested = table.contested.clone();
         }
-        let routes: HashMap<u16, Route> = table
+        let mut routes: HashMap<u16, PortEntry> = table
+            .routes
             .into_iter()
             .filter_map(|(port, route)| {
                 let app = inner.apps.get(&route.app)?.clone();
+                let caller_namespaces = inner
+                    .configs
+                    .get(&route.app)
+                    .map(|c| c.caller_namespaces.clone())
+                    .unwrap_or_default()
+                    .into();
                 Some((
                     port,
-                    Route {
+                    PortEntry::App(Route {
                         app,
                         target_port: route.target_port,
-                    },
+                        caller_namespaces,
+                    }),
                 ))
             })
             .collect();
+        for port in table.contested.keys() {
+            // Still listened on: callers get a 503 that says why, not a refused connection.
+            routes.insert(*port, PortEntry::Contested);
+        }
         let ports: BTreeSet<u16> = routes.keys().copied().collect();
         *self.routes.write().unwrap_or_else(PoisonError::into_inner) = routes;
         self.ports.send_if_modified(|current| {

@@ -1,12 +1,14 @@
-//! Pure routing state: which app a local port belongs to, which pods of an app are ready (in
-//! the order they became ready), and round-robin over them. No I/O, no clock: the watches in
-//! [`crate::kube`] feed these from Kubernetes objects and the tests feed them directly.
+//! Pure routing state: which app a local port belongs to (and which ports two apps claim),
+//! which pods of an app are ready (in the order they became ready), round-robin over them, and
+//! whether the activator still serves an app at all. No I/O, no clock (instants are passed
+//! in): the watches in [`crate::kube`] feed these from Kubernetes objects and the tests feed
+//! them directly.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crac_api::CracApp;
 use crac_api::cracapp::ServingMode;
@@ -48,9 +50,12 @@ pub struct AppConfig {
     pub ports: Vec<PortMapping>,
     /// How long a held request waits for a ready pod.
     pub wake_timeout: Duration,
-    /// Where the operator currently points the Service (informational: the activator forwards
-    /// to ready pods whatever the mode, so nothing is lost while the mode switches).
+    /// Where the operator currently points the Service: the activator serves the app while it
+    /// is `Activator`, and for a grace period after it turns `Pods` (see [`Serving`]).
     pub serving_mode: Option<ServingMode>,
+    /// `spec.scaleToZero.callerNamespaces`: namespaces besides the app's own whose pods may
+    /// call it through the activator.
+    pub caller_namespaces: Vec<String>,
 }
 
 /// Default wake deadline when `spec.scaleToZero.wakeTimeout` is unset (the CRD's documented
@@ -63,10 +68,8 @@ pub use crac_api::cracapp::DEFAULT_WAKE_TIMEOUT;
 pub fn app_config(app: &CracApp, default_wake_timeout: Duration) -> Option<AppConfig> {
     let namespace = app.metadata.namespace.clone()?;
     let name = app.metadata.name.clone()?;
-    let wake_timeout = app
-        .spec
-        .scale_to_zero
-        .as_ref()
+    let scale_to_zero = app.spec.scale_to_zero.as_ref();
+    let wake_timeout = scale_to_zero
         .and_then(|s| s.wake_timeout.as_deref())
         .and_then(crac_api::duration::parse)
         .filter(|d| !d.is_zero())
@@ -93,6 +96,9 @@ pub fn app_config(app: &CracApp, default_wake_timeout: Duration) -> Option<AppCo
         ports,
         wake_timeout,
         serving_mode: status.and_then(|s| s.serving_mode),
+        caller_namespaces: scale_to_zero
+            .map(|s| s.caller_namespaces.clone())
+            .unwrap_or_default(),
     })
 }
 
@@ -103,54 +109,88 @@ pub struct PortRoute {
     pub target_port: u16,
 }
 
-/// Two apps claim the same activator port (the operator assigns unique ports, so this is a
-/// bug or a race between two operator instances). The smallest app key wins, so every
-/// activator replica makes the same choice.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PortConflict {
-    pub port: u16,
-    pub winner: AppKey,
-    pub loser: AppKey,
+/// The local-port table: the port each app owns alone, and the ports two or more apps claim.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortTable {
+    pub routes: BTreeMap<u16, PortRoute>,
+    /// Ports claimed by more than one app, with every claimant. The operator assigns unique
+    /// ports, so this is a bug, a race between two operators, or a status someone forged (a
+    /// tenant may write its own CracApp's status) to take another app's wake traffic. Such a
+    /// port is served to none of them: choosing one, by any rule, would let a forger win.
+    pub contested: BTreeMap<u16, BTreeSet<AppKey>>,
 }
 
 /// Builds the local-port table from every known app.
-pub fn port_table<'a>(
-    apps: impl IntoIterator<Item = &'a AppConfig>,
-) -> (BTreeMap<u16, PortRoute>, Vec<PortConflict>) {
-    let mut table: BTreeMap<u16, PortRoute> = BTreeMap::new();
-    let mut conflicts = Vec::new();
+pub fn port_table<'a>(apps: impl IntoIterator<Item = &'a AppConfig>) -> PortTable {
+    let mut claims: BTreeMap<u16, Vec<PortRoute>> = BTreeMap::new();
     for app in apps {
         for port in &app.ports {
-            let route = PortRoute {
-                app: app.key.clone(),
-                target_port: port.target_port,
-            };
-            match table.get(&port.activator_port) {
-                None => {
-                    table.insert(port.activator_port, route);
-                }
-                Some(existing) if existing.app == app.key => {
-                    // The same app listing a port twice: keep the first mapping.
-                }
-                Some(existing) => {
-                    let (winner, loser) = if app.key < existing.app {
-                        (app.key.clone(), existing.app.clone())
-                    } else {
-                        (existing.app.clone(), app.key.clone())
-                    };
-                    if winner == app.key {
-                        table.insert(port.activator_port, route);
-                    }
-                    conflicts.push(PortConflict {
-                        port: port.activator_port,
-                        winner,
-                        loser,
-                    });
-                }
+            let claimants = claims.entry(port.activator_port).or_default();
+            // The same app listing a port twice: keep its first mapping.
+            if !claimants.iter().any(|c| c.app == app.key) {
+                claimants.push(PortRoute {
+                    app: app.key.clone(),
+                    target_port: port.target_port,
+                });
             }
         }
     }
-    (table, conflicts)
+    let mut table = PortTable::default();
+    for (port, mut claimants) in claims {
+        if claimants.len() == 1 {
+            table.routes.insert(port, claimants.remove(0));
+        } else {
+            table
+                .contested
+                .insert(port, claimants.into_iter().map(|c| c.app).collect());
+        }
+    }
+    table
+}
+
+/// Whether the activator serves an app, as it saw the app's `status.servingMode` change.
+///
+/// While the mode is `Activator` (asleep or waking) the Service points at the activator and it
+/// serves. When the mode turns `Pods` the Service points at the pods again, but endpoints take
+/// a while to reach every node and requests held during the wake are still in flight, so the
+/// activator serves for a grace period more, timed on its own clock from when it saw the
+/// switch. After that a request reaching it came by a stale path, and is told to reconnect.
+/// An app first seen in `Pods` mode (or with none set yet) gets no grace: no switch was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serving {
+    Activator,
+    /// Switched to `Pods` at this instant.
+    PodsSince(Instant),
+    /// `Pods` (or unset), with no switch seen.
+    Pods,
+}
+
+impl Serving {
+    /// The state of an app seen for the first time.
+    pub fn first_seen(mode: Option<ServingMode>) -> Self {
+        match mode {
+            Some(ServingMode::Activator) => Serving::Activator,
+            _ => Serving::Pods,
+        }
+    }
+
+    /// The app's mode was seen (again) at `now`.
+    pub fn observe(self, mode: Option<ServingMode>, now: Instant) -> Self {
+        match (self, mode) {
+            (_, Some(ServingMode::Activator)) => Serving::Activator,
+            (Serving::Activator, _) => Serving::PodsSince(now),
+            (unchanged, _) => unchanged,
+        }
+    }
+
+    /// Whether a request arriving at `now` is served.
+    pub fn serves(self, now: Instant, grace: Duration) -> bool {
+        match self {
+            Serving::Activator => true,
+            Serving::PodsSince(since) => now.saturating_duration_since(since) < grace,
+            Serving::Pods => false,
+        }
+    }
 }
 
 /// What one pod contributes: the app it belongs to (from the `crac.dev/app` label) and its IP
@@ -451,36 +491,127 @@ mod tests {
     }
 
     #[test]
-    fn port_table_maps_ports_and_resolves_conflicts_deterministically() {
+    fn a_port_two_apps_claim_is_served_to_neither_whatever_the_order() {
         let a = app_config(
             &app("ns", "b-app", &[(1000, 80), (1001, 81)], None),
             DEFAULT_WAKE_TIMEOUT,
         )
         .expect("a");
+        // Another namespace forges a claim on b-app's second port.
         let b = app_config(
-            &app("ns", "a-app", &[(1001, 90)], None),
+            &app("evil", "a-app", &[(1001, 90), (1002, 91)], None),
             DEFAULT_WAKE_TIMEOUT,
         )
         .expect("b");
         for order in [vec![&a, &b], vec![&b, &a]] {
-            let (table, conflicts) = port_table(order);
+            let table = port_table(order);
             assert_eq!(
-                table[&1000],
+                table.routes[&1000],
                 PortRoute {
                     app: AppKey::new("ns", "b-app"),
                     target_port: 80
                 }
             );
             assert_eq!(
-                table[&1001],
+                table.routes[&1002],
                 PortRoute {
-                    app: AppKey::new("ns", "a-app"),
-                    target_port: 90
+                    app: AppKey::new("evil", "a-app"),
+                    target_port: 91
                 }
             );
-            assert_eq!(conflicts.len(), 1);
-            assert_eq!(conflicts[0].winner, AppKey::new("ns", "a-app"));
+            assert!(!table.routes.contains_key(&1001), "no winner");
+            assert_eq!(
+                table.contested,
+                BTreeMap::from([(
+                    1001,
+                    BTreeSet::from([AppKey::new("ns", "b-app"), AppKey::new("evil", "a-app")])
+                )])
+            );
         }
+    }
+
+    #[test]
+    fn three_claimants_and_an_app_listing_a_port_twice() {
+        let twice = AppConfig {
+            ports: vec![
+                PortMapping {
+                    activator_port: 1000,
+                    target_port: 80,
+                },
+                PortMapping {
+                    activator_port: 1000,
+                    target_port: 81,
+                },
+            ],
+            ..app_config(&app("ns", "a", &[], None), DEFAULT_WAKE_TIMEOUT).expect("a")
+        };
+        let table = port_table([&twice]);
+        assert_eq!(table.routes[&1000].target_port, 80, "its first mapping");
+        assert!(table.contested.is_empty(), "one app is no conflict");
+
+        let others: Vec<AppConfig> = ["b", "c"]
+            .iter()
+            .map(|n| app_config(&app("ns", n, &[(1000, 80)], None), DEFAULT_WAKE_TIMEOUT))
+            .collect::<Option<_>>()
+            .expect("others");
+        let table = port_table(others.iter().chain([&twice]));
+        assert!(table.routes.is_empty());
+        assert_eq!(table.contested[&1000].len(), 3);
+        // The conflict ends when the forged claims go.
+        assert_eq!(port_table([&twice]).routes.len(), 1);
+    }
+
+    #[test]
+    fn serving_while_activator_and_for_the_grace_after_a_seen_switch() {
+        let grace = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+
+        let asleep = Serving::first_seen(Some(ServingMode::Activator));
+        assert!(asleep.serves(at(1000), grace), "asleep: always");
+        let woke = asleep.observe(Some(ServingMode::Pods), at(10));
+        assert_eq!(woke, Serving::PodsSince(at(10)));
+        assert!(woke.serves(at(10), grace));
+        assert!(woke.serves(at(39), grace));
+        assert!(!woke.serves(at(40), grace), "grace over");
+        // Seeing Pods again does not restart the grace.
+        assert_eq!(woke.observe(Some(ServingMode::Pods), at(35)), woke);
+        // Back to sleep: served again, and a later wake starts a new grace.
+        let slept = woke.observe(Some(ServingMode::Activator), at(100));
+        assert_eq!(slept, Serving::Activator);
+        assert_eq!(
+            slept.observe(None, at(200)),
+            Serving::PodsSince(at(200)),
+            "an unset mode is not the activator's"
+        );
+
+        for mode in [Some(ServingMode::Pods), None] {
+            let awake = Serving::first_seen(mode);
+            assert_eq!(awake, Serving::Pods);
+            assert!(!awake.serves(t0, grace), "no switch seen, no grace");
+            assert_eq!(awake.observe(mode, at(5)), Serving::Pods);
+        }
+    }
+
+    #[test]
+    fn app_config_reads_caller_namespaces() {
+        let mut a = app("shop", "demo", &[(30001, 8080)], None);
+        assert!(
+            app_config(&a, DEFAULT_WAKE_TIMEOUT)
+                .expect("config")
+                .caller_namespaces
+                .is_empty()
+        );
+        a.spec.scale_to_zero = Some(ScaleToZeroSpec {
+            caller_namespaces: vec!["frontend".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            app_config(&a, DEFAULT_WAKE_TIMEOUT)
+                .expect("config")
+                .caller_namespaces,
+            vec!["frontend".to_string()]
+        );
     }
 
     #[test]

@@ -169,10 +169,12 @@ impl Server {
         tokio::spawn(async move {
             let _guard = guard;
             let proxy = Arc::clone(&server.proxy);
-            let caller = Arc::new(Caller::new(peer));
+            let trusted = crate::access::trusted(&proxy.trusted_callers, peer.ip());
+            let caller = Arc::new(Caller::new(peer, trusted));
+            let service_caller = Arc::clone(&caller);
             let service = service_fn(move |req| {
                 let proxy = Arc::clone(&proxy);
-                let caller = Arc::clone(&caller);
+                let caller = Arc::clone(&service_caller);
                 async move { Ok::<_, Infallible>(proxy.handle(req, port, &caller).await) }
             });
             let conn = server
@@ -186,7 +188,14 @@ impl Server {
                         tracing::debug!(port, %peer, error = %err, "connection ended with an error");
                     }
                 }
-                () = signalled(&mut shutdown) => {
+                // Either the activator shuts down, or the caller was told to reconnect
+                // elsewhere: finish the current requests, then close (h2: GOAWAY).
+                () = async {
+                    tokio::select! {
+                        () = signalled(&mut shutdown) => {}
+                        () = caller.close.notified() => {}
+                    }
+                } => {
                     conn.as_mut().graceful_shutdown();
                     if let Err(err) = conn.await {
                         tracing::debug!(port, %peer, error = %err, "connection ended with an error");

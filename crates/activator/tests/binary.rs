@@ -1,8 +1,9 @@
 //! The built `crac-activator` binary against a small fake API server on 127.0.0.1 that serves
 //! list and watch for CracApps and pods and accepts the wake patch: when the activator patches
 //! `status.wakeRequestedAt`, the fake turns the app's pod ready (IP 127.0.0.1) on the pod
-//! watch, as the operator and kubelet would. Exercises the real watches, the real status patch,
-//! the admin port and SIGTERM.
+//! watch, as the operator and kubelet would. Exercises the real watches (the caller check's
+//! cluster-wide pod watch included: callers come from 127.0.0.2 and up, pods in the fake API),
+//! the real status patch, the admin port and SIGTERM.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -89,7 +90,11 @@ async fn handle(api: Arc<FakeApi>, req: Request<Incoming>) -> Response<Body> {
                 .push((query.clone(), content_type, patch));
             // The operator wakes the app and its pod turns ready.
             let pod = pod_json(&api.next_rv(), true);
-            *api.pods.lock().unwrap() = vec![pod.clone()];
+            {
+                let mut pods = api.pods.lock().unwrap();
+                pods.retain(|p| p["metadata"]["name"] != pod["metadata"]["name"]);
+                pods.push(pod.clone());
+            }
             let _ = api
                 .pod_events
                 .send(json!({"type": "ADDED", "object": pod}).to_string());
@@ -138,10 +143,22 @@ fn pod_json(rv: &str, ready: bool) -> Value {
     })
 }
 
-async fn start_fake_api(app: Value) -> (u16, Arc<FakeApi>) {
+/// A pod that only calls (no `crac.dev/app` label): what the caller check's watch indexes.
+fn caller_pod_json(namespace: &str, name: &str, ip: &str, host_network: bool) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "resourceVersion": "3",
+                     "labels": {"app": name}, "managedFields": [{"manager": "kubelet", "fieldsV1": {}}]},
+        "spec": {"hostNetwork": host_network, "containers": [{"name": "c", "image": "client"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                   "conditions": [{"type": "Ready", "status": "True"}]}
+    })
+}
+
+async fn start_fake_api(app: Value, pods: Vec<Value>) -> (u16, Arc<FakeApi>) {
     let api = Arc::new(FakeApi {
         app: Mutex::new(app),
-        pods: Mutex::new(Vec::new()),
+        pods: Mutex::new(pods),
         rv: AtomicU64::new(10),
         app_events: broadcast::channel(64).0,
         pod_events: broadcast::channel(64).0,
@@ -191,7 +208,15 @@ async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigte
         "status": {"phase": "ScaledToZero", "servingMode": "Activator",
                    "activatorPorts": [{"name": "http", "targetPort": backend.port, "activatorPort": activator_port}]}
     });
-    let (api_port, api) = start_fake_api(app).await;
+    // The callers: a pod of the app's namespace on 127.0.0.2, one of another namespace on
+    // 127.0.0.3, and a host-network pod of the app's namespace on 127.0.0.4 (its IP is its
+    // node's, shared with everything on the node, so it names no caller).
+    let pods = vec![
+        caller_pod_json("shop", "client", "127.0.0.2", false),
+        caller_pod_json("evil", "intruder", "127.0.0.3", false),
+        caller_pod_json("shop", "node-agent", "127.0.0.4", true),
+    ];
+    let (api_port, api) = start_fake_api(app, pods).await;
 
     let dir = std::env::temp_dir().join(format!("crac-activator-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -228,9 +253,29 @@ async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigte
     .await;
     assert_eq!(admin_get(admin_port, "/healthz").await.unwrap().0, 200);
 
+    // No --trusted-callers: only the pod watch decides who may call.
+    for source in ["127.0.0.3", "127.0.0.4", "127.0.0.1"] {
+        let answer = get_from(source.parse().unwrap(), activator_port, "/echo/no")
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 403, "from {source}: {:?}", answer.body);
+    }
+    assert!(
+        api.patches.lock().unwrap().is_empty(),
+        "a refused caller woke the app"
+    );
+
+    let client: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let started = Instant::now();
     let calls: Vec<_> = (0..10)
-        .map(|i| tokio::spawn(async move { (i, get(activator_port, format!("/echo/{i}")).await) }))
+        .map(|i| {
+            tokio::spawn(async move {
+                (
+                    i,
+                    get_from(client, activator_port, format!("/echo/{i}")).await,
+                )
+            })
+        })
         .collect();
     for call in calls {
         let (i, answer) = within(Duration::from_secs(30), "request through the binary", call)
@@ -278,6 +323,15 @@ async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigte
     let (woken, forwarded) = (count("woken"), count("forwarded"));
     assert!(woken >= 1, "no request was held for the wake:\n{metrics}");
     assert_eq!(woken + forwarded, 10, "{metrics}");
+    assert!(
+        metrics
+            .contains("crac_activator_requests_refused_total{reason=\"namespace_not_allowed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("crac_activator_requests_refused_total{reason=\"unknown_caller\"} 2"),
+        "{metrics}"
+    );
 
     let exit = child.terminate().await;
     assert!(exit.success(), "exit status after SIGTERM: {exit}");

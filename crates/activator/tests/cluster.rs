@@ -118,6 +118,8 @@ async fn binary_on_the_real_control_plane_holds_wakes_and_forwards_to_a_ready_po
             .args(["--listen-address", "127.0.0.1"])
             .args(["--admin-address", &format!("127.0.0.1:{admin_port}")])
             .args(["--drain-timeout", "10s"])
+            // The test calls from 127.0.0.1, which is no pod: trusted, like a node's own checks.
+            .args(["--trusted-callers", "127.0.0.1/32"])
             .spawn()
             .unwrap(),
     );

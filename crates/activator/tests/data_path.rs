@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use crac_activator::Config;
+use crac_activator::access::PodAddresses;
+use crac_activator::routes::{AppConfig, AppKey};
+use crac_api::cracapp::ServingMode;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::Request;
 use hyper::body::Frame;
@@ -563,4 +567,228 @@ async fn deleted_app_stops_listening_and_fails_its_held_requests() {
         }
     })
     .await;
+}
+
+const SAME_NAMESPACE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+const OTHER_NAMESPACE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+const LISTED_NAMESPACE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
+const NO_POD: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
+
+fn caller_pod(namespace: &str, name: &str, ip: IpAddr) -> PodAddresses {
+    PodAddresses {
+        namespace: namespace.into(),
+        name: name.into(),
+        ips: vec![ip],
+    }
+}
+
+fn refused(activator: &crac_activator::Activator, reason: &str) -> f64 {
+    metric(
+        activator,
+        &format!("crac_activator_requests_refused_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_from_other_namespaces_get_403_and_wake_nothing_own_and_listed_are_served() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Ready {
+        delay: Duration::from_millis(100),
+    });
+    let (activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+    let registry = activator.registry();
+    registry.upsert_app(AppConfig {
+        caller_namespaces: vec!["frontend".into()],
+        ..app_config(port, backend.port, Duration::from_secs(20))
+    });
+    registry.apply_caller_pod(caller_pod("shop", "client", SAME_NAMESPACE));
+    registry.apply_caller_pod(caller_pod("evil", "intruder", OTHER_NAMESPACE));
+    registry.apply_caller_pod(caller_pod("frontend", "web", LISTED_NAMESPACE));
+
+    // The app sleeps: refused callers must not wake it.
+    for source in [OTHER_NAMESPACE, NO_POD] {
+        let answer = within(LONG, "refused caller", get_from(source, port, "/echo/x"))
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 403, "from {source}");
+        assert_eq!(answer.body, "caller not allowed\n");
+    }
+    assert_eq!(waker.calls(), 0, "a refused caller woke the app");
+    assert_eq!(backend.state.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(refused(&activator, "namespace_not_allowed"), 1.0);
+    assert_eq!(refused(&activator, "unknown_caller"), 1.0);
+
+    // The app's own namespace and a listed one are held through the wake and answered.
+    for (i, source) in [SAME_NAMESPACE, LISTED_NAMESPACE].into_iter().enumerate() {
+        let answer = within(
+            LONG,
+            "allowed caller",
+            get_from(source, port, format!("/echo/{i}")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.status, 200, "from {source}");
+        assert_eq!(answer.body, format!("id:{i}"));
+        assert_eq!(
+            backend.state.last_xff.lock().unwrap().as_deref(),
+            Some(source.to_string().as_str())
+        );
+    }
+    assert_eq!(waker.calls(), 1);
+
+    // Awake or not, the other namespace stays out.
+    let answer = get_from(OTHER_NAMESPACE, port, "/echo/y").await.unwrap();
+    assert_eq!(answer.status, 403);
+    assert_eq!(backend.state.requests.load(Ordering::SeqCst), 2);
+
+    // The intruder's pod goes and its IP goes to a pod of the app's namespace.
+    registry.delete_caller_pod("evil", "intruder");
+    assert_eq!(
+        get_from(OTHER_NAMESPACE, port, "/echo/z")
+            .await
+            .unwrap()
+            .status,
+        403,
+        "a deleted pod's IP is nobody's"
+    );
+    registry.apply_caller_pod(caller_pod("shop", "successor", OTHER_NAMESPACE));
+    let answer = get_from(OTHER_NAMESPACE, port, "/echo/z").await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "id:z");
+    assert_eq!(refused(&activator, "unknown_caller"), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_awake_app_is_served_for_the_grace_then_told_to_reconnect_and_held_requests_complete() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let grace = Duration::from_millis(500);
+    let config = Config {
+        awake_grace: grace,
+        ..test_config()
+    };
+    let (activator, port) =
+        start_activator(config, &waker, backend.port, Duration::from_secs(20)).await;
+    let registry = activator.registry();
+    let mode = |serving_mode| {
+        registry.upsert_app(AppConfig {
+            serving_mode: Some(serving_mode),
+            ..app_config(port, backend.port, Duration::from_secs(20))
+        });
+    };
+
+    // Held while asleep; the app switches to Pods and the grace passes before a pod is
+    // ready (to this activator): the held request is not dropped.
+    let held = tokio::spawn(get(port, "/echo/held"));
+    wait_held(&activator, 1).await;
+    mode(ServingMode::Pods);
+    tokio::time::sleep(grace + Duration::from_millis(100)).await;
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+    let answer = within(LONG, "held request", held).await.unwrap().unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "id:held");
+
+    // A new request now: 503, told to come back at once, and the connection closes.
+    let mut stream = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    stream
+        .write_all(b"GET /echo/late HTTP/1.1\r\nHost: demo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    within(
+        LONG,
+        "the activator to close",
+        stream.read_to_end(&mut response),
+    )
+    .await
+    .unwrap();
+    let response = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    assert!(response.starts_with("http/1.1 503"), "{response}");
+    assert!(response.contains("retry-after: 0\r\n"), "{response}");
+    assert!(response.contains("connection: close\r\n"), "{response}");
+    assert_eq!(backend.state.requests.load(Ordering::SeqCst), 1);
+
+    // h2: the same answer, then GOAWAY ends the connection.
+    let stream = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            Request::get("http://demo.shop/echo/h2")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "0");
+    within(LONG, "h2 connection to close", conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(backend.state.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        metric(
+            &activator,
+            "crac_activator_requests_total{namespace=\"shop\",app=\"demo\",outcome=\"app_awake\"}"
+        ),
+        2.0
+    );
+
+    // Asleep again then awake: a request within the new grace is forwarded.
+    mode(ServingMode::Activator);
+    mode(ServingMode::Pods);
+    let answer = get(port, "/echo/in-grace").await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "id:in-grace");
+
+    // A request that raced the switch to sleep (the Service already points here, the status
+    // has not arrived yet) waits for it rather than being sent away.
+    tokio::time::sleep(grace + Duration::from_millis(100)).await;
+    let racing = tokio::spawn(get(port, "/echo/racing"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    mode(ServingMode::Activator);
+    let answer = within(LONG, "racing request", racing)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "id:racing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_two_apps_claim_serves_neither_until_one_claim_goes() {
+    let backend = start_backend(None).await;
+    let thief_backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let (activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+    assert_eq!(get(port, "/echo/1").await.unwrap().status, 200);
+
+    // Another namespace's app forges a claim on the port in its status.
+    let thief = AppKey::new("evil", "thief");
+    activator.registry().upsert_app(AppConfig {
+        key: thief.clone(),
+        ..app_config(port, thief_backend.port, Duration::from_secs(20))
+    });
+    activator.registry().set_ready_pods(&thief, vec![LOOPBACK]);
+    let answer = get(port, "/echo/2").await.unwrap();
+    assert_eq!(answer.status, 503);
+    assert!(answer.headers.contains_key("retry-after"));
+    assert_eq!(backend.state.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(thief_backend.state.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(metric(&activator, "crac_activator_port_conflicts "), 1.0);
+    assert_eq!(refused(&activator, "port_conflict"), 1.0);
+
+    // The operator removes the forged entry: the owner is served again.
+    activator.registry().remove_app(&thief);
+    let answer = get(port, "/echo/3").await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "id:3");
+    assert_eq!(metric(&activator, "crac_activator_port_conflicts "), 0.0);
 }

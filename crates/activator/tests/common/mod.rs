@@ -287,10 +287,14 @@ impl WakeClient for TestWaker {
     }
 }
 
+/// An activator on 127.0.0.1 that trusts callers from 127.0.0.1 (as a node's own health checks
+/// would be): the tests of the data path call from there. The caller check's tests call from
+/// other loopback addresses (127.0.0.2, …), which it does not trust.
 pub fn test_config() -> Config {
     Config {
         listen_ip: LOOPBACK,
         drain_timeout: Duration::from_secs(20),
+        trusted_callers: crac_activator::access::parse_cidrs("127.0.0.1/32").unwrap(),
         ..Config::default()
     }
 }
@@ -308,6 +312,7 @@ pub fn app_config(activator_port: u16, target_port: u16, wake_timeout: Duration)
         }],
         wake_timeout,
         serving_mode: Some(crac_api::cracapp::ServingMode::Activator),
+        caller_namespaces: Vec::new(),
     }
 }
 
@@ -347,7 +352,26 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = TcpStream::connect((LOOPBACK, port))
+    request_from(LOOPBACK, port, req).await
+}
+
+/// A connection to 127.0.0.1:`port` from `source` (any 127/8 address: Linux lets a socket bind
+/// one without configuring it), so the activator sees that caller IP.
+pub async fn connect_from(source: IpAddr, port: u16) -> std::io::Result<TcpStream> {
+    assert!(source.is_loopback(), "tests call from loopback only");
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    socket.connect((LOOPBACK, port).into()).await
+}
+
+/// One HTTP/1.1 request on its own connection from `source`.
+pub async fn request_from<B>(source: IpAddr, port: u16, req: Request<B>) -> Result<Answer, String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = connect_from(source, port)
         .await
         .map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -365,11 +389,20 @@ where
 }
 
 pub async fn get(port: u16, path: impl Into<String>) -> Result<Answer, String> {
+    get_from(LOOPBACK, port, path).await
+}
+
+/// A GET from another caller IP (127.0.0.2, …).
+pub async fn get_from(
+    source: IpAddr,
+    port: u16,
+    path: impl Into<String>,
+) -> Result<Answer, String> {
     let req = Request::get(path.into())
         .header("host", "demo.shop.svc")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
-    request(port, req).await
+    request_from(source, port, req).await
 }
 
 /// Value of a counter or gauge line in the activator's metrics text, 0 when absent.
