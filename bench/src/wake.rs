@@ -671,6 +671,9 @@ async fn run(client: &Client, args: Args, kubeconfig: &str, ns: &str) -> Result<
             address.to_string(),
             "--admin-address".into(),
             activator_admin.clone(),
+            // The bench calls from this machine, not from a pod.
+            "--trusted-callers".into(),
+            "127.0.0.0/8".into(),
         ],
         args.logs.join("wake-activator.log"),
     )?;

@@ -96,7 +96,9 @@ pub fn app_config(app: &CracApp, default_wake_timeout: Duration) -> Option<AppCo
         ports,
         wake_timeout,
         serving_mode: status.and_then(|s| s.serving_mode),
-        caller_namespaces: scale_to_zero
+        // The operator's resolution of the app's list and its policy's. A tenant who writes its
+        // own app's status can only widen who reaches its own app.
+        caller_namespaces: status
             .map(|s| s.caller_namespaces.clone())
             .unwrap_or_default(),
     })
@@ -594,7 +596,7 @@ mod tests {
     }
 
     #[test]
-    fn app_config_reads_caller_namespaces() {
+    fn app_config_reads_caller_namespaces_from_the_status() {
         let mut a = app("shop", "demo", &[(30001, 8080)], None);
         assert!(
             app_config(&a, DEFAULT_WAKE_TIMEOUT)
@@ -602,10 +604,9 @@ mod tests {
                 .caller_namespaces
                 .is_empty()
         );
-        a.spec.scale_to_zero = Some(ScaleToZeroSpec {
-            caller_namespaces: vec!["frontend".into()],
-            ..Default::default()
-        });
+        a.status
+            .get_or_insert_with(Default::default)
+            .caller_namespaces = vec!["frontend".into()];
         assert_eq!(
             app_config(&a, DEFAULT_WAKE_TIMEOUT)
                 .expect("config")
