@@ -17,6 +17,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use std::time::Duration;
 
@@ -735,6 +736,145 @@ async fn deleting_an_app_removes_everything_it_owned() {
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn deleting_the_namespace_of_an_app_on_a_shared_claim_finishes() {
+    let ns = setup("op-nsgone").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "shared" },
+        "spec": { "accessModes": ["ReadWriteMany"], "resources": { "requests": { "storage": "1Gi" } } }
+    }))
+    .unwrap();
+    ns.api::<PersistentVolumeClaim>()
+        .create(&PostParams::default(), &claim)
+        .await
+        .unwrap();
+    let mut app = example_app("tenant", "tenant:1");
+    app.spec.checkpoint.storage.existing_claim = Some("shared".into());
+    create_and_make_ready(&ns, &app).await;
+    assert!(
+        ns.api::<CracApp>()
+            .get("tenant")
+            .await
+            .unwrap()
+            .finalizers()
+            .len()
+            == 1,
+        "the app holds the cleanup finalizer"
+    );
+
+    // No cleanup Job can start in a terminating namespace: the finalizer must not hold it.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ns.client.clone());
+    namespaces
+        .delete(&ns.name, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the namespace gone", Duration::from_secs(120), || async {
+        namespaces
+            .get_opt(&ns.name)
+            .await
+            .ok()
+            .and_then(|found| found.is_none().then_some(()))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_service_someone_else_made_is_not_taken_over() {
+    let ns = setup("op-takeover").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let theirs: Service = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "billing", "labels": { "team": "payments" } },
+        "spec": { "ports": [{ "port": 443, "targetPort": 8443 }], "selector": { "app": "billing" } }
+    }))
+    .unwrap();
+    let services: Api<Service> = ns.api();
+    services
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
+    let apps: Api<CracApp> = ns.api();
+    apps.create(&PostParams::default(), &example_app("billing", "billing:1"))
+        .await
+        .unwrap();
+    let status = wait_for("the conflict in status", DEADLINE, || async {
+        let s = status_of(&apps, "billing").await;
+        (condition(&s, "CheckpointReady")?.reason == "NameTaken").then_some(s)
+    })
+    .await;
+    let message = &condition(&status, "CheckpointReady").unwrap().message;
+    assert!(
+        message.contains("Service") && message.contains("billing"),
+        "{message}"
+    );
+    assert!(
+        ns.event_reasons().await.iter().any(|r| r == "NameTaken"),
+        "a Warning Event says so"
+    );
+    let after = services.get("billing").await.unwrap();
+    assert!(after.metadata.owner_references.is_none(), "not adopted");
+    assert_eq!(
+        after.spec.unwrap().selector,
+        theirs.spec.clone().unwrap().selector
+    );
+
+    // Deleting the app leaves their Service alone.
+    apps.delete("billing", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the app gone", DEADLINE, || async {
+        apps.get_opt("billing")
+            .await
+            .ok()
+            .and_then(|a| a.is_none().then_some(()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(services.get_opt("billing").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn an_existing_claim_holding_another_apps_images_is_refused() {
+    let ns = setup("op-claimowner").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let owner = example_app("owner", "owner:1");
+    create_and_make_ready(&ns, &owner).await;
+    let own_claim = ns
+        .api::<PersistentVolumeClaim>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .next()
+        .expect("the owner's claim")
+        .name_any();
+
+    let mut intruder = example_app("intruder", "intruder:1");
+    intruder.spec.checkpoint.storage.existing_claim = Some(own_claim.clone());
+    let apps: Api<CracApp> = ns.api();
+    apps.create(&PostParams::default(), &intruder)
+        .await
+        .unwrap();
+    let status = wait_for("the refusal in status", DEADLINE, || async {
+        let s = status_of(&apps, "intruder").await;
+        (condition(&s, "CheckpointReady")?.reason == "ClaimOwnedByAnotherApp").then_some(s)
+    })
+    .await;
+    let message = &condition(&status, "CheckpointReady").unwrap().message;
+    assert!(
+        message.contains("existingClaim") && message.contains("owner"),
+        "{message}"
+    );
+    let jobs = ns.api::<Job>().list(&ListParams::default()).await.unwrap();
+    assert!(
+        jobs.items
+            .iter()
+            .all(|j| !j.name_any().starts_with("intruder")),
+        "no checkpoint Job mounts the owner's claim for the intruder"
+    );
 }
 
 #[tokio::test]

@@ -10,6 +10,11 @@ pub enum Error {
     CleanupPending { claim: String },
     #[error("the operator's watch caches stopped")]
     CacheGone,
+    /// An object the app needs exists already and is not the app's.
+    #[error(
+        "{kind} {name:?} exists and does not belong to this CracApp; the operator does not take it over: delete or rename it, or rename the CracApp"
+    )]
+    NameTaken { kind: String, name: String },
 }
 
 impl Error {
@@ -20,6 +25,7 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
             Error::CleanupPending { .. } => "cleanup_pending",
             Error::CacheGone => "cache_gone",
+            Error::NameTaken { .. } => "name_taken",
         }
     }
 }

@@ -9,7 +9,7 @@ use super::observe::Observed;
 use crate::build::app_name;
 use crate::cache::{self, Live};
 use crate::context::Context;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crac_api::{CracApp, labels};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
@@ -24,7 +24,9 @@ pub async fn apply(
     decision: &Decision,
 ) -> Result<()> {
     if let Some(claim) = &decision.claim {
-        apply_changed(ctx, app, claim, seen.claim.clone().map(Live::of)).await?;
+        let live = seen.claim.clone().map(Live::of);
+        refuse_if_taken(ctx, app, claim, live.is_some()).await?;
+        apply_changed(ctx, app, claim, live).await?;
     }
     if let Some(job) = &decision.job {
         // Until the watch delivers the new Job, a reconcile finds none and applies the same
@@ -56,6 +58,7 @@ pub async fn apply(
     }
     if let Some(deployment) = &decision.deployment {
         let live = seen.deployment.as_deref().map(Live::generation_of);
+        refuse_if_taken(ctx, app, deployment, live.is_some()).await?;
         apply_changed(ctx, app, deployment, live).await?;
     }
     if let Some(replicas) = decision.scale {
@@ -71,6 +74,7 @@ pub async fn apply(
     }
     if let Some(service) = &decision.service {
         let live = seen.service.as_deref().map(Live::version_of);
+        refuse_if_taken(ctx, app, service, live.is_some()).await?;
         apply_changed(ctx, app, service, live).await?;
     }
     if let Some(slice) = &decision.slice {
@@ -113,6 +117,40 @@ pub async fn apply_object<K: Applicable>(client: &Client, ns: &str, obj: &K) -> 
     Ok(api
         .patch(&name, &apply_params(), &Patch::Apply(body))
         .await?)
+}
+
+/// Before the operator first applies `obj` (the caches hold no such object of the app's, and
+/// it has not applied it since it started): refuses when an object of that name exists that
+/// the app does not own. A forced apply would take it over, and deleting the app would then
+/// delete it, so whoever may create a CracApp could seize a Service they may not edit.
+async fn refuse_if_taken<K: Applicable>(
+    ctx: &Context,
+    app: &CracApp,
+    obj: &K,
+    cached: bool,
+) -> Result<()> {
+    let ns = app.namespace().unwrap_or_default();
+    let owner = (ns.clone(), app_name(app).to_string());
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let key = (K::kind(&()).to_string(), name.clone());
+    if cached || ctx.caches.applied.knows(&owner, &key) {
+        return Ok(());
+    }
+    let api = Api::<K>::namespaced(ctx.client.clone(), &ns);
+    match api.get_opt(&name).await? {
+        Some(existing) if !owned_by(existing.meta(), app) => {
+            Err(Error::NameTaken { kind: key.0, name })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether `meta` names `app` as its controller.
+fn owned_by(meta: &kube::api::ObjectMeta, app: &CracApp) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == app.metadata.uid.as_ref())
 }
 
 /// Applies `obj` unless that would change nothing: the same object was applied last and the

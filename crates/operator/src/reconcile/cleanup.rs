@@ -7,7 +7,7 @@ use crate::build::app_name;
 use crate::build::cleanup::{cleanup_job_for, cleanup_job_name};
 use crate::cache::cached;
 use crate::context::Context;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, refused_as_terminating};
 use crate::events::Note;
 use crac_api::CracApp;
 use kube::runtime::controller::Action;
@@ -44,8 +44,16 @@ pub async fn cleanup(app: &CracApp, ctx: &Context) -> Result<Action> {
     match cached(&ctx.caches.jobs, &ns, &name) {
         None => {
             let job = cleanup_job_for(app, &name, &claim, &ctx.config);
-            apply_object(&ctx.client, &ns, &job).await?;
-            Err(Error::CleanupPending { claim })
+            match apply_object(&ctx.client, &ns, &job).await {
+                Ok(_) => Err(Error::CleanupPending { claim }),
+                // The whole namespace is going, the claim with it: nothing can run there any
+                // more, and holding the finalizer would hold the namespace's deletion forever.
+                Err(Error::Kube(e)) if refused_as_terminating(&e) => {
+                    tracing::info!(%claim, "namespace terminating; the claim goes with it");
+                    Ok(Action::await_change())
+                }
+                Err(e) => Err(e),
+            }
         }
         Some(job) if job_finished(&job, "Complete") => Ok(Action::await_change()),
         Some(job) if job_finished(&job, "Failed") => {

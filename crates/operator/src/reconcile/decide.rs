@@ -238,6 +238,40 @@ fn carried_over(app: &CracApp, seen: &Observed) -> CracAppStatus {
 }
 
 /// A reconcile that only reports (an invalid spec, a storage problem): no object changes.
+/// How soon an app blocked by an object someone else owns is looked at again (a change to
+/// that object reaches no watch of the operator's).
+pub const NAME_TAKEN_RETRY: Duration = Duration::from_secs(60);
+
+/// The apply step found an object the app needs owned by someone else: what `decided` would
+/// have recorded (a checkpoint just published, say) is kept, the conditions say what is in the
+/// way, nothing more is applied, and the app is looked at again later.
+pub fn name_taken(app: &CracApp, seen: &Observed, decided: &Decision, message: String) -> Decision {
+    let progress = CheckpointProgress::InvalidSpec {
+        reason: "NameTaken".into(),
+        message,
+    };
+    let rollout = seen.deployment.as_deref().map(|d| {
+        let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+        rollout_of(d.status.clone(), wanted)
+    });
+    let mut events = Vec::new();
+    let status = complete(
+        app,
+        seen,
+        decided.status.clone(),
+        progress,
+        rollout,
+        false,
+        &mut events,
+    );
+    Decision {
+        status,
+        events,
+        requeue: Some(NAME_TAKEN_RETRY),
+        ..Default::default()
+    }
+}
+
 fn reported_only(
     app: &CracApp,
     seen: &Observed,

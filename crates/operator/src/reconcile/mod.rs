@@ -93,8 +93,13 @@ async fn pipeline(app: &CracApp, ctx: &Context) -> Result<Action> {
         return Ok(Action::requeue(SUPERSEDED_RETRY));
     }
     let seen = observe::observe(app, ctx).await?;
-    let decision = decide::decide(app, &seen, &ctx.config, ctx.retry_base);
-    apply::apply(ctx, app, &seen, &decision).await?;
+    let mut decision = decide::decide(app, &seen, &ctx.config, ctx.retry_base);
+    match apply::apply(ctx, app, &seen, &decision).await {
+        Err(taken @ Error::NameTaken { .. }) => {
+            decision = decide::name_taken(app, &seen, &decision, taken.to_string());
+        }
+        other => other?,
+    }
     report::report(ctx, app, &seen, &decision).await?;
     Ok(match decision.requeue {
         Some(after) => Action::requeue(after),

@@ -221,11 +221,20 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
 fn storage_problem(app: &CracApp, ctx: &Context, ns: &str) -> Option<(String, String)> {
     let storage = &app.spec.checkpoint.storage;
     if let Some(claim) = &storage.existing_claim {
-        if cached(&ctx.caches.claims, ns, claim).is_none() {
+        let Some(found) = cached(&ctx.caches.claims, ns, claim) else {
             return Some((
                 "ClaimNotFound".into(),
                 format!(
                     "spec.checkpoint.storage.existingClaim: PersistentVolumeClaim {claim:?} does not exist in namespace {ns:?}"
+                ),
+            ));
+        };
+        if let Some(owner) = owning_app(&found, app) {
+            return Some((
+                "ClaimOwnedByAnotherApp".into(),
+                format!(
+                    "spec.checkpoint.storage.existingClaim: PersistentVolumeClaim {claim:?} holds \
+                     the images of CracApp {owner:?}; share only a claim no app owns"
                 ),
             ));
         }
@@ -245,6 +254,19 @@ fn storage_problem(app: &CracApp, ctx: &Context, ns: &str) -> Option<(String, St
         ));
     }
     None
+}
+
+/// The other CracApp that owns `claim` (the operator made it for that app's images), if any.
+/// Sharing it would let this app's checkpoint pods, which mount it read-write, rewrite that
+/// app's images.
+fn owning_app(claim: &PersistentVolumeClaim, app: &CracApp) -> Option<String> {
+    claim
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.kind == "CracApp" && Some(&o.uid) != app.metadata.uid.as_ref())
+        .map(|o| o.name.clone())
 }
 
 /// Asks each ready pod's agent for its activity, 2 s each at most, all at once.
