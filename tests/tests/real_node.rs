@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use crac_api::CracApp;
-use crac_api::agent::{AgentSummary, Outcome};
+use crac_api::agent::{self as contract, AgentSummary, Outcome};
 use crac_api::cracapp::Phase;
 use crac_tests::operator::{start_operator_with, status_of};
 use crac_tests::real_node::{
@@ -282,8 +282,10 @@ async fn a_restore_that_fails_in_the_container_falls_back_to_a_cold_start() {
     let ready_before = ready(&ns, "fall", 1).await;
     let id = status_of(&apps, "fall").await.checkpoint.unwrap().id;
 
-    // Damage the published image on the volume, then replace the pod: the new pod's agent
-    // finds the image corrupt and starts the JVM cold instead.
+    // Rewrite the published image on the volume the way another app sharing it could: a pages
+    // file and, consistently, its size and sha256 in metadata.json. Then replace the pod: the
+    // new pod's agent checks the metadata against the digest in its own spec, refuses the
+    // image and starts the JVM cold instead.
     let claims: Api<PersistentVolumeClaim> = ns.api();
     let image = claim_dir(&claims, "fall-crac-images")
         .await
@@ -304,7 +306,13 @@ async fn a_restore_that_fails_in_the_container_falls_back_to_a_cold_start() {
     for b in bytes.iter_mut().take(4096) {
         *b ^= 0xff;
     }
-    std::fs::write(&pages, bytes).unwrap();
+    std::fs::write(&pages, &bytes).unwrap();
+    let metadata_path = image.join(contract::METADATA_FILE);
+    let mut metadata: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&metadata_path).unwrap()).unwrap();
+    let name = pages.file_name().unwrap().to_string_lossy().to_string();
+    metadata["files"][&name]["sha256"] = sha256_hex(&bytes).into();
+    std::fs::write(&metadata_path, serde_json::to_vec(&metadata).unwrap()).unwrap();
     pods.delete(&ready_before[0].0, &DeleteParams::default())
         .await
         .unwrap();
@@ -318,10 +326,7 @@ async fn a_restore_that_fails_in_the_container_falls_back_to_a_cold_start() {
     .await;
     let log = logs(&pods, &pod, "app").await;
     assert!(log.contains("restore failed"), "{log}");
-    assert!(
-        log.contains("ImageCorrupt") || log.contains("corrupt"),
-        "{log}"
-    );
+    assert!(log.contains("ImageNotTrusted"), "{log}");
     // Cold: the counter starts again.
     assert_eq!(http_get(&ip, 8080, "/").await.unwrap().1.trim(), "hello 1");
 }
@@ -531,4 +536,12 @@ async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app()
     .await;
     assert!(status.last_wake.is_some(), "the wake is recorded");
     eprintln!("request at zero answered in {:?}", started.elapsed());
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
