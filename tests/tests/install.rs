@@ -92,6 +92,11 @@ fn bad_values_fail_at_install_with_a_clear_message() {
             "podSecurity.extraCapabilities={cap_sys_admin}",
             "/podSecurity/extraCapabilities/0",
         ),
+        // Two replicas by default: a budget of two would block every drain.
+        (
+            "activator.minAvailable=2",
+            "activator.minAvailable must be below activator.replicas",
+        ),
     ] {
         let out = helm(&["template", "x", &chart(), "--set", set]);
         assert!(!out.status.success(), "--set {set} was accepted");
