@@ -60,6 +60,7 @@ unit: ## Every test that needs no cluster, JVM, CRIU or Helm (unit tests, the da
 .PHONY: test
 test: deps cluster-up criu ## Unit, control-plane, agent (real JVM + CRIU), data-path, install and CLI tests
 	scripts/helm version >/dev/null
+	scripts/kube-score version >/dev/null
 	$(CARGO) test --workspace --no-fail-fast
 
 .PHONY: lint

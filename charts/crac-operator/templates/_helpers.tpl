@@ -32,3 +32,55 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/* Name of a cluster-scoped object (ClusterRole, binding, ValidatingAdmissionPolicy):
+the component's name and the release namespace, so two installs (one per namespace, with
+operator.watchNamespace) do not fight over one object. crac.clusterName (dict "root" $ "name" "crac-operator"). */}}
+{{- define "crac.clusterName" -}}
+{{- printf "%s.%s" .name .root.Release.Namespace -}}
+{{- end }}
+
+{{/* The activator's user name, as the API server sees its requests. */}}
+{{- define "crac.activatorUser" -}}
+{{- printf "system:serviceaccount:%s:crac-activator" .Release.Namespace -}}
+{{- end }}
+
+{{/* A list of strings as the elements of a CEL list: 'A', 'B'. */}}
+{{- define "crac.celStrings" -}}
+{{- $out := list }}
+{{- range . }}{{ $out = append $out (printf "'%s'" .) }}{{ end }}
+{{- join ", " $out }}
+{{- end }}
+
+{{/* Affinity preferring the replicas of a component on different nodes, then zones (a
+preference: a one-node cluster still runs them all). crac.spreadReplicas (dict "root" $ "name" "crac-activator"). */}}
+{{- define "crac.spreadReplicas" -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    {{- range $key, $weight := dict "kubernetes.io/hostname" 100 "topology.kubernetes.io/zone" 50 }}
+    - weight: {{ $weight }}
+      podAffinityTerm:
+        topologyKey: {{ $key }}
+        labelSelector:
+          matchLabels:
+            app.kubernetes.io/name: {{ $.name }}
+            app.kubernetes.io/instance: {{ $.root.Release.Name }}
+    {{- end }}
+{{- end }}
+
+{{/* Egress rules every component needs: the API server and DNS. The API server's address
+is not a pod a selector can name and differs per cluster, and CNIs differ in whether a policy
+sees the kubernetes Service's port (443) or the API server's (often 6443): both ports, to any
+address (networkPolicy.apiServerPorts). DNS: port 53 to any address (kube-dns, or a
+node-local cache on a link-local address). */}}
+{{- define "crac.apiServerAndDnsEgress" -}}
+# The API server.
+- ports:
+    {{- range .Values.networkPolicy.apiServerPorts }}
+    - { protocol: TCP, port: {{ . }} }
+    {{- end }}
+# DNS.
+- ports:
+    - { protocol: UDP, port: 53 }
+    - { protocol: TCP, port: 53 }
+{{- end }}

@@ -86,8 +86,16 @@ async fn update_once(ctx: &Context) -> kube::Result<()> {
 }
 
 /// Updates the policies' status every `every`, forever, from the controller's caches (so it
-/// waits until the controller runs and its caches are filled).
+/// waits until the controller runs and its caches are filled); returns at once when the
+/// operator watches one namespace.
 pub async fn keep_status(ctx: Arc<Context>, every: Duration) {
+    // An operator that reconciles one namespace sees only that namespace's apps, while a
+    // policy is cluster-scoped and shared with other installs: its status would flip between
+    // what each install sees. So in that mode the status is left alone (and the chart grants
+    // no `cracscalepolicies/status` then).
+    if ctx.namespace.is_some() {
+        return;
+    }
     if ctx.caches.ready().await.is_err() {
         return;
     }
