@@ -399,6 +399,16 @@ fn helm(args: &[&str]) -> std::process::Output {
 #[tokio::test]
 async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app() {
     let ns = setup("real-helm").await;
+    // The app's namespace opts in to the chart's pod-security policy, as docs/install.md tells
+    // platform teams to: the real checkpoint and restore pods must pass it.
+    let opt_in = serde_json::json!({ "metadata": { "labels": {
+        "pod-security.kubernetes.io/enforce": "privileged",
+        "crac.dev/pod-security": "enforce",
+    } } });
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(ns.client.clone())
+        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(&opt_in))
+        .await
+        .unwrap();
     let _uninstall = Uninstall;
     let out = helm(&[
         "upgrade",
