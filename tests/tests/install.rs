@@ -890,11 +890,16 @@ async fn refusal(admin: &kube::Client, ns: &str, pod: &Pod) -> Option<String> {
 /// The pods the operator really builds for `app`: checkpoint, restore and cleanup.
 fn operator_pods(app: &CracApp) -> Vec<(&'static str, Pod)> {
     use crac_operator::build::{BuildConfig, cleanup, deployment, job};
-    let validated = crac_operator::validate::validate(app).unwrap();
+    let validated = crac_operator::validate::validate(app, &Default::default()).unwrap();
     let config = BuildConfig {
         agent_image: "crac-agent:test".into(),
     };
     let id = "0".repeat(64);
+    let image = crac_api::cracapp::CheckpointStatus {
+        id: id.clone(),
+        digest: Some(format!("sha256:{id}")),
+        ..Default::default()
+    };
     let as_pod = |t: k8s_openapi::api::core::v1::PodTemplateSpec| Pod {
         metadata: kube::api::ObjectMeta {
             name: Some("p".into()),
@@ -913,7 +918,7 @@ fn operator_pods(app: &CracApp) -> Vec<(&'static str, Pod)> {
         (
             "restore",
             as_pod(
-                deployment::restore_deployment_for(app, &validated, &id, 1, &config)
+                deployment::restore_deployment_for(app, &validated, &image, 1, &config)
                     .spec
                     .unwrap()
                     .template,
