@@ -12,8 +12,6 @@
 use crac_api::cracapp::APP_CONTAINER;
 use k8s_openapi::api::core::v1::{Container, PodSpec, SecurityContext};
 
-use crate::validate::SpecError;
-
 /// Capabilities checkpoint and restore need (Linux >= 5.9), added to the app container and
 /// nothing more: not privileged, no SYS_ADMIN.
 pub const RESTORE_CAPABILITIES: [&str; 2] = ["CHECKPOINT_RESTORE", "SYS_PTRACE"];
@@ -89,15 +87,22 @@ fn capability_name(raw: &str) -> String {
     upper.strip_prefix("CAP_").unwrap_or(&upper).to_string()
 }
 
-fn refused(field: String, problem: &str) -> SpecError {
-    SpecError::Forbidden {
+/// What a template asks for that it may not: the field, and why.
+#[derive(Debug, PartialEq)]
+pub struct Refusal {
+    pub field: String,
+    pub problem: String,
+}
+
+fn refused(field: String, problem: &str) -> Refusal {
+    Refusal {
         field,
         problem: problem.to_string(),
     }
 }
 
 /// Refuses the first thing in `pod` that asks for more than baseline plus what restore needs.
-pub fn check(pod: &PodSpec, allowance: &PodAllowance) -> Result<(), SpecError> {
+pub fn check(pod: &PodSpec, allowance: &PodAllowance) -> Result<(), Refusal> {
     const AT: &str = "spec.template.spec";
     for (set, field) in [
         (pod.host_pid, "hostPID"),
@@ -194,7 +199,7 @@ fn check_container(
     at: &str,
     container: &Container,
     allowance: &PodAllowance,
-) -> Result<(), SpecError> {
+) -> Result<(), Refusal> {
     for port in container.ports.iter().flatten() {
         if port.host_port.is_some_and(|p| p != 0) {
             return Err(refused(
@@ -214,7 +219,7 @@ fn check_security_context(
     container: &str,
     security: &SecurityContext,
     allowance: &PodAllowance,
-) -> Result<(), SpecError> {
+) -> Result<(), Refusal> {
     let at = format!("{at}.securityContext");
     if security.privileged == Some(true) {
         return Err(refused(
@@ -243,7 +248,7 @@ fn check_security_context(
                      operator's --allowed-capabilities"
                 )
             };
-            return Err(SpecError::Forbidden {
+            return Err(Refusal {
                 field: format!("{at}.capabilities.add"),
                 problem,
             });
@@ -338,9 +343,9 @@ mod tests {
         }
     }
 
-    fn field_of(result: Result<(), SpecError>) -> String {
+    fn field_of(result: Result<(), Refusal>) -> String {
         match result {
-            Err(SpecError::Forbidden { field, .. }) => field,
+            Err(Refusal { field, .. }) => field,
             other => panic!("expected a refusal, got {other:?}"),
         }
     }
@@ -419,7 +424,7 @@ mod tests {
             { "name": "app", "image": "demo", "securityContext": {
                 "capabilities": { "add": ["CHECKPOINT_RESTORE", "SYS_ADMIN"] } } }
         ]}));
-        let err = check(&app, &none()).unwrap_err().to_string();
+        let err = format!("{:?}", check(&app, &none()).unwrap_err());
         assert!(
             err.contains("containers[app].securityContext.capabilities.add"),
             "{err}"
@@ -431,7 +436,7 @@ mod tests {
             { "name": "debug", "image": "x", "securityContext": {
                 "capabilities": { "add": ["sys_ptrace"] } } }
         ]}));
-        let err = check(&sidecar, &none()).unwrap_err().to_string();
+        let err = format!("{:?}", check(&sidecar, &none()).unwrap_err());
         assert!(
             err.contains("containers[debug]") && err.contains("SYS_PTRACE"),
             "{err}"

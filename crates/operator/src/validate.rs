@@ -59,7 +59,10 @@ pub fn validate(app: &CracApp, allowance: &PodAllowance) -> Result<ValidatedApp,
         .spec
         .as_ref()
         .ok_or(SpecError::NoAppContainer)?;
-    pod_security::check(pod, allowance)?;
+    pod_security::check(pod, allowance).map_err(|r| SpecError::Forbidden {
+        field: r.field,
+        problem: r.problem,
+    })?;
     let container = pod
         .containers
         .iter()
