@@ -5,7 +5,7 @@
 //! the API server refuses a malformed object with a message naming the field.
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -513,18 +513,19 @@ pub struct CracAppStatus {
     pub last_wake: Option<WakeStatus>,
 
     /// Set by the activator when a request arrives for a sleeping app; the operator wakes the
-    /// app when this is newer than the time it went to sleep.
+    /// app when this is newer than the time it went to sleep. The cycle's times keep
+    /// microseconds: a sleep and a wake in one second must still be ordered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wake_requested_at: Option<Time>,
+    pub wake_requested_at: Option<MicroTime>,
 
     /// When the app last went to sleep (unset while awake).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slept_at: Option<Time>,
+    pub slept_at: Option<MicroTime>,
 
     /// When the current drain began: the Service points at the activator and the operator
     /// waits for the pods' open connections to end before scaling to zero.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sleep_started_at: Option<Time>,
+    pub sleep_started_at: Option<MicroTime>,
 }
 
 /// A published checkpoint image.
@@ -592,7 +593,7 @@ pub struct ActivatorPort {
 #[serde(rename_all = "camelCase")]
 pub struct WakeStatus {
     /// When the wake was requested.
-    pub at: Time,
+    pub at: MicroTime,
     /// From the wake request to the first ready pod, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<i64>,

@@ -169,10 +169,10 @@ pub fn wake_request(status: &CracAppStatus, annotation: Option<Timestamp>) -> Op
 
 pub fn cycle_of(status: &CracAppStatus, wake: Option<Timestamp>) -> Cycle {
     match (&status.slept_at, status.serving_mode) {
-        // Whole seconds: a request in the same second as the sleep still wakes the app.
-        (Some(slept), _) if wake.is_some_and(|w| w.as_second() >= slept.0.as_second()) => {
-            Cycle::Waking
-        }
+        // Microseconds on both sides (the cycle's times are MicroTimes): a wake in the same
+        // second as the sleep, but before it, is an old one (the activator repeats a wake
+        // that is still needed).
+        (Some(slept), _) if wake.is_some_and(|w| w >= slept.0) => Cycle::Waking,
         (Some(_), _) => Cycle::Asleep,
         (None, Some(ServingMode::Activator)) => Cycle::Draining,
         (None, _) => Cycle::Awake,
@@ -301,7 +301,7 @@ pub fn sleeps_first<K: Ord + Clone>(awake: &[(Option<Timestamp>, K)], max: usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelectorRequirement, Time};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelectorRequirement, MicroTime};
 
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_second(secs).unwrap()
@@ -414,7 +414,7 @@ mod tests {
     #[test]
     fn a_wake_request_after_the_sleep_wakes_and_a_ready_pod_ends_the_wake() {
         let mut status = CracAppStatus {
-            slept_at: Some(Time(t(2000))),
+            slept_at: Some(MicroTime(t(2000))),
             serving_mode: Some(ServingMode::Activator),
             ..Default::default()
         };
@@ -424,7 +424,7 @@ mod tests {
             Cycle::Asleep,
             "an old request does not wake"
         );
-        status.wake_requested_at = Some(Time(t(2005)));
+        status.wake_requested_at = Some(MicroTime(t(2005)));
         let wake = wake_request(&status, None);
         assert_eq!(cycle_of(&status, wake), Cycle::Waking);
         let mut s = situation(Cycle::Waking);

@@ -8,7 +8,7 @@ use crate::scale::{
 };
 use crac_api::cracapp::{CracAppStatus, Phase, ServingMode, WakeStatus};
 use crac_api::{CracApp, labels};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
@@ -178,7 +178,7 @@ pub fn record(
     match &plan.step {
         Step::Stay(_) => None,
         Step::StartDrain { why } => {
-            next.sleep_started_at = Some(Time(now));
+            next.sleep_started_at = Some(MicroTime(now));
             Some((
                 "Draining".into(),
                 format!(
@@ -188,7 +188,7 @@ pub fn record(
         }
         Step::Sleep => {
             next.sleep_started_at = None;
-            next.slept_at = Some(Time(now));
+            next.slept_at = Some(MicroTime(now));
             Some(("Sleeping".into(), "drained; scaled to zero".into()))
         }
         // Once: the first wake step still sees the asleep phase.
@@ -205,7 +205,7 @@ pub fn record(
                 Some(at) => {
                     let latency = now.duration_since(*at).as_millis();
                     next.last_wake = Some(WakeStatus {
-                        at: Time(*at),
+                        at: MicroTime(*at),
                         latency_ms: Some(i64::try_from(latency).unwrap_or(i64::MAX)),
                     });
                     Some((
@@ -294,7 +294,7 @@ mod tests {
             message.contains("policy cap allows 1 awake apps"),
             "{message}"
         );
-        assert_eq!(next.sleep_started_at, Some(Time(t(300))));
+        assert_eq!(next.sleep_started_at, Some(MicroTime(t(300))));
         // The busier app stays awake.
         let p = plan(
             &key("busy"),
@@ -321,14 +321,56 @@ mod tests {
             .into(),
         );
         let previous = CracAppStatus {
-            slept_at: Some(Time("2027-01-15T08:00:00Z".parse().unwrap())),
+            slept_at: Some(MicroTime("2027-01-15T08:00:00Z".parse().unwrap())),
             ..Default::default()
         };
         assert_eq!(requests_of(&app, &previous).cycle, Cycle::Waking);
         let later = CracAppStatus {
-            slept_at: Some(Time("2027-01-15T08:01:00Z".parse().unwrap())),
+            slept_at: Some(MicroTime("2027-01-15T08:01:00Z".parse().unwrap())),
             ..Default::default()
         };
         assert_eq!(requests_of(&app, &later).cycle, Cycle::Asleep);
+    }
+
+    /// Sleep and wake within one second are ordered by their microseconds, written and read
+    /// back through the status as the API server stores them.
+    #[test]
+    fn a_sleep_and_a_wake_in_one_second_keep_their_order_through_the_status() {
+        let at = |ms: i64| Timestamp::from_millisecond(ms).unwrap();
+        let stored = |status: &CracAppStatus| -> CracAppStatus {
+            serde_json::from_value(serde_json::to_value(status).unwrap()).unwrap()
+        };
+        let app = |sleep_asked: Option<Timestamp>| {
+            let mut app = crate::validate::tests::app();
+            if let Some(asked) = sleep_asked {
+                app.metadata.annotations = Some(
+                    [(labels::SLEEP_REQUESTED_AT.to_string(), asked.to_string())].into(),
+                );
+            }
+            app
+        };
+        // Asleep at 10.700 s: a wake stamped 10.300 s is older (repeated later if still
+        // needed); one stamped 10.900 s wakes the app.
+        let mut asleep = stored(&CracAppStatus {
+            slept_at: Some(MicroTime(at(10_700))),
+            serving_mode: Some(ServingMode::Activator),
+            ..Default::default()
+        });
+        asleep.wake_requested_at = Some(MicroTime(at(10_300)));
+        assert_eq!(requests_of(&app(None), &stored(&asleep)).cycle, Cycle::Asleep);
+        asleep.wake_requested_at = Some(MicroTime(at(10_900)));
+        assert_eq!(requests_of(&app(None), &stored(&asleep)).cycle, Cycle::Waking);
+
+        // Woken from a wake at 20.900 s: a sleep asked at 20.300 s (the one that put it to
+        // sleep) is not asked again, so the app stays awake; one asked at 21.000 s is.
+        let woken = stored(&CracAppStatus {
+            last_wake: Some(WakeStatus {
+                at: MicroTime(at(20_900)),
+                latency_ms: Some(300),
+            }),
+            ..Default::default()
+        });
+        assert!(!requests_of(&app(Some(at(20_300))), &woken).sleep_requested);
+        assert!(requests_of(&app(Some(at(21_000))), &woken).sleep_requested);
     }
 }

@@ -347,7 +347,7 @@ mod tests {
     use crate::scale::{Activity, Settings};
     use crate::validate::{tests::app, validate};
     use crac_api::cracapp::{ActivatorPort, CheckpointStatus, Phase};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
     use k8s_openapi::jiff::Timestamp;
     use std::sync::Arc;
 
@@ -482,7 +482,7 @@ mod tests {
                 id,
                 ..Default::default()
             }),
-            slept_at: Some(Time(now())),
+            slept_at: Some(MicroTime(now())),
             serving_mode: Some(ServingMode::Activator),
             activator_ports: vec![ActivatorPort {
                 name: None,
@@ -540,7 +540,7 @@ mod tests {
         assert!(status_changed(&seen.previous, &d.status));
         let mut written = d.status.clone();
         assert!(!status_changed(&written, &d.status));
-        written.wake_requested_at = Some(Time(now()));
+        written.wake_requested_at = Some(MicroTime(now()));
         assert!(!status_changed(&written, &d.status));
     }
 }
