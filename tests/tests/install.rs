@@ -13,7 +13,7 @@ use crac_api::CracApp;
 use crac_api::labels;
 use crac_api::policy::CracScalePolicy;
 use crac_operator::context::{ActivatorRef, Context, Settings};
-use crac_operator::leader::{self, LeaseSettings};
+use crac_operator::leader::{self, Elector, LeaseSettings};
 use crac_operator::metrics::Metrics;
 use crac_operator::watches;
 use crac_tests::operator::{end_checkpoint_pod, example_app, running_job_pods, success};
@@ -524,15 +524,13 @@ async fn run_an_app_through_the_operator(
 
     // Leader election as the binary does it: take the Lease, then renew it.
     let lease_api = Api::<Lease>::namespaced(operator.clone(), release_ns);
-    let lease = LeaseSettings {
-        name: "crac-operator".into(),
-        identity: "install-test".into(),
-        duration: Duration::from_secs(15),
-        renew_every: Duration::from_millis(200),
-    };
-    leader::acquire(&lease_api, &lease).await;
+    let mut lease = Elector::new(LeaseSettings {
+        retry_period: Duration::from_millis(200),
+        ..LeaseSettings::new("crac-operator", "install-test")
+    });
+    leader::acquire(&lease_api, &mut lease).await;
     assert!(
-        leader::try_acquire(&lease_api, &lease).await.unwrap(),
+        leader::try_acquire(&lease_api, &mut lease).await.unwrap(),
         "renewal"
     );
 

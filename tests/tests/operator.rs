@@ -942,34 +942,48 @@ async fn images_on_a_shared_claim_are_cleaned_before_the_app_goes() {
 
 #[tokio::test]
 async fn only_one_replica_holds_the_leader_lease() {
-    use crac_operator::leader::{LeaseSettings, try_acquire};
+    use crac_operator::leader::{Elector, LeaseSettings, release, try_acquire};
     let ns = TestNamespace::new("op-lease").await;
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = ns.api();
-    let settings = |identity: &str| LeaseSettings {
-        name: "crac-operator".into(),
-        identity: identity.into(),
-        duration: Duration::from_secs(2),
-        renew_every: Duration::from_millis(500),
+    let elector = |identity: &str| {
+        Elector::new(LeaseSettings {
+            duration: Duration::from_secs(2),
+            renew_deadline: Duration::from_secs(1),
+            retry_period: Duration::from_millis(200),
+            ..LeaseSettings::new("crac-operator", identity)
+        })
     };
-    let (a, b) = (settings("a"), settings("b"));
-    let (got_a, got_b) = tokio::join!(try_acquire(&leases, &a), try_acquire(&leases, &b));
+    let (mut a, mut b) = (elector("a"), elector("b"));
+    let (got_a, got_b) = tokio::join!(try_acquire(&leases, &mut a), try_acquire(&leases, &mut b));
     assert!(
         got_a.unwrap() ^ got_b.unwrap(),
         "exactly one of two racing replicas leads"
     );
-    let leader = if try_acquire(&leases, &a).await.unwrap() {
-        "a"
+    let (leader, other) = if try_acquire(&leases, &mut a).await.unwrap() {
+        (&mut a, &mut b)
     } else {
-        "b"
+        (&mut b, &mut a)
     };
-    let other = if leader == "a" { &b } else { &a };
     assert!(
         !try_acquire(&leases, other).await.unwrap(),
         "a live lease is respected"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A leader that shuts down releases the lease: the other takes it at once.
+    assert!(release(&leases, leader).await.unwrap(), "released");
     assert!(
         try_acquire(&leases, other).await.unwrap(),
+        "a released lease is taken at once"
+    );
+    assert!(
+        !release(&leases, leader).await.unwrap(),
+        "a lease that is not ours is not released"
+    );
+    // The new holder stops renewing (it died): the first replica takes the lease once it has
+    // seen it unchanged for the lease duration, on its own clock.
+    assert!(!try_acquire(&leases, leader).await.unwrap(), "live again");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(
+        try_acquire(&leases, leader).await.unwrap(),
         "an expired lease is taken over"
     );
 }

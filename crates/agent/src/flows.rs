@@ -93,17 +93,6 @@ impl Drop for JvmGuard<'_> {
     }
 }
 
-/// Removes a temporary image directory unless it was published.
-struct TmpDir(Option<PathBuf>);
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = fs::remove_dir_all(p);
-        }
-    }
-}
-
 /// Why waiting for readiness ended without success.
 fn not_ready(
     ctx: &Ctx,
@@ -218,15 +207,17 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
         Engine::Criu => Some(criu::version(sup, &cfg.criu)?),
         Engine::Crac => None,
     };
-    let tmp_path = image_dir.join(format!(".tmp-{id}-{}", image::unique_suffix()));
-    // 0700 before CRIU or the JVM writes the process's memory into it.
-    image::create_private_dir(&tmp_path).map_err(|e| {
+    // Locked while this checkpoint runs: a prune removes it only once this process is gone.
+    let mut tmp = image::create_tmp_image(&image_dir, &id).map_err(|e| {
         Failure::new(
             reason::PUBLISH_FAILED,
-            format!("cannot create {}: {e}", tmp_path.display()),
+            format!(
+                "cannot create a temporary image directory in {}: {e}",
+                image_dir.display()
+            ),
         )
     })?;
-    let mut tmp = TmpDir(Some(tmp_path.clone()));
+    let tmp_path = tmp.path().to_path_buf();
 
     let tool_options = std::env::var("JAVA_TOOL_OPTIONS").ok();
     let (argv, env) = match cfg.engine {
@@ -467,7 +458,7 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
             s.message = Some("an image with this id is in use by running pods: kept it".into());
         }
     }
-    tmp.0 = None;
+    tmp.keep();
     s.image_digest = Some(match published {
         Published::KeptInUse => kept_image_digest(&dest)?,
         Published::New | Published::Replaced => digest,
@@ -475,11 +466,19 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
     s.checkpoint_ms = Some(ms(t_dump.elapsed()));
     s.image_bytes = Some(total_bytes);
 
-    let pruned = image::prune(&image_dir, cfg.retain, &id);
+    // A .tmp-… without a lock (an older agent's) may sit unchanged through a whole attempt's
+    // readiness and warm-up: only older than the timeout is it surely abandoned.
+    let pruned = image::prune(&image_dir, cfg.retain, &id, cfg.timeout);
     if !pruned.removed.is_empty() || !pruned.in_use.is_empty() {
         log(format!(
             "pruned {:?}; kept in use {:?}",
             pruned.removed, pruned.in_use
+        ));
+    }
+    if !pruned.removed_tmp.is_empty() {
+        log(format!(
+            "removed abandoned temporary images {:?}",
+            pruned.removed_tmp
         ));
     }
     Ok(())

@@ -2,7 +2,8 @@
 //! checks against the restoring host, atomic publication, pruning, and the in-use lock.
 //!
 //! Layout: `<image dir>/<checkpoint id>/` is a published image. `.tmp-<id>-<rand>` is one being
-//! written (never read by restore), `.old-…`/`.trash-…` are being removed.
+//! written (never read by restore), locked by its writer through [`TMP_LOCK_FILE`] inside it;
+//! `.old-…`/`.trash-…` are being removed.
 //!
 //! Trust: the volume may be shared with other apps, so `metadata.json` beside the files proves
 //! nothing by itself. The image's digest is `sha256:` + the sha256 of the exact bytes of its
@@ -37,6 +38,17 @@ pub const FILE_MODE: u32 = 0o600;
 
 /// metadata.json lists a few hundred files and pids at most; anything far bigger is not ours.
 const MAX_METADATA_BYTES: u64 = 16 << 20;
+
+/// The file inside a `.tmp-…` directory that its checkpoint holds an exclusive `flock` on for
+/// as long as it writes the directory. The lock goes when the process does, however it ends:
+/// a `.tmp-…` whose lock prune can take was abandoned. Never part of an image (not hashed,
+/// removed just before publication).
+pub const TMP_LOCK_FILE: &str = ".agent.lock";
+
+/// The least time a `.tmp-…` directory without a lock file must have gone unchanged before
+/// prune removes it. Such a directory is either an older agent's (which took no lock) or one
+/// in the instant between its creation and its lock.
+pub const UNLOCKED_TMP_MIN_AGE: Duration = Duration::from_secs(60);
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -359,14 +371,15 @@ pub fn verify_digest(metadata_bytes: &[u8], want: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Names of the regular files in `dir`, except metadata.json. Sub-directories are an error
+/// Names of the regular files in `dir`, except metadata.json and the lock of a directory being
+/// written ([`TMP_LOCK_FILE`]). Sub-directories are an error
 /// (CRIU and CRaC write flat images).
 fn image_file_names(dir: &Path) -> io::Result<Vec<String>> {
     let mut names = Vec::new();
     for e in fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name == METADATA_FILE {
+        if name == METADATA_FILE || name == TMP_LOCK_FILE {
             continue;
         }
         if !e.file_type()?.is_file() {
@@ -514,6 +527,99 @@ pub fn unique_suffix() -> String {
     format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
 }
 
+/// A checkpoint's image directory while it is written: `<image dir>/.tmp-<id>-<rand>`, 0700,
+/// locked ([`TMP_LOCK_FILE`]) for as long as this value lives, and removed when it is dropped
+/// unless [`TmpImage::keep`] was called (it was published).
+pub struct TmpImage {
+    path: PathBuf,
+    _lock: File,
+    remove_on_drop: bool,
+}
+
+impl TmpImage {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory was published (renamed away) or removed by [`publish`]: leave it.
+    pub fn keep(&mut self) {
+        self.remove_on_drop = false;
+    }
+}
+
+impl Drop for TmpImage {
+    fn drop(&mut self) {
+        if self.remove_on_drop {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Creates and locks a new `.tmp-<id>-<rand>` directory in `image_dir`.
+pub fn create_tmp_image(image_dir: &Path, id: &str) -> io::Result<TmpImage> {
+    let path = image_dir.join(format!(".tmp-{id}-{}", unique_suffix()));
+    // 0700 before CRIU or the JVM writes the process's memory into it.
+    create_private_dir(&path)?;
+    let locked = (|| {
+        // Locked under another name, then renamed: a prune never finds the lock file unlocked
+        // while its writer lives (until the rename, the directory has no lock file and is
+        // protected by its age, UNLOCKED_TMP_MIN_AGE).
+        let pending = path.join(format!("{TMP_LOCK_FILE}.new"));
+        let lock = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&pending)?;
+        if !sys::flock(&lock, true, true)? {
+            return Err(io::Error::other("a new lock file is already locked"));
+        }
+        fs::rename(&pending, path.join(TMP_LOCK_FILE))?;
+        Ok(lock)
+    })();
+    match locked {
+        Ok(lock) => Ok(TmpImage {
+            path,
+            _lock: lock,
+            remove_on_drop: true,
+        }),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&path);
+            Err(e)
+        }
+    }
+}
+
+/// Whether prune may remove the `.tmp-…` directory `dir`. One with a lock file: when the lock
+/// can be taken (no live process writes it), whatever its age; the lock is returned, to be
+/// held while it is removed. One without (an older agent's, or one being created): when
+/// neither it nor anything in it changed for `unlocked_min_age`. `None`: keep it.
+fn abandoned_tmp(dir: &Path, unlocked_min_age: Duration) -> Option<Option<File>> {
+    match open_regular(&dir.join(TMP_LOCK_FILE)) {
+        Ok(lock) => match sys::flock(&lock, true, true) {
+            Ok(true) => return Some(Some(lock)),
+            Ok(false) => return None,
+            // A filesystem that cannot lock: judge it by its age as if it had no lock.
+            Err(_) => {}
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        // Not a regular file, or unreadable: not one of ours to judge by its lock.
+        Err(_) => {}
+    }
+    let newest = unchanged_for(dir)?;
+    (newest >= unlocked_min_age).then_some(None)
+}
+
+/// How long ago `dir` or any entry in it last changed (its mtime; not following symlinks).
+fn unchanged_for(dir: &Path) -> Option<Duration> {
+    let mut newest = fs::symlink_metadata(dir).ok()?.modified().ok()?;
+    for e in fs::read_dir(dir).ok()? {
+        let modified = e.ok()?.metadata().ok()?.modified().ok()?;
+        newest = newest.max(modified);
+    }
+    // A time in the future (a skewed clock that wrote it) counts as just now.
+    Some(newest.elapsed().unwrap_or(Duration::ZERO))
+}
+
 /// Writes `meta` into `tmp` as a new file of mode 0600, syncs every file and the directory,
 /// and returns the bytes written: the image's digest is theirs ([`digest_of`]).
 pub fn write_metadata(tmp: &Path, meta: &Metadata) -> io::Result<Vec<u8>> {
@@ -559,10 +665,20 @@ pub enum Published {
     KeptInUse,
 }
 
-/// Publishes `tmp` as `<image_dir>/<id>` by rename.
+/// Publishes `tmp` as `<image_dir>/<id>` by rename. Its lock file is removed first (the
+/// caller still holds the lock): an image never carries it.
 pub fn publish(image_dir: &Path, tmp: &Path, id: &str) -> Result<Published, Failure> {
     let fail = |m: String| Failure::new(reason::PUBLISH_FAILED, m);
     let dest = image_dir.join(id);
+    match fs::remove_file(tmp.join(TMP_LOCK_FILE)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(fail(format!(
+                "cannot remove the lock of {}: {e}",
+                tmp.display()
+            )));
+        }
+        _ => {}
+    }
     let mut outcome = Published::New;
     if dest.exists() {
         let meta_path = dest.join(METADATA_FILE);
@@ -655,10 +771,19 @@ pub fn list_images(image_dir: &Path) -> Vec<ImageEntry> {
 pub struct PruneReport {
     pub removed: Vec<String>,
     pub in_use: Vec<String>,
+    /// `.tmp-…` directories of checkpoints that died before publishing.
+    pub removed_tmp: Vec<String>,
 }
 
-/// Removes images beyond `retain` that no running pod holds, and leftovers of earlier runs.
-pub fn prune(image_dir: &Path, retain: usize, keep: &str) -> PruneReport {
+/// Removes images beyond `retain` that no running pod holds, and leftovers of earlier runs:
+/// `.old-…`/`.trash-…` always, `.tmp-…` when abandoned (whose lock can be taken; without a lock
+/// file, unchanged for `unlocked_tmp_age`, at least [`UNLOCKED_TMP_MIN_AGE`]).
+pub fn prune(
+    image_dir: &Path,
+    retain: usize,
+    keep: &str,
+    unlocked_tmp_age: Duration,
+) -> PruneReport {
     let mut report = PruneReport::default();
     for id in select_prunable(&list_images(image_dir), retain, keep) {
         let dir = image_dir.join(&id);
@@ -676,18 +801,20 @@ pub fn prune(image_dir: &Path, retain: usize, keep: &str) -> PruneReport {
             report.removed.push(id);
         }
     }
-    // Leftovers: .old/.trash always; .tmp only when clearly abandoned (a day old).
+    let unlocked_tmp_age = unlocked_tmp_age.max(UNLOCKED_TMP_MIN_AGE);
     if let Ok(rd) = fs::read_dir(image_dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let stale_tmp = name.starts_with(".tmp-")
-                && e.metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > Duration::from_secs(86_400));
-            if name.starts_with(".old-") || name.starts_with(".trash-") || stale_tmp {
+            if name.starts_with(".old-") || name.starts_with(".trash-") {
                 let _ = fs::remove_dir_all(e.path());
+            } else if name.starts_with(".tmp-")
+                && e.file_type().is_ok_and(|t| t.is_dir())
+                && let Some(lock) = abandoned_tmp(&e.path(), unlocked_tmp_age)
+            {
+                // Removed while holding its lock; then the lock goes with its file.
+                let _ = fs::remove_dir_all(e.path());
+                drop(lock);
+                report.removed_tmp.push(name);
             }
         }
     }
@@ -1002,17 +1129,7 @@ mod tests {
     #[test]
     fn publish_prune_and_locks() {
         let root = tempdir("publish");
-        let mk = |id: &str, t: u64| {
-            let tmp = root.join(format!(".tmp-{id}-x"));
-            fs::create_dir_all(&tmp).unwrap();
-            fs::write(tmp.join("a.img"), id).unwrap();
-            let mut m = meta();
-            m.checkpoint_id = id.into();
-            m.created_unix = t;
-            m.files = hash_dir(&tmp).unwrap();
-            write_metadata(&tmp, &m).unwrap();
-            publish(&root, &tmp, id).unwrap()
-        };
+        let mk = |id: &str, t: u64| publish_test_image(&root, id, t);
         assert_eq!(mk("one", 1), Published::New);
         assert_eq!(mk("two", 2), Published::New);
         // A restoring pod holds "one".
@@ -1027,12 +1144,12 @@ mod tests {
             1
         );
         assert_eq!(mk("three", 3), Published::New);
-        let r = prune(&root, 1, "three");
+        let r = prune(&root, 1, "three", UNLOCKED_TMP_MIN_AGE);
         assert_eq!(r.removed, vec!["two"]);
         assert_eq!(r.in_use, vec!["one"]);
         drop(lock);
         assert_eq!(mk("two", 2), Published::New);
-        let r = prune(&root, 1, "three");
+        let r = prune(&root, 1, "three", UNLOCKED_TMP_MIN_AGE);
         assert_eq!(r.removed.len(), 2);
         assert_eq!(
             list_images(&root),
@@ -1050,6 +1167,167 @@ mod tests {
         assert_eq!(left, vec!["three"]);
         assert!(
             matches!(lock_and_read(&root.join("nope")), Err(f) if f.reason == reason::IMAGE_MISSING)
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Writes an image as a checkpoint does, in a locked `.tmp-…`, and publishes it.
+    fn publish_test_image(root: &Path, id: &str, created_unix: u64) -> Published {
+        let mut tmp = create_tmp_image(root, id).unwrap();
+        fs::write(tmp.path().join("a.img"), id).unwrap();
+        let mut m = meta();
+        m.checkpoint_id = id.into();
+        m.created_unix = created_unix;
+        m.files = hash_dir(tmp.path()).unwrap();
+        assert!(
+            !m.files.contains_key(TMP_LOCK_FILE),
+            "the lock is no image file"
+        );
+        write_metadata(tmp.path(), &m).unwrap();
+        verify_files(tmp.path(), &m).unwrap();
+        let published = publish(root, tmp.path(), id).unwrap();
+        tmp.keep();
+        published
+    }
+
+    fn names(dir: &Path) -> BTreeSet<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn set_mtime(path: &Path, age: Duration) {
+        File::open(path)
+            .unwrap()
+            .set_modified(SystemTime::now() - age)
+            .unwrap();
+    }
+
+    /// A shell that locks `lock` exclusively and then sleeps holding it, as a live checkpoint
+    /// in another pod would.
+    fn hold_lock_in_another_process(lock: &Path) -> std::process::Child {
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                r#"exec 9>"$1"; flock -x 9; echo locked; exec sleep 60"#,
+                "sh",
+            ])
+            .arg(lock)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        io::BufRead::read_line(
+            &mut io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "locked\n");
+        child
+    }
+
+    #[test]
+    fn abandoned_tmp_dirs_are_removed_at_once_and_live_ones_kept() {
+        let root = tempdir("tmp-prune");
+        assert_eq!(publish_test_image(&root, "one", 1), Published::New);
+        assert!(
+            !root.join("one").join(TMP_LOCK_FILE).exists(),
+            "published without its lock"
+        );
+        let published_before = fs::read(root.join("one/metadata.json")).unwrap();
+
+        // A live checkpoint of this process, writing on another thread.
+        let (created, take) = std::sync::mpsc::channel();
+        let (release, done) = std::sync::mpsc::channel::<()>();
+        let writer_root = root.clone();
+        let writer = std::thread::spawn(move || {
+            let tmp = create_tmp_image(&writer_root, "live").unwrap();
+            fs::write(tmp.path().join("pages-1.img"), b"p").unwrap();
+            created.send(tmp.path().to_path_buf()).unwrap();
+            done.recv().unwrap();
+            drop(tmp);
+        });
+        let live = take.recv().unwrap();
+        // Another pod's live checkpoint: its lock is held by another process. A day old, so
+        // age alone would not keep it.
+        let other = root.join(".tmp-other-x");
+        fs::create_dir(&other).unwrap();
+        fs::write(other.join("pages-1.img"), b"p").unwrap();
+        let mut holder = hold_lock_in_another_process(&other.join(TMP_LOCK_FILE));
+        set_mtime(&other.join("pages-1.img"), Duration::from_secs(86_400));
+        set_mtime(&other.join(TMP_LOCK_FILE), Duration::from_secs(86_400));
+        set_mtime(&other, Duration::from_secs(86_400));
+        // A killed checkpoint's: its lock file is there and nobody holds it. Just written.
+        let dead = root.join(".tmp-dead-x");
+        fs::create_dir(&dead).unwrap();
+        fs::write(dead.join(TMP_LOCK_FILE), b"").unwrap();
+        fs::write(dead.join("pages-1.img"), vec![0u8; 1 << 20]).unwrap();
+        // Without a lock file (an older agent's): kept until unchanged for the given age.
+        let fresh_unlocked = root.join(".tmp-older-fresh");
+        fs::create_dir(&fresh_unlocked).unwrap();
+        fs::write(fresh_unlocked.join("pages-1.img"), b"p").unwrap();
+        let stale_unlocked = root.join(".tmp-older-stale");
+        fs::create_dir(&stale_unlocked).unwrap();
+        fs::write(stale_unlocked.join("pages-1.img"), b"p").unwrap();
+        set_mtime(
+            &stale_unlocked.join("pages-1.img"),
+            Duration::from_secs(700),
+        );
+        set_mtime(&stale_unlocked, Duration::from_secs(700));
+        // Unchanged for 5 minutes, but a file in it changed 10 s ago: still being written.
+        let written_unlocked = root.join(".tmp-older-writing");
+        fs::create_dir(&written_unlocked).unwrap();
+        fs::write(written_unlocked.join("pages-1.img"), b"p").unwrap();
+        set_mtime(
+            &written_unlocked.join("pages-1.img"),
+            Duration::from_secs(10),
+        );
+        set_mtime(&written_unlocked, Duration::from_secs(300));
+
+        let r = prune(&root, 5, "one", Duration::from_secs(600));
+        let mut removed = r.removed_tmp.clone();
+        removed.sort();
+        assert_eq!(removed, vec![".tmp-dead-x", ".tmp-older-stale"]);
+        let left = names(&root);
+        assert!(
+            !left.contains(".tmp-dead-x"),
+            "an unlocked tmp dir goes at once: {left:?}"
+        );
+        assert!(!left.contains(".tmp-older-stale"), "{left:?}");
+        for kept in [
+            live.file_name().unwrap().to_str().unwrap(),
+            ".tmp-other-x",
+            ".tmp-older-fresh",
+            ".tmp-older-writing",
+            "one",
+        ] {
+            assert!(left.contains(kept), "{kept} kept: {left:?}");
+        }
+        assert!(live.join(TMP_LOCK_FILE).exists() && live.join("pages-1.img").exists());
+        assert_eq!(
+            fs::read(root.join("one/metadata.json")).unwrap(),
+            published_before
+        );
+        verify_files(
+            &root.join("one"),
+            &parse_metadata(&published_before).unwrap(),
+        )
+        .unwrap();
+
+        // The other pod's checkpoint is killed: its lock goes with it, and so does the dir.
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        let r = prune(&root, 5, "one", Duration::from_secs(600));
+        assert_eq!(r.removed_tmp, vec![".tmp-other-x"]);
+        // This process's checkpoint ends (failed): it removes its own dir.
+        release.send(()).unwrap();
+        writer.join().unwrap();
+        assert!(!live.exists());
+        let left = names(&root);
+        assert_eq!(
+            left,
+            BTreeSet::from(["one", ".tmp-older-fresh", ".tmp-older-writing"].map(String::from))
         );
         fs::remove_dir_all(&root).unwrap();
     }

@@ -5,7 +5,7 @@ use crac_operator::api_requests::counted_client;
 use crac_operator::context::{
     ActivatorRef, Context, DEFAULT_ACTIVATOR_NAMESPACE, DEFAULT_ACTIVATOR_SELECTOR, Settings,
 };
-use crac_operator::leader::{self, LeaseSettings};
+use crac_operator::leader::{self, Elector, LeaseSettings};
 use crac_operator::metrics::Metrics;
 use crac_operator::pod_security::PodAllowance;
 use crac_operator::server::{self, Health};
@@ -87,17 +87,12 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("crac-operator-{}", std::process::id()));
     let lease_api = Api::<Lease>::namespaced(client.clone(), &args.lease_namespace);
-    let lease = LeaseSettings {
-        name: "crac-operator".into(),
-        identity: identity.clone(),
-        duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(4),
-    };
+    let mut elector = Elector::new(LeaseSettings::new("crac-operator", identity.clone()));
     if args.leader_elect {
         // A standby replica is healthy and ready: it is waiting, not failing.
         health.ready.store(true, Ordering::Relaxed);
         tracing::info!(%identity, "waiting for the leader lease");
-        leader::acquire(&lease_api, &lease).await;
+        leader::acquire(&lease_api, &mut elector).await;
         tracing::info!(%identity, "leading");
         health.ready.store(false, Ordering::Relaxed);
     }
@@ -112,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
         ..Settings::new(args.agent_image, identity)
     };
     let ctx = Arc::new(Context::new(client, settings, metrics));
-    tokio::spawn(crac_operator::policies::keep_status(
+    let keep_status = tokio::spawn(crac_operator::policies::keep_status(
         ctx.clone(),
         Duration::from_secs(10),
     ));
@@ -122,10 +117,27 @@ async fn main() -> anyhow::Result<()> {
     });
     if args.leader_elect {
         tokio::select! {
+            // Ends on SIGTERM once the reconciles in flight have finished.
             () = run => {}
-            () = leader::hold(&lease_api, &lease) => {
+            // Returns the moment this replica must stop acting: exit, dropping every reconcile.
+            () = leader::hold(&lease_api, &mut elector) => {
                 anyhow::bail!("lost the leader lease; exiting so another replica leads");
             }
+        }
+        // Nothing acts any more: give the lease up so a standby leads at once, rather than a
+        // lease duration later.
+        keep_status.abort();
+        let _ = keep_status.await;
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            leader::release(&lease_api, &mut elector),
+        )
+        .await
+        {
+            Ok(Ok(true)) => tracing::info!("released the leader lease"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the leader lease"),
+            Err(_) => tracing::warn!("releasing the leader lease timed out"),
         }
     } else {
         run.await;

@@ -343,9 +343,8 @@ mod tests {
         let app = |sleep_asked: Option<Timestamp>| {
             let mut app = crate::validate::tests::app();
             if let Some(asked) = sleep_asked {
-                app.metadata.annotations = Some(
-                    [(labels::SLEEP_REQUESTED_AT.to_string(), asked.to_string())].into(),
-                );
+                app.metadata.annotations =
+                    Some([(labels::SLEEP_REQUESTED_AT.to_string(), asked.to_string())].into());
             }
             app
         };
@@ -357,9 +356,15 @@ mod tests {
             ..Default::default()
         });
         asleep.wake_requested_at = Some(MicroTime(at(10_300)));
-        assert_eq!(requests_of(&app(None), &stored(&asleep)).cycle, Cycle::Asleep);
+        assert_eq!(
+            requests_of(&app(None), &stored(&asleep)).cycle,
+            Cycle::Asleep
+        );
         asleep.wake_requested_at = Some(MicroTime(at(10_900)));
-        assert_eq!(requests_of(&app(None), &stored(&asleep)).cycle, Cycle::Waking);
+        assert_eq!(
+            requests_of(&app(None), &stored(&asleep)).cycle,
+            Cycle::Waking
+        );
 
         // Woken from a wake at 20.900 s: a sleep asked at 20.300 s (the one that put it to
         // sleep) is not asked again, so the app stays awake; one asked at 21.000 s is.
