@@ -70,6 +70,8 @@ pub struct Config {
     pub trusted_callers: Vec<Cidr>,
     /// How long after an app's `servingMode` turned `Pods` its requests are still forwarded.
     pub awake_grace: Duration,
+    /// Requests held across all apps at most; the next gets 503 at once.
+    pub max_held: usize,
 }
 
 impl Default for Config {
@@ -86,6 +88,7 @@ impl Default for Config {
             max_idle_per_backend: 64,
             trusted_callers: Vec::new(),
             awake_grace: Duration::from_secs(30),
+            max_held: 10_000,
         }
     }
 }
@@ -107,6 +110,8 @@ impl Activator {
             registry: Arc::clone(&registry),
             hold: HoldContext {
                 max_queue: config.max_queue,
+                max_held: config.max_held,
+                held_total: Arc::default(),
                 wake_resend_interval: config.wake_resend_interval,
                 wake_request_timeout: config.wake_request_timeout,
                 waker,

@@ -46,6 +46,10 @@ struct Args {
     /// Requests held per app at most; beyond it callers get 503 at once.
     #[arg(long, default_value_t = 1000)]
     max_queue: usize,
+    /// Requests held across all apps at most; beyond it callers get 503 (with Retry-After) at
+    /// once. The per-app --max-queue still applies.
+    #[arg(long, default_value_t = 10_000)]
+    max_held: usize,
     /// Wake deadline for apps that leave scaleToZero.wakeTimeout unset.
     #[arg(long, default_value = "30s", value_parser = duration)]
     default_wake_timeout: Duration,
@@ -130,6 +134,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         trusted_callers: args.trusted_callers.0.clone(),
         awake_grace: args.awake_grace,
+        max_held: args.max_held,
         ..Config::default()
     };
     let activator = Activator::new(config, Arc::new(KubeWaker::new(client.clone())));

@@ -35,9 +35,11 @@ pub enum Outcome {
     /// The app is awake and its grace has passed: 503 with `Connection: close`, so the caller
     /// reconnects through the Service, which points at the pods.
     app_awake,
+    /// The activator holds `--max-held` requests across all apps already: 503 at once.
+    held_limit,
 }
 
-const OUTCOMES: [Outcome; 7] = [
+const OUTCOMES: [Outcome; 8] = [
     Outcome::forwarded,
     Outcome::woken,
     Outcome::wake_timeout,
@@ -45,6 +47,7 @@ const OUTCOMES: [Outcome; 7] = [
     Outcome::queue_full,
     Outcome::bad_gateway,
     Outcome::app_awake,
+    Outcome::held_limit,
 ];
 
 /// Why a request was refused before it reached any app's state (`reason` label; a fixed set).
@@ -108,7 +111,7 @@ pub struct AppMetrics {
     pub wakes: Counter,
     pub wake_requests_failed: Counter,
     pub wake_seconds: Histogram,
-    outcomes: [Counter; 7],
+    outcomes: [Counter; 8],
 }
 
 impl AppMetrics {

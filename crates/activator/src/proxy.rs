@@ -140,6 +140,11 @@ impl Proxy {
                     return self
                         .unavailable("too many requests are waiting for this app to wake\n");
                 }
+                Pick::HeldLimit => {
+                    app.metrics.outcome(Outcome::held_limit).inc();
+                    tracing::debug!(app = %app.key, "--max-held requests are held already");
+                    return self.unavailable("too many requests are waiting for apps to wake\n");
+                }
                 Pick::Timeout => {
                     app.metrics.outcome(Outcome::wake_timeout).inc();
                     tracing::warn!(app = %app.key, "no ready pod before the wake deadline");

@@ -792,3 +792,69 @@ async fn a_port_two_apps_claim_serves_neither_until_one_claim_goes() {
     assert_eq!(answer.body, "id:3");
     assert_eq!(metric(&activator, "crac_activator_port_conflicts "), 0.0);
 }
+
+async fn wait_held_for(activator: &crac_activator::Activator, key: &AppKey, n: usize) {
+    let app = activator.registry().app(key).unwrap();
+    within(LONG, "requests to be held", async {
+        while app.held() < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_are_capped_across_all_apps() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let config = Config {
+        max_held: 5,
+        ..test_config()
+    };
+    let (activator, port) =
+        start_activator(config, &waker, backend.port, Duration::from_secs(20)).await;
+    let other = AppKey::new("shop", "other");
+    let other_port = free_port();
+    activator.registry().upsert_app(AppConfig {
+        key: other.clone(),
+        ..app_config(other_port, backend.port, Duration::from_secs(20))
+    });
+    assert!(
+        activator
+            .wait_listening(other_port, Duration::from_secs(5))
+            .await
+    );
+
+    let mut held: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(get(port, format!("/echo/demo-{i}"))))
+        .collect();
+    held.extend((0..2).map(|i| tokio::spawn(get(other_port, format!("/echo/other-{i}")))));
+    wait_held_for(&activator, &app_key(), 3).await;
+    wait_held_for(&activator, &other, 2).await;
+
+    // Both queues have room (--max-queue is 1000), the activator as a whole has none.
+    let started = Instant::now();
+    let rejected = tokio::time::timeout(Duration::from_secs(3), get(port, "/echo/sixth"))
+        .await
+        .expect("the request over --max-held was held")
+        .unwrap();
+    assert_eq!(rejected.status, 503);
+    assert_eq!(rejected.headers["retry-after"], "5");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        metric(
+            &activator,
+            "crac_activator_requests_total{namespace=\"shop\",app=\"demo\",outcome=\"held_limit\"}"
+        ),
+        1.0
+    );
+
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+    waker.set_pods(&other, vec![LOOPBACK]);
+    for h in held {
+        let answer = within(LONG, "held", h).await.unwrap().unwrap();
+        assert_eq!(answer.status, 200);
+    }
+    // The slots came back.
+    assert_eq!(get(port, "/echo/after").await.unwrap().body, "id:after");
+}
