@@ -40,6 +40,7 @@ use crate::hold::HoldContext;
 use crate::metrics::Metrics;
 use crate::proxy::{Pool, Proxy};
 use crate::registry::Registry;
+pub use crate::server::ConnectionLimits;
 use crate::server::Server;
 use crate::tracker::Tracker;
 use crate::wake::WakeClient;
@@ -72,6 +73,8 @@ pub struct Config {
     pub awake_grace: Duration,
     /// Requests held across all apps at most; the next gets 503 at once.
     pub max_held: usize,
+    /// What one caller connection may take (connection cap, header timeout and size, HTTP/2).
+    pub connections: ConnectionLimits,
 }
 
 impl Default for Config {
@@ -89,6 +92,15 @@ impl Default for Config {
             trusted_callers: Vec::new(),
             awake_grace: Duration::from_secs(30),
             max_held: 10_000,
+            connections: ConnectionLimits {
+                max_connections: 4096,
+                header_timeout: Duration::from_secs(10),
+                max_header_bytes: 32 * 1024,
+                idle_timeout: Duration::from_secs(60),
+                h2_max_concurrent_streams: 100,
+                h2_keepalive_interval: Duration::from_secs(20),
+                h2_keepalive_timeout: Duration::from_secs(20),
+            },
         }
     }
 }
@@ -123,7 +135,11 @@ impl Activator {
             trusted_callers: config.trusted_callers.clone(),
             awake_grace: config.awake_grace,
         });
-        let server = Arc::new(Server::new(proxy, config.listen_ip));
+        let server = Arc::new(Server::new(
+            proxy,
+            config.listen_ip,
+            config.connections.clone(),
+        ));
         Arc::new(Self {
             config,
             registry,

@@ -11,11 +11,18 @@ use clap::Parser;
 use crac_activator::access::{Cidr, parse_cidrs};
 use crac_activator::kube::{watch_apps, watch_callers, watch_pods};
 use crac_activator::wake::KubeWaker;
-use crac_activator::{Activator, Config};
+use crac_activator::{Activator, Config, ConnectionLimits};
 
 fn duration(text: &str) -> Result<Duration, String> {
     crac_api::duration::parse(text)
         .ok_or_else(|| format!("{text:?} is not a duration such as 30s, 500ms or 1m"))
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match duration(text)? {
+        d if d.is_zero() => Err("must be more than zero".into()),
+        d => Ok(d),
+    }
 }
 
 /// `--trusted-callers`: one comma-separated value (so an empty one means none).
@@ -47,9 +54,39 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     max_queue: usize,
     /// Requests held across all apps at most; beyond it callers get 503 (with Retry-After) at
-    /// once. The per-app --max-queue still applies.
+    /// once. Each held request keeps its head (up to --max-header-bytes) and a task: 10000 of
+    /// typical size fit the default 256Mi limit.
     #[arg(long, default_value_t = 10_000)]
     max_held: usize,
+    /// Caller connections open at once across all ports; beyond it new connections are closed
+    /// at once (counted in crac_activator_connections_refused_total). Sized so that this many
+    /// connections each holding a head of --max-header-bytes fit the default 256Mi limit, and
+    /// well under the pod's file descriptor limit.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Deadline for a connection's first request (protocol detection included) and for each
+    /// later HTTP/1.1 request head, idle keep-alive time included: a silent or trickling caller
+    /// is closed after it.
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
+    header_timeout: Duration,
+    /// Largest HTTP/1.1 request head (larger: 431) and HTTP/2 header list, in bytes (at least
+    /// 8192). JVM servers refuse heads over 8 KiB by default; this leaves room for apps that
+    /// raised it.
+    #[arg(long, default_value_t = 32 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
+    max_header_bytes: u32,
+    /// A connection with no request open for this long is closed (HTTP/2: GOAWAY; idle
+    /// HTTP/1.1 connections meet --header-timeout first). 0s: never.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    idle_timeout: Duration,
+    /// HTTP/2 streams open at once on one connection (RFC 9113 advises at least 100).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    h2_max_concurrent_streams: u32,
+    /// HTTP/2: ping a connection that sent nothing for this long. 0s: never.
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    h2_keepalive_interval: Duration,
+    /// HTTP/2: close a connection whose ping is not answered within this.
+    #[arg(long, default_value = "20s", value_parser = positive_duration)]
+    h2_keepalive_timeout: Duration,
     /// Wake deadline for apps that leave scaleToZero.wakeTimeout unset.
     #[arg(long, default_value = "30s", value_parser = duration)]
     default_wake_timeout: Duration,
@@ -135,6 +172,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         trusted_callers: args.trusted_callers.0.clone(),
         awake_grace: args.awake_grace,
         max_held: args.max_held,
+        connections: ConnectionLimits {
+            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+            header_timeout: args.header_timeout,
+            max_header_bytes: args.max_header_bytes as usize,
+            idle_timeout: args.idle_timeout,
+            h2_max_concurrent_streams: args.h2_max_concurrent_streams,
+            h2_keepalive_interval: args.h2_keepalive_interval,
+            h2_keepalive_timeout: args.h2_keepalive_timeout,
+        },
         ..Config::default()
     };
     let activator = Activator::new(config, Arc::new(KubeWaker::new(client.clone())));
