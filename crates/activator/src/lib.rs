@@ -73,6 +73,9 @@ pub struct Config {
     pub awake_grace: Duration,
     /// Requests held across all apps at most; the next gets 503 at once.
     pub max_held: usize,
+    /// After SIGTERM, how long to go on accepting and serving (not ready) before the listeners
+    /// close and the drain starts: endpoints take a while to stop sending traffic here.
+    pub shutdown_delay: Duration,
     /// What one caller connection may take (connection cap, header timeout and size, HTTP/2).
     pub connections: ConnectionLimits,
 }
@@ -92,6 +95,7 @@ impl Default for Config {
             trusted_callers: Vec::new(),
             awake_grace: Duration::from_secs(30),
             max_held: 10_000,
+            shutdown_delay: Duration::from_secs(5),
             connections: ConnectionLimits {
                 max_connections: 4096,
                 header_timeout: Duration::from_secs(10),
@@ -180,11 +184,20 @@ impl Activator {
         self.registry.synced() && !self.shutting_down.load(Ordering::Acquire)
     }
 
-    /// Graceful shutdown: stop accepting, let every connection finish its current requests
-    /// (held ones included: they still get their wake or their 503), then return. Returns
-    /// `false` when the drain timeout cut it short.
+    /// Graceful shutdown: turn not-ready at once, go on serving for the shutdown delay (while
+    /// endpoints stop sending traffic here), then stop accepting, let every connection finish
+    /// its current requests (held ones included: they still get their wake or their 503), and
+    /// return. Returns `false` when the drain timeout cut it short.
     pub async fn shutdown(&self) -> bool {
         self.shutting_down.store(true, Ordering::Release);
+        if !self.config.shutdown_delay.is_zero() {
+            tracing::info!(
+                delay_ms =
+                    u64::try_from(self.config.shutdown_delay.as_millis()).unwrap_or(u64::MAX),
+                "not ready; still serving until the shutdown delay passes"
+            );
+            tokio::time::sleep(self.config.shutdown_delay).await;
+        }
         self.server.begin_shutdown();
         let tracker = self.server.tracker().clone();
         tracing::info!(open = tracker.active(), "draining");

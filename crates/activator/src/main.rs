@@ -99,7 +99,12 @@ struct Args {
     /// Deadline for connecting to a pod.
     #[arg(long, default_value = "2s", value_parser = duration)]
     connect_timeout: Duration,
-    /// On SIGTERM, how long to wait for held and in-flight requests.
+    /// After SIGTERM, how long to go on accepting and serving (with /readyz failing) before the
+    /// listeners close: endpoints take a few seconds to stop sending traffic here, and a
+    /// connection refused meanwhile is a request lost.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    shutdown_delay: Duration,
+    /// After the shutdown delay, how long to wait for held and in-flight requests.
     #[arg(long, default_value = "30s", value_parser = duration)]
     drain_timeout: Duration,
     /// Comma-separated source ranges (CIDRs, e.g. 10.0.0.0/8,127.0.0.1/32) whose requests skip
@@ -172,6 +177,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         trusted_callers: args.trusted_callers.0.clone(),
         awake_grace: args.awake_grace,
         max_held: args.max_held,
+        shutdown_delay: args.shutdown_delay,
         connections: ConnectionLimits {
             max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
             header_timeout: args.header_timeout,

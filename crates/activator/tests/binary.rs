@@ -195,30 +195,33 @@ async fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
     ))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigterm() {
-    let backend = start_backend(None).await;
-    let activator_port = free_port();
-    let admin_port = free_port();
-    let app = json!({
+/// The app the tests serve: asleep, its one port forwarded to `target_port`.
+fn demo_app(target_port: u16, activator_port: u16) -> Value {
+    json!({
         "apiVersion": "crac.dev/v1alpha1", "kind": "CracApp",
         "metadata": {"name": "demo", "namespace": "shop", "resourceVersion": "5", "generation": 1},
         "spec": {"template": {"spec": {"containers": [{"name": "app", "image": "demo", "command": ["java"]}]}},
                  "replicas": 1, "scaleToZero": {"enabled": true, "wakeTimeout": "20s"}},
         "status": {"phase": "ScaledToZero", "servingMode": "Activator",
-                   "activatorPorts": [{"name": "http", "targetPort": backend.port, "activatorPort": activator_port}]}
-    });
-    // The callers: a pod of the app's namespace on 127.0.0.2, one of another namespace on
-    // 127.0.0.3, and a host-network pod of the app's namespace on 127.0.0.4 (its IP is its
-    // node's, shared with everything on the node, so it names no caller).
-    let pods = vec![
+                   "activatorPorts": [{"name": "http", "targetPort": target_port, "activatorPort": activator_port}]}
+    })
+}
+
+/// The callers: a pod of the app's namespace on 127.0.0.2, one of another namespace on
+/// 127.0.0.3, and a host-network pod of the app's namespace on 127.0.0.4 (its IP is its
+/// node's, shared with everything on the node, so it names no caller).
+fn caller_pods() -> Vec<Value> {
+    vec![
         caller_pod_json("shop", "client", "127.0.0.2", false),
         caller_pod_json("evil", "intruder", "127.0.0.3", false),
         caller_pod_json("shop", "node-agent", "127.0.0.4", true),
-    ];
-    let (api_port, api) = start_fake_api(app, pods).await;
+    ]
+}
 
-    let dir = std::env::temp_dir().join(format!("crac-activator-test-{}", std::process::id()));
+/// A kubeconfig for the fake API server, in a directory of its own (removed by the caller).
+fn kubeconfig_for(api_port: u16, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir =
+        std::env::temp_dir().join(format!("crac-activator-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(
@@ -230,18 +233,24 @@ async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigte
         ),
     )
     .unwrap();
+    (dir, kubeconfig)
+}
 
-    let mut child = Child(
+/// The built binary on 127.0.0.1 against the fake API server.
+fn spawn_activator(kubeconfig: &std::path::Path, admin_port: u16, extra: &[&str]) -> Child {
+    Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_crac-activator"))
             .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
             .args(["--listen-address", "127.0.0.1"])
             .args(["--admin-address", &format!("127.0.0.1:{admin_port}")])
-            .args(["--drain-timeout", "10s"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .spawn()
             .unwrap(),
-    );
+    )
+}
 
+async fn wait_ready(admin_port: u16) {
     within(Duration::from_secs(30), "readyz", async {
         loop {
             if let Some((200, _)) = admin_get(admin_port, "/readyz").await {
@@ -251,6 +260,18 @@ async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigte
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigterm() {
+    let backend = start_backend(None).await;
+    let activator_port = free_port();
+    let admin_port = free_port();
+    let (api_port, api) =
+        start_fake_api(demo_app(backend.port, activator_port), caller_pods()).await;
+    let (dir, kubeconfig) = kubeconfig_for(api_port, "wake");
+    let mut child = spawn_activator(&kubeconfig, admin_port, &["--drain-timeout", "10s"]);
+    wait_ready(admin_port).await;
     assert_eq!(admin_get(admin_port, "/healthz").await.unwrap().0, 200);
 
     // No --trusted-callers: only the pod watch decides who may call.
@@ -335,5 +356,64 @@ async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigte
 
     let exit = child.terminate().await;
     assert!(exit.success(), "exit status after SIGTERM: {exit}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGTERM: /readyz fails at once, yet connections that arrive during --shutdown-delay (sent by
+/// endpoints that have not caught up) are accepted and served; then the listeners close, the
+/// drain runs, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_the_binary_turns_unready_and_serves_new_connections_through_the_shutdown_delay()
+ {
+    let backend = start_backend(None).await;
+    let activator_port = free_port();
+    let admin_port = free_port();
+    let (api_port, _api) =
+        start_fake_api(demo_app(backend.port, activator_port), caller_pods()).await;
+    let (dir, kubeconfig) = kubeconfig_for(api_port, "sigterm");
+    let delay = Duration::from_secs(3);
+    let mut child = spawn_activator(
+        &kubeconfig,
+        admin_port,
+        &["--shutdown-delay", "3s", "--drain-timeout", "5s"],
+    );
+    wait_ready(admin_port).await;
+
+    let signalled = Instant::now();
+    child.sigterm();
+    within(Duration::from_secs(2), "readyz to fail", async {
+        loop {
+            if let Some((503, _)) = admin_get(admin_port, "/readyz").await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let answer = within(
+        Duration::from_secs(10),
+        "request during the shutdown delay",
+        get_from(client, activator_port, "/echo/late"),
+    )
+    .await
+    .expect("a connection during the shutdown delay was refused");
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(answer.body, "id:late");
+    assert!(
+        signalled.elapsed() < delay,
+        "the test was too slow to tell: {:?}",
+        signalled.elapsed()
+    );
+
+    let exit = child.wait_exit(Duration::from_secs(15)).await;
+    let exited = signalled.elapsed();
+    assert!(exit.success(), "exit status after SIGTERM: {exit}");
+    assert!(
+        exited >= delay,
+        "exited {exited:?} after SIGTERM, before the delay"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
