@@ -22,7 +22,11 @@ const REFUSED_RETRY: Duration = Duration::from_millis(200);
 /// Settings for holding and waking, shared by every app.
 #[derive(Clone)]
 pub struct HoldContext {
+    /// Requests held per app at most (`--max-queue`).
     pub max_queue: usize,
+    /// Requests held across all apps at most (`--max-held`), counted in `held_total`.
+    pub max_held: usize,
+    pub held_total: Arc<AtomicUsize>,
     pub wake_resend_interval: Duration,
     pub wake_request_timeout: Duration,
     pub waker: Arc<dyn WakeClient>,
@@ -50,6 +54,8 @@ pub enum Pick {
     Ready { ip: IpAddr, held: bool },
     /// The app's queue is full.
     QueueFull,
+    /// The activator holds `max_held` requests across all apps already.
+    HeldLimit,
     /// No pod became ready before the wake deadline.
     Timeout,
     /// The wake failed for good, or the app was deleted.
@@ -215,8 +221,9 @@ impl AppState {
         exclude: &[IpAddr],
         arrived: Instant,
     ) -> Pick {
-        let Some(_slot) = HeldSlot::acquire(self, ctx.max_queue) else {
-            return Pick::QueueFull;
+        let _slot = match HeldSlot::acquire(self, ctx) {
+            Ok(slot) => slot,
+            Err(full) => return full,
         };
         let mut rx = self.backends.subscribe();
         let start_failures = rx.borrow().failures;
@@ -359,27 +366,45 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// One place in an app's bounded queue, released on drop (including when the caller goes away
-/// while held).
+/// Takes one unit of `counter` unless it is at `max`.
+fn take_one(counter: &AtomicUsize, max: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// One place in an app's bounded queue and in the activator's overall one, released on drop
+/// (including when the caller goes away while held).
 struct HeldSlot<'a> {
     app: &'a AppState,
+    total: &'a AtomicUsize,
 }
 
 impl<'a> HeldSlot<'a> {
-    fn acquire(app: &'a AppState, max: usize) -> Option<Self> {
-        app.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()?;
+    /// The app's own queue is checked first, so a full app reads as `QueueFull` however busy
+    /// the others are.
+    fn acquire(app: &'a AppState, ctx: &'a HoldContext) -> Result<Self, Pick> {
+        if !take_one(&app.held, ctx.max_queue) {
+            return Err(Pick::QueueFull);
+        }
+        if !take_one(&ctx.held_total, ctx.max_held) {
+            app.held.fetch_sub(1, Ordering::AcqRel);
+            return Err(Pick::HeldLimit);
+        }
         app.metrics.held.inc();
-        Some(Self { app })
+        Ok(Self {
+            app,
+            total: &ctx.held_total,
+        })
     }
 }
 
 impl Drop for HeldSlot<'_> {
     fn drop(&mut self) {
         self.app.held.fetch_sub(1, Ordering::AcqRel);
+        self.total.fetch_sub(1, Ordering::AcqRel);
         self.app.metrics.held.dec();
     }
 }

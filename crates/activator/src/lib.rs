@@ -40,6 +40,7 @@ use crate::hold::HoldContext;
 use crate::metrics::Metrics;
 use crate::proxy::{Pool, Proxy};
 use crate::registry::Registry;
+pub use crate::server::ConnectionLimits;
 use crate::server::Server;
 use crate::tracker::Tracker;
 use crate::wake::WakeClient;
@@ -70,6 +71,13 @@ pub struct Config {
     pub trusted_callers: Vec<Cidr>,
     /// How long after an app's `servingMode` turned `Pods` its requests are still forwarded.
     pub awake_grace: Duration,
+    /// Requests held across all apps at most; the next gets 503 at once.
+    pub max_held: usize,
+    /// After SIGTERM, how long to go on accepting and serving (not ready) before the listeners
+    /// close and the drain starts: endpoints take a while to stop sending traffic here.
+    pub shutdown_delay: Duration,
+    /// What one caller connection may take (connection cap, header timeout and size, HTTP/2).
+    pub connections: ConnectionLimits,
 }
 
 impl Default for Config {
@@ -86,6 +94,17 @@ impl Default for Config {
             max_idle_per_backend: 64,
             trusted_callers: Vec::new(),
             awake_grace: Duration::from_secs(30),
+            max_held: 10_000,
+            shutdown_delay: Duration::from_secs(5),
+            connections: ConnectionLimits {
+                max_connections: 4096,
+                header_timeout: Duration::from_secs(10),
+                max_header_bytes: 32 * 1024,
+                idle_timeout: Duration::from_secs(60),
+                h2_max_concurrent_streams: 100,
+                h2_keepalive_interval: Duration::from_secs(20),
+                h2_keepalive_timeout: Duration::from_secs(20),
+            },
         }
     }
 }
@@ -107,6 +126,8 @@ impl Activator {
             registry: Arc::clone(&registry),
             hold: HoldContext {
                 max_queue: config.max_queue,
+                max_held: config.max_held,
+                held_total: Arc::default(),
                 wake_resend_interval: config.wake_resend_interval,
                 wake_request_timeout: config.wake_request_timeout,
                 waker,
@@ -118,7 +139,11 @@ impl Activator {
             trusted_callers: config.trusted_callers.clone(),
             awake_grace: config.awake_grace,
         });
-        let server = Arc::new(Server::new(proxy, config.listen_ip));
+        let server = Arc::new(Server::new(
+            proxy,
+            config.listen_ip,
+            config.connections.clone(),
+        ));
         Arc::new(Self {
             config,
             registry,
@@ -159,11 +184,20 @@ impl Activator {
         self.registry.synced() && !self.shutting_down.load(Ordering::Acquire)
     }
 
-    /// Graceful shutdown: stop accepting, let every connection finish its current requests
-    /// (held ones included: they still get their wake or their 503), then return. Returns
-    /// `false` when the drain timeout cut it short.
+    /// Graceful shutdown: turn not-ready at once, go on serving for the shutdown delay (while
+    /// endpoints stop sending traffic here), then stop accepting, let every connection finish
+    /// its current requests (held ones included: they still get their wake or their 503), and
+    /// return. Returns `false` when the drain timeout cut it short.
     pub async fn shutdown(&self) -> bool {
         self.shutting_down.store(true, Ordering::Release);
+        if !self.config.shutdown_delay.is_zero() {
+            tracing::info!(
+                delay_ms =
+                    u64::try_from(self.config.shutdown_delay.as_millis()).unwrap_or(u64::MAX),
+                "not ready; still serving until the shutdown delay passes"
+            );
+            tokio::time::sleep(self.config.shutdown_delay).await;
+        }
         self.server.begin_shutdown();
         let tracker = self.server.tracker().clone();
         tracing::info!(open = tracker.active(), "draining");

@@ -11,11 +11,18 @@ use clap::Parser;
 use crac_activator::access::{Cidr, parse_cidrs};
 use crac_activator::kube::{watch_apps, watch_callers, watch_pods};
 use crac_activator::wake::KubeWaker;
-use crac_activator::{Activator, Config};
+use crac_activator::{Activator, Config, ConnectionLimits};
 
 fn duration(text: &str) -> Result<Duration, String> {
     crac_api::duration::parse(text)
         .ok_or_else(|| format!("{text:?} is not a duration such as 30s, 500ms or 1m"))
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match duration(text)? {
+        d if d.is_zero() => Err("must be more than zero".into()),
+        d => Ok(d),
+    }
 }
 
 /// `--trusted-callers`: one comma-separated value (so an empty one means none).
@@ -46,6 +53,40 @@ struct Args {
     /// Requests held per app at most; beyond it callers get 503 at once.
     #[arg(long, default_value_t = 1000)]
     max_queue: usize,
+    /// Requests held across all apps at most; beyond it callers get 503 (with Retry-After) at
+    /// once. Ten apps' full queues: per-app queues alone grow with the number of apps. The
+    /// per-app --max-queue still applies.
+    #[arg(long, default_value_t = 10_000)]
+    max_held: usize,
+    /// Caller connections open at once across all ports; beyond it new connections are closed
+    /// at once (counted in crac_activator_connections_refused_total). A connection holding a
+    /// head just under the default --max-header-bytes costs about 33 KiB (measured), so 4096 of
+    /// them fit the chart's 256Mi limit; and far under a pod's file descriptor limit.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Deadline for a connection's first request (protocol detection included) and for each
+    /// later HTTP/1.1 request head, idle keep-alive time included: a silent or trickling caller
+    /// is closed after it.
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
+    header_timeout: Duration,
+    /// Largest HTTP/1.1 request head (larger: 431) and HTTP/2 header list, in bytes (at least
+    /// 8192). JVM servers refuse heads over 8 KiB by default; this leaves room for apps that
+    /// raised it.
+    #[arg(long, default_value_t = 32 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
+    max_header_bytes: u32,
+    /// A connection with no request open for this long is closed (HTTP/2: GOAWAY; idle
+    /// HTTP/1.1 connections meet --header-timeout first). 0s: never.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    idle_timeout: Duration,
+    /// HTTP/2 streams open at once on one connection (RFC 9113 advises at least 100).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    h2_max_concurrent_streams: u32,
+    /// HTTP/2: ping a connection that sent nothing for this long. 0s: never.
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    h2_keepalive_interval: Duration,
+    /// HTTP/2: close a connection whose ping is not answered within this.
+    #[arg(long, default_value = "20s", value_parser = positive_duration)]
+    h2_keepalive_timeout: Duration,
     /// Wake deadline for apps that leave scaleToZero.wakeTimeout unset.
     #[arg(long, default_value = "30s", value_parser = duration)]
     default_wake_timeout: Duration,
@@ -58,7 +99,12 @@ struct Args {
     /// Deadline for connecting to a pod.
     #[arg(long, default_value = "2s", value_parser = duration)]
     connect_timeout: Duration,
-    /// On SIGTERM, how long to wait for held and in-flight requests.
+    /// After SIGTERM, how long to go on accepting and serving (with /readyz failing) before the
+    /// listeners close: endpoints take a few seconds to stop sending traffic here, and a
+    /// connection refused meanwhile is a request lost.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    shutdown_delay: Duration,
+    /// After the shutdown delay, how long to wait for held and in-flight requests.
     #[arg(long, default_value = "30s", value_parser = duration)]
     drain_timeout: Duration,
     /// Comma-separated source ranges (CIDRs, e.g. 10.0.0.0/8,127.0.0.1/32) whose requests skip
@@ -130,6 +176,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         trusted_callers: args.trusted_callers.0.clone(),
         awake_grace: args.awake_grace,
+        max_held: args.max_held,
+        shutdown_delay: args.shutdown_delay,
+        connections: ConnectionLimits {
+            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+            header_timeout: args.header_timeout,
+            max_header_bytes: args.max_header_bytes as usize,
+            idle_timeout: args.idle_timeout,
+            h2_max_concurrent_streams: args.h2_max_concurrent_streams,
+            h2_keepalive_interval: args.h2_keepalive_interval,
+            h2_keepalive_timeout: args.h2_keepalive_timeout,
+        },
         ..Config::default()
     };
     let activator = Activator::new(config, Arc::new(KubeWaker::new(client.clone())));

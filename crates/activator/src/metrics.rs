@@ -35,9 +35,11 @@ pub enum Outcome {
     /// The app is awake and its grace has passed: 503 with `Connection: close`, so the caller
     /// reconnects through the Service, which points at the pods.
     app_awake,
+    /// The activator holds `--max-held` requests across all apps already: 503 at once.
+    held_limit,
 }
 
-const OUTCOMES: [Outcome; 7] = [
+const OUTCOMES: [Outcome; 8] = [
     Outcome::forwarded,
     Outcome::woken,
     Outcome::wake_timeout,
@@ -45,7 +47,23 @@ const OUTCOMES: [Outcome; 7] = [
     Outcome::queue_full,
     Outcome::bad_gateway,
     Outcome::app_awake,
+    Outcome::held_limit,
 ];
+
+/// Why the activator closed a connection on its own (`kind` label; a fixed set).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ConnectionTimeout {
+    /// No complete request head within `--header-timeout` (a silent or trickling caller).
+    header,
+    /// HTTP/2: no request open for `--idle-timeout` (GOAWAY).
+    idle,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub kind: ConnectionTimeout,
+}
 
 /// Why a request was refused before it reached any app's state (`reason` label; a fixed set).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -99,6 +117,12 @@ pub struct Metrics {
     pub port_conflicts: Gauge,
     /// Pod IPs the caller check knows now.
     pub caller_ips: Gauge,
+    /// Caller connections open now (upgraded tunnels included).
+    pub connections: Gauge,
+    /// Connections closed at once because `--max-connections` were open.
+    pub connections_refused: Counter,
+    /// Connections the activator closed on a timeout, by kind (handles made once).
+    connection_timeouts: [Counter; 2],
 }
 
 /// Handles for one app, cheap to use on the request path.
@@ -108,7 +132,7 @@ pub struct AppMetrics {
     pub wakes: Counter,
     pub wake_requests_failed: Counter,
     pub wake_seconds: Histogram,
-    outcomes: [Counter; 7],
+    outcomes: [Counter; 8],
 }
 
 impl AppMetrics {
@@ -147,6 +171,15 @@ impl Metrics {
         });
         let port_conflicts = Gauge::default();
         let caller_ips = Gauge::default();
+        let connections = Gauge::default();
+        let connections_refused = Counter::default();
+        let timeouts_family = Family::<TimeoutLabels, Counter>::default();
+        let connection_timeouts =
+            [ConnectionTimeout::header, ConnectionTimeout::idle].map(|kind| {
+                timeouts_family
+                    .get_or_create(&TimeoutLabels { kind })
+                    .clone()
+            });
         registry.register(
             "held_requests",
             "Requests held while their app wakes",
@@ -193,6 +226,21 @@ impl Metrics {
             "Pod IPs the caller check knows (every pod in the cluster with its own IP)",
             caller_ips.clone(),
         );
+        registry.register(
+            "connections",
+            "Caller connections open now, upgraded tunnels included",
+            connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because --max-connections were open",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "connection_timeouts",
+            "Connections the activator closed: no request head within --header-timeout (header), HTTP/2 idle past --idle-timeout (idle)",
+            timeouts_family,
+        );
         Self {
             registry,
             held,
@@ -205,7 +253,14 @@ impl Metrics {
             refused,
             port_conflicts,
             caller_ips,
+            connections,
+            connections_refused,
+            connection_timeouts,
         }
+    }
+
+    pub fn connection_timeout(&self, kind: ConnectionTimeout) -> &Counter {
+        &self.connection_timeouts[kind as usize]
     }
 
     pub fn refused(&self, reason: RefusedReason) -> &Counter {

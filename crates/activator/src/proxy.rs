@@ -24,7 +24,7 @@ use crate::access::{Cidr, Refusal, check_caller};
 use crate::hold::{HoldContext, Pick};
 use crate::metrics::{Metrics, Outcome, RefusedReason};
 use crate::registry::{PortEntry, Registry};
-use crate::tracker::Tracker;
+use crate::tracker::{ConnectionSlot, Tracker};
 
 /// How long a request for an app that is not served waits for its mode to turn `Activator`
 /// before it is told to reconnect: the operator points the Service at the activator a moment
@@ -50,6 +50,9 @@ pub struct Caller {
     /// Notified when the connection should close after its current requests (the app is
     /// awake: the caller should reconnect through the Service).
     pub close: Notify,
+    /// The connection's place under `--max-connections`: freed when the last holder of this
+    /// `Caller` is gone, the connection or a tunnel it was upgraded to.
+    _slot: Option<ConnectionSlot>,
 }
 
 impl Caller {
@@ -59,6 +62,15 @@ impl Caller {
             trusted,
             forwarded_for: HeaderValue::try_from(addr.ip().to_string()).ok(),
             close: Notify::new(),
+            _slot: None,
+        }
+    }
+
+    /// A caller whose connection holds `slot` for as long as it (or its tunnel) lives.
+    pub fn with_slot(addr: SocketAddr, trusted: bool, slot: ConnectionSlot) -> Self {
+        Self {
+            _slot: Some(slot),
+            ..Self::new(addr, trusted)
         }
     }
 }
@@ -84,7 +96,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         local_port: u16,
-        caller: &Caller,
+        caller: &Arc<Caller>,
     ) -> Response<ProxyBody> {
         let arrived = Instant::now();
         let route = match self.registry.route(local_port) {
@@ -140,6 +152,11 @@ impl Proxy {
                     return self
                         .unavailable("too many requests are waiting for this app to wake\n");
                 }
+                Pick::HeldLimit => {
+                    app.metrics.outcome(Outcome::held_limit).inc();
+                    tracing::debug!(app = %app.key, "--max-held requests are held already");
+                    return self.unavailable("too many requests are waiting for apps to wake\n");
+                }
                 Pick::Timeout => {
                     app.metrics.outcome(Outcome::wake_timeout).inc();
                     tracing::warn!(app = %app.key, "no ready pod before the wake deadline");
@@ -165,9 +182,12 @@ impl Proxy {
                         if let Some(client_upgrade) = client_upgrade {
                             let backend_upgrade = hyper::upgrade::on(&mut resp);
                             let guard = self.tracker.track();
+                            // The tunnel keeps the caller's socket, so its connection slot.
+                            let caller = Arc::clone(caller);
                             tokio::spawn(async move {
                                 splice(client_upgrade, backend_upgrade).await;
                                 drop(guard);
+                                drop(caller);
                             });
                         }
                     } else {

@@ -195,30 +195,33 @@ async fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
     ))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigterm() {
-    let backend = start_backend(None).await;
-    let activator_port = free_port();
-    let admin_port = free_port();
-    let app = json!({
+/// The app the tests serve: asleep, its one port forwarded to `target_port`.
+fn demo_app(target_port: u16, activator_port: u16) -> Value {
+    json!({
         "apiVersion": "crac.dev/v1alpha1", "kind": "CracApp",
         "metadata": {"name": "demo", "namespace": "shop", "resourceVersion": "5", "generation": 1},
         "spec": {"template": {"spec": {"containers": [{"name": "app", "image": "demo", "command": ["java"]}]}},
                  "replicas": 1, "scaleToZero": {"enabled": true, "wakeTimeout": "20s"}},
         "status": {"phase": "ScaledToZero", "servingMode": "Activator",
-                   "activatorPorts": [{"name": "http", "targetPort": backend.port, "activatorPort": activator_port}]}
-    });
-    // The callers: a pod of the app's namespace on 127.0.0.2, one of another namespace on
-    // 127.0.0.3, and a host-network pod of the app's namespace on 127.0.0.4 (its IP is its
-    // node's, shared with everything on the node, so it names no caller).
-    let pods = vec![
+                   "activatorPorts": [{"name": "http", "targetPort": target_port, "activatorPort": activator_port}]}
+    })
+}
+
+/// The callers: a pod of the app's namespace on 127.0.0.2, one of another namespace on
+/// 127.0.0.3, and a host-network pod of the app's namespace on 127.0.0.4 (its IP is its
+/// node's, shared with everything on the node, so it names no caller).
+fn caller_pods() -> Vec<Value> {
+    vec![
         caller_pod_json("shop", "client", "127.0.0.2", false),
         caller_pod_json("evil", "intruder", "127.0.0.3", false),
         caller_pod_json("shop", "node-agent", "127.0.0.4", true),
-    ];
-    let (api_port, api) = start_fake_api(app, pods).await;
+    ]
+}
 
-    let dir = std::env::temp_dir().join(format!("crac-activator-test-{}", std::process::id()));
+/// A kubeconfig for the fake API server, in a directory of its own (removed by the caller).
+fn kubeconfig_for(api_port: u16, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir =
+        std::env::temp_dir().join(format!("crac-activator-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(
@@ -230,18 +233,24 @@ async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigte
         ),
     )
     .unwrap();
+    (dir, kubeconfig)
+}
 
-    let mut child = Child(
+/// The built binary on 127.0.0.1 against the fake API server.
+fn spawn_activator(kubeconfig: &std::path::Path, admin_port: u16, extra: &[&str]) -> Child {
+    Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_crac-activator"))
             .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
             .args(["--listen-address", "127.0.0.1"])
             .args(["--admin-address", &format!("127.0.0.1:{admin_port}")])
-            .args(["--drain-timeout", "10s"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .spawn()
             .unwrap(),
-    );
+    )
+}
 
+async fn wait_ready(admin_port: u16) {
     within(Duration::from_secs(30), "readyz", async {
         loop {
             if let Some((200, _)) = admin_get(admin_port, "/readyz").await {
@@ -251,6 +260,18 @@ async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigte
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigterm() {
+    let backend = start_backend(None).await;
+    let activator_port = free_port();
+    let admin_port = free_port();
+    let (api_port, api) =
+        start_fake_api(demo_app(backend.port, activator_port), caller_pods()).await;
+    let (dir, kubeconfig) = kubeconfig_for(api_port, "wake");
+    let mut child = spawn_activator(&kubeconfig, admin_port, &["--drain-timeout", "10s"]);
+    wait_ready(admin_port).await;
     assert_eq!(admin_get(admin_port, "/healthz").await.unwrap().0, 200);
 
     // No --trusted-callers: only the pod watch decides who may call.
@@ -335,5 +356,221 @@ async fn binary_watches_the_api_wakes_through_a_status_patch_and_drains_on_sigte
 
     let exit = child.terminate().await;
     assert!(exit.success(), "exit status after SIGTERM: {exit}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// VmRSS and VmHWM (its peak) of a process, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Reads until the peer closes (EOF or an error), at most `limit`; `None` if still open.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| got)
+}
+
+fn metric_value(metrics: &str, line_prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Hostile callers against the real binary with its default limits: 200 silent connections,
+/// 300 that send a head just under the size cap and then stop, and 200 that send 768 KiB of
+/// head (under the 1 MiB a connection could once buffer, far over the cap). The activator's
+/// memory stays small, the oversized heads get 431, a caller that means well is held through a
+/// wake and answered meanwhile, and the header timeout closes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_callers_leave_the_binary_small_and_a_held_request_still_gets_its_answer() {
+    use tokio::io::AsyncWriteExt;
+    const MAX_PEAK_KIB: u64 = 128 * 1024;
+    let backend = start_backend(None).await;
+    let activator_port = free_port();
+    let admin_port = free_port();
+    let (api_port, _api) =
+        start_fake_api(demo_app(backend.port, activator_port), caller_pods()).await;
+    let (dir, kubeconfig) = kubeconfig_for(api_port, "hostile");
+    let mut child = spawn_activator(&kubeconfig, admin_port, &["--shutdown-delay", "0s"]);
+    let pid = child.0.id();
+    wait_ready(admin_port).await;
+    let (rss_idle, _) = memory_kib(pid);
+
+    let hostile: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+    let opened = Instant::now();
+    let mut waiting = Vec::new();
+    for _ in 0..200 {
+        waiting.push(connect_from(hostile, activator_port).await.unwrap());
+    }
+    let mut slow_head = b"GET /echo/slow HTTP/1.1\r\nHost: demo\r\nX-Pad: ".to_vec();
+    slow_head.extend(std::iter::repeat_n(b'a', 30 * 1024));
+    for _ in 0..300 {
+        let mut stream = connect_from(hostile, activator_port).await.unwrap();
+        stream.write_all(&slow_head).await.unwrap();
+        waiting.push(stream);
+    }
+    let mut fat_head = b"GET /echo/fat HTTP/1.1\r\nHost: demo\r\nX-Pad: ".to_vec();
+    fat_head.extend(std::iter::repeat_n(b'a', 768 * 1024));
+    let fat_head = Bytes::from(fat_head);
+    let fat: Vec<_> = (0..200)
+        .map(|_| {
+            let head = fat_head.clone();
+            tokio::spawn(async move {
+                let mut stream = connect_from(hostile, activator_port).await.unwrap();
+                // Fails part way once the activator has answered 431 and closed.
+                let _ = stream.write_all(&head).await;
+                stream
+            })
+        })
+        .collect();
+    let mut fat_streams = Vec::new();
+    for f in fat {
+        fat_streams.push(
+            within(Duration::from_secs(20), "fat head sent", f)
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_loaded, _) = memory_kib(pid);
+
+    // A caller that means well, held through a wake while all that is open.
+    let client: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let answer = within(
+        Duration::from_secs(20),
+        "held request under hostile load",
+        get_from(client, activator_port, "/echo/ok"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(answer.body, "id:ok");
+
+    let (_, peak) = memory_kib(pid);
+    eprintln!(
+        "activator RSS: idle {rss_idle} KiB, under hostile load {rss_loaded} KiB, peak {peak} KiB"
+    );
+    assert!(
+        peak < MAX_PEAK_KIB,
+        "activator peak RSS {peak} KiB under hostile load"
+    );
+
+    let mut answered_431 = 0;
+    for mut stream in fat_streams {
+        let answer = read_until_closed(&mut stream, Duration::from_secs(5))
+            .await
+            .expect("an oversized head's connection was kept open");
+        if answer.starts_with(b"HTTP/1.1 431") {
+            answered_431 += 1;
+        }
+    }
+    eprintln!("oversized heads answered 431 (the rest were reset): {answered_431}/200");
+    assert!(answered_431 > 0, "no oversized head got a 431");
+
+    // The default header timeout (10 s) closes the silent and the slow.
+    let closes = waiting.into_iter().map(|mut stream| async move {
+        let limit = Duration::from_secs(16).saturating_sub(opened.elapsed());
+        read_until_closed(&mut stream, limit).await.is_some()
+    });
+    let closed = futures::future::join_all(closes).await;
+    assert!(
+        closed.iter().all(|c| *c),
+        "{} of 500 silent or slow connections outlived the header timeout",
+        closed.iter().filter(|c| !**c).count()
+    );
+    assert!(opened.elapsed() >= Duration::from_secs(9));
+    let (_, metrics) = admin_get(admin_port, "/metrics").await.unwrap();
+    assert!(
+        metric_value(
+            &metrics,
+            "crac_activator_connection_timeouts_total{kind=\"header\"}"
+        ) >= 500.0,
+        "{metrics}"
+    );
+
+    let exit = child.terminate().await;
+    assert!(exit.success(), "exit status after SIGTERM: {exit}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGTERM: /readyz fails at once, yet connections that arrive during --shutdown-delay (sent by
+/// endpoints that have not caught up) are accepted and served; then the listeners close, the
+/// drain runs, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_the_binary_turns_unready_and_serves_new_connections_through_the_shutdown_delay()
+ {
+    let backend = start_backend(None).await;
+    let activator_port = free_port();
+    let admin_port = free_port();
+    let (api_port, _api) =
+        start_fake_api(demo_app(backend.port, activator_port), caller_pods()).await;
+    let (dir, kubeconfig) = kubeconfig_for(api_port, "sigterm");
+    let delay = Duration::from_secs(3);
+    let mut child = spawn_activator(
+        &kubeconfig,
+        admin_port,
+        &["--shutdown-delay", "3s", "--drain-timeout", "5s"],
+    );
+    wait_ready(admin_port).await;
+
+    let signalled = Instant::now();
+    child.sigterm();
+    within(Duration::from_secs(2), "readyz to fail", async {
+        loop {
+            if let Some((503, _)) = admin_get(admin_port, "/readyz").await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let answer = within(
+        Duration::from_secs(10),
+        "request during the shutdown delay",
+        get_from(client, activator_port, "/echo/late"),
+    )
+    .await
+    .expect("a connection during the shutdown delay was refused");
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(answer.body, "id:late");
+    assert!(
+        signalled.elapsed() < delay,
+        "the test was too slow to tell: {:?}",
+        signalled.elapsed()
+    );
+
+    let exit = child.wait_exit(Duration::from_secs(15)).await;
+    let exited = signalled.elapsed();
+    assert!(exit.success(), "exit status after SIGTERM: {exit}");
+    assert!(
+        exited >= delay,
+        "exited {exited:?} after SIGTERM, before the delay"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -792,3 +792,411 @@ async fn a_port_two_apps_claim_serves_neither_until_one_claim_goes() {
     assert_eq!(answer.body, "id:3");
     assert_eq!(metric(&activator, "crac_activator_port_conflicts "), 0.0);
 }
+
+// ---- Hostile and broken callers: connection cap, header timeout and size, HTTP/2 limits, the
+// overall cap on held requests.
+
+/// Reads until the activator closes `stream` (EOF or an error), at most `limit`; returns what
+/// it sent first, or `None` when the connection was still open at the limit.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| got)
+}
+
+async fn wait_held_for(activator: &crac_activator::Activator, key: &AppKey, n: usize) {
+    let app = activator.registry().app(key).unwrap();
+    within(LONG, "requests to be held", async {
+        while app.held() < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_closed_at_once_and_counted_while_open_ones_go_on() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let mut config = test_config();
+    config.connections.max_connections = 8;
+    config.connections.header_timeout = LONG;
+    let (activator, port) =
+        start_activator(config, &waker, backend.port, Duration::from_secs(20)).await;
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+
+    // One caller on a keep-alive connection, seven that say nothing: the cap is reached.
+    let stream = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut keep_alive_get = async |path: &str| {
+        let req = Request::get(path)
+            .header("host", "demo")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    };
+    assert_eq!(keep_alive_get("/echo/a").await.1, "id:a");
+    let mut silent = Vec::new();
+    for _ in 0..7 {
+        silent.push(TcpStream::connect((LOOPBACK, port)).await.unwrap());
+    }
+    within(LONG, "eight connections open", async {
+        while metric(&activator, "crac_activator_connections ") < 8.0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    for i in 0..3 {
+        let mut extra = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+        let _ = extra
+            .write_all(b"GET /echo/x HTTP/1.1\r\nHost: demo\r\n\r\n")
+            .await;
+        let answer = closed_within(&mut extra, Duration::from_secs(2)).await;
+        assert_eq!(
+            answer.as_deref(),
+            Some(&b""[..]),
+            "connection {i} over the cap was served or kept open"
+        );
+    }
+    assert_eq!(
+        metric(&activator, "crac_activator_connections_refused_total"),
+        3.0
+    );
+    // The open ones are unaffected.
+    assert_eq!(keep_alive_get("/echo/b").await.1, "id:b");
+
+    // Room again once callers leave.
+    silent.truncate(5);
+    within(LONG, "a slot to free", async {
+        while metric(&activator, "crac_activator_connections ") > 6.0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(get(port, "/echo/after").await.unwrap().body, "id:after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_trickling_and_half_preface_callers_are_closed_at_the_header_timeout_others_served()
+{
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let mut config = test_config();
+    config.connections.header_timeout = Duration::from_secs(1);
+    let (activator, port) =
+        start_activator(config, &waker, backend.port, Duration::from_secs(20)).await;
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+
+    let opened = Instant::now();
+    let mut silent = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    // Protocol detection waits for the 24 bytes of the HTTP/2 preface: stop inside it.
+    let mut half_preface = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // An HTTP/1.1 head, one byte every 100 ms: never complete within the timeout.
+    let trickle = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    let (mut trickle_read, mut trickle_write) = trickle.into_split();
+    let writer = tokio::spawn(async move {
+        for &b in b"GET /echo/slow HTTP/1.1\r\nHost: demo\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+            if trickle_write.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    // Meanwhile a caller that means well is answered.
+    let answer = within(LONG, "normal request", get(port, "/echo/fast"))
+        .await
+        .unwrap();
+    assert_eq!(answer.body, "id:fast");
+    assert!(
+        opened.elapsed() < Duration::from_millis(900),
+        "test too slow to tell"
+    );
+
+    let limit = Duration::from_secs(5);
+    assert!(
+        closed_within(&mut silent, limit).await.is_some(),
+        "silent caller kept"
+    );
+    let silent_closed = opened.elapsed();
+    assert!(
+        closed_within(&mut half_preface, limit).await.is_some(),
+        "half preface kept"
+    );
+    let mut buf = Vec::new();
+    let trickled = tokio::time::timeout(limit, trickle_read.read_to_end(&mut buf)).await;
+    assert!(trickled.is_ok(), "trickling caller kept");
+    let all_closed = opened.elapsed();
+    writer.abort();
+    assert!(
+        silent_closed >= Duration::from_millis(900),
+        "closed before the timeout: {silent_closed:?}"
+    );
+    assert!(
+        all_closed < Duration::from_secs(4),
+        "closed long after the timeout: {all_closed:?}"
+    );
+    assert_eq!(
+        metric(
+            &activator,
+            "crac_activator_connection_timeouts_total{kind=\"header\"}"
+        ),
+        3.0
+    );
+    // And the activator still serves.
+    assert_eq!(get(port, "/echo/after").await.unwrap().body, "id:after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_over_the_size_cap_gets_431_and_one_under_it_is_served() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let (_activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(20)).await;
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+
+    let req = Request::get("/echo/under")
+        .header("host", "demo")
+        .header("x-pad", "a".repeat(20 * 1024))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(request(port, req).await.unwrap().body, "id:under");
+
+    let mut head = b"GET /echo/over HTTP/1.1\r\nHost: demo\r\nX-Pad: ".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 40 * 1024));
+    head.extend_from_slice(b"\r\n\r\n");
+    let mut stream = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    let _ = stream.write_all(&head).await;
+    let answer = closed_within(&mut stream, LONG).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 431"), "got {text:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_per_connection_are_capped() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let mut config = test_config();
+    config.connections.h2_max_concurrent_streams = 4;
+    let (activator, port) =
+        start_activator(config, &waker, backend.port, Duration::from_secs(20)).await;
+
+    let stream = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // Let the SETTINGS exchange finish, so the client knows the limit.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let calls: Vec<_> = (0..6)
+        .map(|i| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move {
+                let req = Request::get(format!("http://demo.shop/echo/{i}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = sender.send_request(req).await.unwrap();
+                let status = resp.status();
+                (status, resp.into_body().collect().await.unwrap().to_bytes())
+            })
+        })
+        .collect();
+    wait_held(&activator, 4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let app = activator.registry().app(&app_key()).unwrap();
+    assert_eq!(app.held(), 4, "more streams open than the cap");
+
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+    for (i, call) in calls.into_iter().enumerate() {
+        let (status, body) = within(LONG, "h2 request", call).await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body, format!("id:{i}"));
+    }
+}
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut frame = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_caller_that_does_not_answer_pings_is_closed() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let mut config = test_config();
+    config.connections.h2_keepalive_interval = Duration::from_millis(300);
+    config.connections.h2_keepalive_timeout = Duration::from_millis(300);
+    let (activator, port) =
+        start_activator(config, &waker, backend.port, Duration::from_secs(20)).await;
+
+    // A hand-made h2c client: preface, empty SETTINGS, then GET /echo/p (HPACK: indexed
+    // :method GET, :scheme http; :path and :authority as literals), held while the app sleeps.
+    let mut stream = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    let mut block = vec![0x82, 0x86, 0x04, 7];
+    block.extend_from_slice(b"/echo/p");
+    block.extend_from_slice(&[0x01, 4]);
+    block.extend_from_slice(b"demo");
+    out.extend(h2_frame(0x1, 0x5, 1, &block));
+    stream.write_all(&out).await.unwrap();
+    wait_held(&activator, 1).await;
+
+    // Acknowledge the server's SETTINGS, never its PINGs; read until it closes.
+    let started = Instant::now();
+    let mut pings = 0;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut header = [0u8; 9];
+        loop {
+            if stream.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let len = (usize::from(header[0]) << 16)
+                | (usize::from(header[1]) << 8)
+                | usize::from(header[2]);
+            let mut payload = vec![0u8; len];
+            if stream.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            match (header[3], header[4] & 0x1) {
+                (0x4, 0) => {
+                    let _ = stream.write_all(&h2_frame(0x4, 0x1, 0, &[])).await;
+                }
+                (0x6, 0) => pings += 1,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection outlived unanswered pings");
+    assert!(pings >= 1, "no ping was sent");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout_but_not_while_a_request_is_held()
+{
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Ready {
+        delay: Duration::from_millis(1500),
+    });
+    let mut config = test_config();
+    config.connections.idle_timeout = Duration::from_secs(1);
+    let (activator, port) =
+        start_activator(config, &waker, backend.port, Duration::from_secs(20)).await;
+
+    let stream = TcpStream::connect((LOOPBACK, port)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // Held for 1.5 s, longer than the idle timeout: an open request is not idleness.
+    let req = Request::get("http://demo.shop/echo/held")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = within(LONG, "held h2 request", sender.send_request(req))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes(),
+        "id:held"
+    );
+    let answered = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "the idle connection was kept");
+    assert!(
+        answered.elapsed() >= Duration::from_millis(900),
+        "closed before the idle timeout: {:?}",
+        answered.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &activator,
+            "crac_activator_connection_timeouts_total{kind=\"idle\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_are_capped_across_all_apps() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let config = Config {
+        max_held: 5,
+        ..test_config()
+    };
+    let (activator, port) =
+        start_activator(config, &waker, backend.port, Duration::from_secs(20)).await;
+    let other = AppKey::new("shop", "other");
+    let other_port = free_port();
+    activator.registry().upsert_app(AppConfig {
+        key: other.clone(),
+        ..app_config(other_port, backend.port, Duration::from_secs(20))
+    });
+    assert!(
+        activator
+            .wait_listening(other_port, Duration::from_secs(5))
+            .await
+    );
+
+    let mut held: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(get(port, format!("/echo/demo-{i}"))))
+        .collect();
+    held.extend((0..2).map(|i| tokio::spawn(get(other_port, format!("/echo/other-{i}")))));
+    wait_held_for(&activator, &app_key(), 3).await;
+    wait_held_for(&activator, &other, 2).await;
+
+    // Both queues have room (--max-queue is 1000), the activator as a whole has none.
+    let started = Instant::now();
+    let rejected = tokio::time::timeout(Duration::from_secs(3), get(port, "/echo/sixth"))
+        .await
+        .expect("the request over --max-held was held")
+        .unwrap();
+    assert_eq!(rejected.status, 503);
+    assert_eq!(rejected.headers["retry-after"], "5");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        metric(
+            &activator,
+            "crac_activator_requests_total{namespace=\"shop\",app=\"demo\",outcome=\"held_limit\"}"
+        ),
+        1.0
+    );
+
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+    waker.set_pods(&other, vec![LOOPBACK]);
+    for h in held {
+        let answer = within(LONG, "held", h).await.unwrap().unwrap();
+        assert_eq!(answer.status, 200);
+    }
+    // The slots came back.
+    assert_eq!(get(port, "/echo/after").await.unwrap().body, "id:after");
+}

@@ -294,6 +294,8 @@ pub fn test_config() -> Config {
     Config {
         listen_ip: LOOPBACK,
         drain_timeout: Duration::from_secs(20),
+        // The shutdown delay has its own test (binary.rs); the others drain at once.
+        shutdown_delay: Duration::ZERO,
         trusted_callers: crac_activator::access::parse_cidrs("127.0.0.1/32").unwrap(),
         ..Config::default()
     }
@@ -440,8 +442,8 @@ impl Drop for Child {
 }
 
 impl Child {
-    /// Sends SIGTERM and waits (15 s at most) for the process to exit; returns its status.
-    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+    /// Sends SIGTERM, without waiting.
+    pub fn sigterm(&self) {
         let pid = self.0.id().to_string();
         assert!(
             std::process::Command::new("kill")
@@ -450,7 +452,11 @@ impl Child {
                 .unwrap()
                 .success()
         );
-        within(Duration::from_secs(15), "exit after SIGTERM", async {
+    }
+
+    /// Waits (`limit` at most) for the process to exit; returns its status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        within(limit, "exit after SIGTERM", async {
             loop {
                 if let Some(status) = self.0.try_wait().unwrap() {
                     return status;
@@ -459,5 +465,11 @@ impl Child {
             }
         })
         .await
+    }
+
+    /// Sends SIGTERM and waits (15 s at most) for the process to exit; returns its status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.wait_exit(Duration::from_secs(15)).await
     }
 }
