@@ -738,10 +738,8 @@ async fn deleting_an_app_removes_everything_it_owned() {
     .await;
 }
 
-#[tokio::test]
-async fn deleting_the_namespace_of_an_app_on_a_shared_claim_finishes() {
-    let ns = setup("op-nsgone").await;
-    let _operator = start_operator(&ns.client, &ns.name);
+/// A claim `shared` made by the user, and the app `tenant` Ready with its images on it.
+async fn tenant_on_a_shared_claim(ns: &TestNamespace) {
     let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
         "metadata": { "name": "shared" },
         "spec": { "accessModes": ["ReadWriteMany"], "resources": { "requests": { "storage": "1Gi" } } }
@@ -753,7 +751,14 @@ async fn deleting_the_namespace_of_an_app_on_a_shared_claim_finishes() {
         .unwrap();
     let mut app = example_app("tenant", "tenant:1");
     app.spec.checkpoint.storage.existing_claim = Some("shared".into());
-    create_and_make_ready(&ns, &app).await;
+    create_and_make_ready(ns, &app).await;
+}
+
+#[tokio::test]
+async fn deleting_the_namespace_of_an_app_on_a_shared_claim_finishes() {
+    let ns = setup("op-nsgone").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    tenant_on_a_shared_claim(&ns).await;
     assert!(
         ns.api::<CracApp>()
             .get("tenant")
@@ -881,18 +886,7 @@ async fn an_existing_claim_holding_another_apps_images_is_refused() {
 async fn images_on_a_shared_claim_are_cleaned_before_the_app_goes() {
     let ns = setup("op-shared").await;
     let _operator = start_operator(&ns.client, &ns.name);
-    let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": "shared" },
-        "spec": { "accessModes": ["ReadWriteMany"], "resources": { "requests": { "storage": "10Gi" } } }
-    }))
-    .unwrap();
-    ns.api::<PersistentVolumeClaim>()
-        .create(&PostParams::default(), &claim)
-        .await
-        .unwrap();
-    let mut app = example_app("tenant", "tenant:1");
-    app.spec.checkpoint.storage.existing_claim = Some("shared".into());
-    create_and_make_ready(&ns, &app).await;
+    tenant_on_a_shared_claim(&ns).await;
 
     let apps: Api<CracApp> = ns.api();
     apps.delete("tenant", &DeleteParams::background())

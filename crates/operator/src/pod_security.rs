@@ -10,7 +10,9 @@
 //! created, naming the field.
 
 use crac_api::cracapp::APP_CONTAINER;
-use k8s_openapi::api::core::v1::{Container, PodSpec, SecurityContext};
+use k8s_openapi::api::core::v1::{
+    Container, PodSpec, SELinuxOptions, SecurityContext, WindowsSecurityContextOptions,
+};
 
 /// Capabilities checkpoint and restore need (Linux >= 5.9), added to the app container and
 /// nothing more: not privileged, no SYS_ADMIN.
@@ -142,24 +144,11 @@ pub fn check(pod: &PodSpec, allowance: &PodAllowance) -> Result<(), Refusal> {
                 ));
             }
         }
-        if let Some(selinux) = &security.se_linux_options {
-            check_selinux(
-                selinux.type_.as_deref(),
-                selinux.user.is_some() || selinux.role.is_some(),
-            )
-            .map_err(|p| refused(format!("{AT}.securityContext.seLinuxOptions"), p))?;
-        }
-        if security
-            .windows_options
-            .as_ref()
-            .and_then(|w| w.host_process)
-            == Some(true)
-        {
-            return Err(refused(
-                format!("{AT}.securityContext.windowsOptions.hostProcess"),
-                "host processes are not allowed",
-            ));
-        }
+        check_selinux_and_host_process(
+            &format!("{AT}.securityContext"),
+            security.se_linux_options.as_ref(),
+            security.windows_options.as_ref(),
+        )?;
     }
     let containers = [
         (
@@ -273,13 +262,11 @@ fn check_security_context(
             "only the Default proc mount is allowed",
         ));
     }
-    if let Some(selinux) = &security.se_linux_options {
-        check_selinux(
-            selinux.type_.as_deref(),
-            selinux.user.is_some() || selinux.role.is_some(),
-        )
-        .map_err(|p| refused(format!("{at}.seLinuxOptions"), p))?;
-    }
+    check_selinux_and_host_process(
+        &at,
+        security.se_linux_options.as_ref(),
+        security.windows_options.as_ref(),
+    )?;
     if security
         .app_armor_profile
         .as_ref()
@@ -291,30 +278,40 @@ fn check_security_context(
             "Unconfined AppArmor is not allowed",
         ));
     }
-    if security
-        .windows_options
-        .as_ref()
-        .and_then(|w| w.host_process)
-        == Some(true)
-    {
+    Ok(())
+}
+
+/// SELinux options (no user or role, only the container types) and Windows host processes,
+/// the same rules for the pod and for each container (`at` names the securityContext).
+fn check_selinux_and_host_process(
+    at: &str,
+    selinux: Option<&SELinuxOptions>,
+    windows: Option<&WindowsSecurityContextOptions>,
+) -> Result<(), Refusal> {
+    if let Some(selinux) = selinux {
+        if selinux.user.is_some() || selinux.role.is_some() {
+            return Err(refused(
+                format!("{at}.seLinuxOptions"),
+                "SELinux user and role may not be set",
+            ));
+        }
+        if let Some(kind) = selinux.type_.as_deref()
+            && !kind.is_empty()
+            && !SELINUX_TYPES.contains(&kind)
+        {
+            return Err(refused(
+                format!("{at}.seLinuxOptions"),
+                "only the container SELinux types the baseline level allows may be set",
+            ));
+        }
+    }
+    if windows.and_then(|w| w.host_process) == Some(true) {
         return Err(refused(
             format!("{at}.windowsOptions.hostProcess"),
             "host processes are not allowed",
         ));
     }
     Ok(())
-}
-
-fn check_selinux(kind: Option<&str>, sets_user_or_role: bool) -> Result<(), &'static str> {
-    if sets_user_or_role {
-        return Err("SELinux user and role may not be set");
-    }
-    match kind {
-        Some(t) if !t.is_empty() && !SELINUX_TYPES.contains(&t) => {
-            Err("only the container SELinux types the baseline level allows may be set")
-        }
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,10 @@ pub const QUIET_HOURS_IDLE: Duration = Duration::from_secs(30);
 /// A drain that has not ended this long after it began is abandoned: the app keeps serving
 /// (long-lived streams are activity, not idleness).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// A drain lasts at least this long, however soon the pods' connections end: the Service's
+/// move to the activator has to reach every node (kube-proxy, ingress controllers) before
+/// the pods go, or requests still routed to them are refused.
+pub const DRAIN_DWELL: Duration = Duration::from_secs(5);
 
 /// Scale-to-zero settings in force for one app.
 #[derive(Clone, Debug, PartialEq)]
@@ -207,6 +211,8 @@ pub struct Situation {
     /// The governing policy's cap on awake apps puts this app over it.
     pub over_cap: bool,
     pub ready_pods: i32,
+    /// At least one activator pod is ready to take the app's traffic while it sleeps.
+    pub activator_ready: bool,
     pub wake: Option<Timestamp>,
     pub now: Timestamp,
 }
@@ -217,6 +223,10 @@ pub fn next_step(s: &Situation) -> Step {
         Cycle::Awake => {
             if !s.settings.enabled {
                 return Step::Stay(Duration::from_secs(300));
+            }
+            // Without a ready activator the Service would point at nothing: stay awake.
+            if !s.activator_ready {
+                return Step::Stay(poll);
             }
             // Asked to sleep: drain now; the drain still waits for open connections to end.
             if s.sleep_requested {
@@ -262,10 +272,15 @@ pub fn next_step(s: &Situation) -> Step {
         Cycle::Draining => {
             let started = s.sleep_started.unwrap_or(s.now);
             let resumed = s.activity.last_activity.is_some_and(|t| t > started);
-            if !s.settings.enabled || s.wake.is_some_and(|w| w > started) {
+            // A wake, or no activator left to hold the app's requests: back on the pods.
+            if !s.settings.enabled || s.wake.is_some_and(|w| w > started) || !s.activator_ready {
                 return Step::Serve { woke_from: None };
             }
+            let drained = elapsed(started, s.now);
             if s.activity.open_connections == 0 && s.activity.reporting == s.activity.asked {
+                if drained < DRAIN_DWELL {
+                    return Step::Stay(DRAIN_DWELL - drained);
+                }
                 return Step::Sleep;
             }
             if resumed && !s.sleep_requested && !s.over_cap
@@ -334,6 +349,7 @@ mod tests {
             sleep_requested: false,
             over_cap: false,
             ready_pods: 2,
+            activator_ready: true,
             wake: None,
             now: t(1030),
         }
@@ -388,6 +404,41 @@ mod tests {
         assert!(matches!(next_step(&s), Step::Stay(_)));
         s.settings.quiet = true;
         assert!(matches!(next_step(&s), Step::StartDrain { .. }));
+    }
+
+    #[test]
+    fn no_drain_starts_without_a_ready_activator_and_one_in_progress_is_abandoned() {
+        let mut s = situation(Cycle::Awake);
+        s.now = t(1000 + 3600);
+        assert!(matches!(next_step(&s), Step::StartDrain { .. }));
+        s.activator_ready = false;
+        assert!(
+            matches!(next_step(&s), Step::Stay(_)),
+            "idle, but nothing would hold it"
+        );
+        s.sleep_requested = true;
+        assert!(
+            matches!(next_step(&s), Step::Stay(_)),
+            "asked, but nothing would hold it"
+        );
+        let mut draining = situation(Cycle::Draining);
+        draining.sleep_started = Some(t(1020));
+        draining.activator_ready = false;
+        assert_eq!(next_step(&draining), Step::Serve { woke_from: None });
+    }
+
+    #[test]
+    fn a_drain_lasts_long_enough_for_the_endpoints_to_move() {
+        let mut s = situation(Cycle::Draining);
+        s.sleep_started = Some(t(1028));
+        s.now = t(1029);
+        assert_eq!(
+            next_step(&s),
+            Step::Stay(DRAIN_DWELL - Duration::from_secs(1)),
+            "drained, but the endpoints may still point at the pods"
+        );
+        s.now = t(1028) + DRAIN_DWELL;
+        assert_eq!(next_step(&s), Step::Sleep);
     }
 
     #[test]

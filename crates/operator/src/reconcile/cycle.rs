@@ -25,6 +25,8 @@ pub struct CycleSeen {
     /// With a governing policy's `maxAwake`: the cap, and every awake app the policy governs
     /// with its last activity (this app's fresh from its agents).
     pub capped: Option<Cap>,
+    /// At least one activator pod is ready (no drain starts without one).
+    pub activator_ready: bool,
 }
 
 /// A policy's cap on awake apps, and the awake apps it governs with their last activity.
@@ -130,6 +132,7 @@ pub fn plan(
         sleep_requested: seen.requests.sleep_requested,
         over_cap,
         ready_pods: i32::try_from(ready_pods).unwrap_or(i32::MAX),
+        activator_ready: seen.activator_ready,
         wake: seen.requests.wake,
         now,
     };
@@ -268,6 +271,7 @@ mod tests {
                 last_activity: Some(t(100)),
             },
             capped,
+            activator_ready: true,
         }
     }
 

@@ -398,6 +398,7 @@ mod tests {
                 requests,
                 activity: Activity::default(),
                 capped: None,
+                activator_ready: true,
             },
             activator_ports: Vec::new(),
         }

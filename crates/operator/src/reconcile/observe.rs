@@ -189,6 +189,7 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
         None => Vec::new(),
     };
 
+    let activator_ips = caches.activator_ips();
     Ok(Observed {
         now,
         storage_problem: storage_problem(app, ctx, &ns),
@@ -203,13 +204,14 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
             &crate::build::service::endpoint_slice_name(&name),
         ),
         ready_ips,
-        activator_ips: caches.activator_ips(),
         cycle: CycleSeen {
             settings,
             requests,
             activity,
             capped,
+            activator_ready: !activator_ips.is_empty(),
         },
+        activator_ips,
         activator_ports,
         spec,
         key,
