@@ -368,8 +368,6 @@ struct Bench {
     hits: Hits,
     seen: mpsc::UnboundedReceiver<Seen>,
     activator_admin: String,
-    /// When the last request was sent.
-    last_sent: Option<Instant>,
 }
 
 impl Bench {
@@ -432,12 +430,8 @@ impl Bench {
 
     /// One wake, timed. `Ok(None)` when the request did not go through a wake.
     async fn wake_once(&mut self, cycle: usize) -> Result<Option<Sample>> {
-        // The activator writes wakeRequestedAt in whole seconds, and the operator compares it
-        // with sleptAt in whole seconds: an app put to sleep in the same second as its last
-        // wake request is taken as woken again at once. Ask for sleep 1.1 s after it at least.
-        if let Some(t) = self.last_sent {
-            tokio::time::sleep(Duration::from_millis(1100).saturating_sub(t.elapsed())).await;
-        }
+        // No pause after the last wake: the cycle's times keep microseconds, so a sleep asked
+        // for in the same second as the last wake must still be told apart from it.
         self.put_to_sleep().await?;
         // The activator learns of the deleted pods from its own watch; give it a moment so
         // the request is held, not forwarded to a pod that was just deleted.
@@ -465,7 +459,6 @@ impl Bench {
         let hits_before = self.hits.lock().expect("hits lock").len();
 
         let sent = Instant::now();
-        self.last_sent = Some(sent);
         let port = u16::try_from(port)?;
         let (code, body, first_byte) = timed_get((self.args.activator_address, port)).await?;
         if code != 200 || !body.starts_with("hello from ") {
@@ -731,7 +724,6 @@ async fn run(client: &Client, args: Args, kubeconfig: &str, ns: &str) -> Result<
         hits,
         seen,
         activator_admin,
-        last_sent: None,
     };
     bench.wait_awake().await?;
 
@@ -874,7 +866,7 @@ fn report(args: &Args, samples: &[Sample], not_woken: usize) {
         let (p50, p99, _) = stats(recorded);
         println!(
             "- the operator's own `status.lastWake.latencyMs` for the same wakes: p50 {p50:.0}, p99 {p99:.0} ms \
-             (from `wakeRequestedAt`, which the activator writes in whole seconds, to the reconcile that saw a ready pod)"
+             (from `wakeRequestedAt`, to the reconcile that saw a ready pod)"
         );
     }
     if args.restore.is_empty() {
@@ -894,9 +886,9 @@ fn report(args: &Args, samples: &[Sample], not_woken: usize) {
         "- simulated here: no kubelet and no container runtime (kwok marks the pod Running and Ready as \
          soon as it is bound; nothing restores), so \"pod ready\" is kwok's reaction time, not a restore. \
          On a real node the restore runs in the pod, and the kubelet's readiness probe adds to it: the \
-         operator keeps the app's own `readinessProbe` on restore pods unchanged (crates/operator/src/build/inject.rs, \
-         Mode::Restore), so a probe without `periodSeconds` probes every 10 s, and a first probe that runs \
-         before the restored JVM listens delays Ready by up to one period. App and activity endpoints: the \
+         operator probes restore pods every second unless the app's `readinessProbe` sets `periodSeconds` \
+         (crates/operator/src/build/inject.rs, Mode::Restore), so a first probe that runs before the \
+         restored JVM listens delays Ready by up to one period. App and activity endpoints: the \
          driver serves them on every address of its node's {}.{}.{}.0/24.",
         net[0], net[1], net[2]
     );
