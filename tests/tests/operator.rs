@@ -600,32 +600,26 @@ async fn a_template_asking_for_more_than_restore_needs_is_refused_and_nothing_is
         .await;
     }
     // Nothing was created for either app.
-    let lp = ListParams::default();
-    assert!(ns.api::<Job>().list(&lp).await.unwrap().items.is_empty());
-    assert!(
-        ns.api::<Deployment>()
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
-    assert!(
-        ns.api::<Service>()
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
-    assert!(
-        ns.api::<PersistentVolumeClaim>()
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
+    assert_eq!(count::<Job>(&ns).await, 0);
+    assert_eq!(count::<Deployment>(&ns).await, 0);
+    assert_eq!(count::<Service>(&ns).await, 0);
+    assert_eq!(count::<PersistentVolumeClaim>(&ns).await, 0);
+}
+
+/// How many objects of kind `K` the namespace holds.
+async fn count<K>(ns: &TestNamespace) -> usize
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    ns.api::<K>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len()
 }
 
 fn assert_refused(what: &str, field: &str, err: kube::Error) {

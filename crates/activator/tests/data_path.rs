@@ -27,13 +27,7 @@ use tokio::net::TcpStream;
 const LONG: Duration = Duration::from_secs(30);
 
 async fn wait_held(activator: &crac_activator::Activator, n: usize) {
-    let app = activator.registry().app(&app_key()).unwrap();
-    within(LONG, "requests to be held", async {
-        while app.held() < n {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    wait_held_for(activator, &app_key(), n).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
