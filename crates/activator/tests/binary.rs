@@ -372,24 +372,6 @@ fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// Reads until the peer closes (EOF or an error), at most `limit`; `None` if still open.
-async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
-    use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(limit, async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .ok()
-    .map(|()| got)
-}
-
 fn metric_value(metrics: &str, line_prefix: &str) -> f64 {
     metrics
         .lines()
@@ -480,7 +462,7 @@ async fn hostile_callers_leave_the_binary_small_and_a_held_request_still_gets_it
 
     let mut answered_431 = 0;
     for mut stream in fat_streams {
-        let answer = read_until_closed(&mut stream, Duration::from_secs(5))
+        let answer = closed_within(&mut stream, Duration::from_secs(5))
             .await
             .expect("an oversized head's connection was kept open");
         if answer.starts_with(b"HTTP/1.1 431") {
@@ -493,7 +475,7 @@ async fn hostile_callers_leave_the_binary_small_and_a_held_request_still_gets_it
     // The default header timeout (10 s) closes the silent and the slow.
     let closes = waiting.into_iter().map(|mut stream| async move {
         let limit = Duration::from_secs(16).saturating_sub(opened.elapsed());
-        read_until_closed(&mut stream, limit).await.is_some()
+        closed_within(&mut stream, limit).await.is_some()
     });
     let closed = futures::future::join_all(closes).await;
     assert!(

@@ -790,24 +790,6 @@ async fn a_port_two_apps_claim_serves_neither_until_one_claim_goes() {
 // ---- Hostile and broken callers: connection cap, header timeout and size, HTTP/2 limits, the
 // overall cap on held requests.
 
-/// Reads until the activator closes `stream` (EOF or an error), at most `limit`; returns what
-/// it sent first, or `None` when the connection was still open at the limit.
-async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(limit, async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .ok()
-    .map(|()| got)
-}
-
 async fn wait_held_for(activator: &crac_activator::Activator, key: &AppKey, n: usize) {
     let app = activator.registry().app(key).unwrap();
     within(LONG, "requests to be held", async {

@@ -473,3 +473,23 @@ impl Child {
         self.wait_exit(Duration::from_secs(15)).await
     }
 }
+
+/// Reads until the activator closes `stream` (EOF or an error), at most `limit`; returns what
+/// it sent first, or `None` when the connection was still open at the limit.
+#[allow(dead_code)] // each test binary compiles this module and uses part of it
+pub async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| got)
+}
