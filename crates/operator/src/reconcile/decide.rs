@@ -73,7 +73,7 @@ pub fn decide(
                 reason: error.reason().to_string(),
                 message: error.to_string(),
             };
-            return reported_only(app, seen, progress, None);
+            return reported_only(app, seen, carried_over(app, seen), progress, None);
         }
     };
     if let Some((reason, message)) = &seen.storage_problem {
@@ -81,7 +81,13 @@ pub fn decide(
             reason: reason.clone(),
             message: message.clone(),
         };
-        return reported_only(app, seen, progress, Some(STORAGE_RETRY));
+        return reported_only(
+            app,
+            seen,
+            carried_over(app, seen),
+            progress,
+            Some(STORAGE_RETRY),
+        );
     }
 
     let mut next = carried_over(app, seen);
@@ -237,7 +243,6 @@ fn carried_over(app: &CracApp, seen: &Observed) -> CracAppStatus {
     }
 }
 
-/// A reconcile that only reports (an invalid spec, a storage problem): no object changes.
 /// How soon an app blocked by an object someone else owns is looked at again (a change to
 /// that object reaches no watch of the operator's).
 pub const NAME_TAKEN_RETRY: Duration = Duration::from_secs(60);
@@ -250,31 +255,21 @@ pub fn name_taken(app: &CracApp, seen: &Observed, decided: &Decision, message: S
         reason: "NameTaken".into(),
         message,
     };
-    let rollout = seen.deployment.as_deref().map(|d| {
-        let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-        rollout_of(d.status.clone(), wanted)
-    });
-    let mut events = Vec::new();
-    let status = complete(
+    reported_only(
         app,
         seen,
         decided.status.clone(),
         progress,
-        rollout,
-        false,
-        &mut events,
-    );
-    Decision {
-        status,
-        events,
-        requeue: Some(NAME_TAKEN_RETRY),
-        ..Default::default()
-    }
+        Some(NAME_TAKEN_RETRY),
+    )
 }
 
+/// A reconcile that only reports (an invalid spec, a storage problem, an object in the way):
+/// `next` with its phase and conditions, and no object changes.
 fn reported_only(
     app: &CracApp,
     seen: &Observed,
+    next: CracAppStatus,
     progress: CheckpointProgress,
     requeue: Option<Duration>,
 ) -> Decision {
@@ -283,7 +278,6 @@ fn reported_only(
         rollout_of(d.status.clone(), wanted)
     });
     let mut events = Vec::new();
-    let next = carried_over(app, seen);
     let status = complete(app, seen, next, progress, rollout, false, &mut events);
     Decision {
         status,
