@@ -273,8 +273,11 @@ pub fn next_step(s: &Situation) -> Step {
             let started = s.sleep_started.unwrap_or(s.now);
             let resumed = s.activity.last_activity.is_some_and(|t| t > started);
             // A wake, or no activator left to hold the app's requests: back on the pods.
-            if !s.settings.enabled || s.wake.is_some_and(|w| w > started) || !s.activator_ready {
+            if !s.activator_ready {
                 return Step::Serve { woke_from: None };
+            }
+            if !s.settings.enabled || s.wake.is_some_and(|w| w > started) {
+                return back_on_pods(s);
             }
             let drained = elapsed(started, s.now);
             if s.activity.open_connections == 0 && s.activity.reporting == s.activity.asked {
@@ -286,7 +289,7 @@ pub fn next_step(s: &Situation) -> Step {
             if resumed && !s.sleep_requested && !s.over_cap
                 || elapsed(started, s.now) >= DRAIN_TIMEOUT
             {
-                return Step::Serve { woke_from: None };
+                return back_on_pods(s);
             }
             Step::Stay(Duration::from_secs(1))
         }
@@ -294,6 +297,18 @@ pub fn next_step(s: &Situation) -> Step {
         Cycle::Asleep => Step::Stay(Duration::from_secs(300)),
         Cycle::Waking if s.ready_pods > 0 => Step::Serve { woke_from: s.wake },
         Cycle::Waking => Step::Wake,
+    }
+}
+
+/// Ends a drain with the Service back on the pods, once there is a ready one. A drain may
+/// find none: the operator can die after scaling to zero and before recording the sleep, and
+/// then the app looks as if still draining. Pointing the Service at no pods would refuse every
+/// request, so the app wakes first and the activator holds its requests until a pod is ready.
+fn back_on_pods(s: &Situation) -> Step {
+    if s.ready_pods > 0 {
+        Step::Serve { woke_from: None }
+    } else {
+        Step::Wake
     }
 }
 
@@ -425,6 +440,24 @@ mod tests {
         draining.sleep_started = Some(t(1020));
         draining.activator_ready = false;
         assert_eq!(next_step(&draining), Step::Serve { woke_from: None });
+    }
+
+    /// The operator died after scaling to zero and before recording the sleep: the status
+    /// still says draining, and no pod is left. A wake must scale up with the Service kept on
+    /// the activator, and point it at the pods only once one is ready.
+    #[test]
+    fn a_wake_during_a_drain_with_no_pod_left_keeps_the_activator_until_one_is_ready() {
+        let mut s = situation(Cycle::Draining);
+        s.sleep_started = Some(t(1020));
+        s.wake = Some(t(1025));
+        assert_eq!(next_step(&s), Step::Serve { woke_from: None });
+        s.ready_pods = 0;
+        s.activity = Activity::default();
+        assert_eq!(next_step(&s), Step::Wake, "no pod to point the Service at");
+        s.settings.enabled = false;
+        assert_eq!(next_step(&s), Step::Wake, "switched off, with no pod left");
+        s.ready_pods = 1;
+        assert_eq!(next_step(&s), Step::Serve { woke_from: None });
     }
 
     #[test]

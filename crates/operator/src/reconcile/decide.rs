@@ -509,6 +509,62 @@ mod tests {
         assert_eq!(d.status.phase, Some(Phase::ScaledToZero));
     }
 
+    /// The operator died after scaling to zero and before recording the sleep: the status says
+    /// draining, no pod is left, and a wake arrives. The app scales up while its endpoints stay
+    /// on the activator (which holds the request); pointing them at no pods would refuse it.
+    #[test]
+    fn a_wake_after_an_unrecorded_sleep_scales_up_behind_the_activator() {
+        let mut app = app();
+        app.spec.scale_to_zero =
+            Some(serde_json::from_value(serde_json::json!({ "enabled": true })).unwrap());
+        let mut seen = observed(&app, CracAppStatus::default());
+        let id = id_of(&seen);
+        let started = now() - std::time::Duration::from_secs(10);
+        seen.previous = CracAppStatus {
+            checkpoint: Some(CheckpointStatus {
+                id,
+                ..Default::default()
+            }),
+            sleep_started_at: Some(MicroTime(started)),
+            serving_mode: Some(ServingMode::Activator),
+            activator_ports: vec![ActivatorPort {
+                name: None,
+                target_port: 8080,
+                activator_port: 20007,
+            }],
+            ..Default::default()
+        };
+        seen.cycle.settings.enabled = true;
+        seen.cycle.requests = Requests {
+            wake: Some(now()),
+            sleep_requested: false,
+            cycle: Cycle::Draining,
+        };
+        seen.activator_ports = seen.previous.activator_ports.clone();
+        let addresses = |d: &Decision| -> Vec<String> {
+            let slice = d.slice.as_ref().expect("a slice");
+            slice
+                .endpoints
+                .iter()
+                .flatten()
+                .flat_map(|e| e.addresses.clone())
+                .collect()
+        };
+        let d = decide(&app, &seen, &config(), BASE);
+        let replicas = d
+            .deployment
+            .as_ref()
+            .and_then(|d| d.spec.as_ref()?.replicas);
+        assert_eq!(replicas, Some(app.spec.replicas), "scaled back up");
+        assert_eq!(addresses(&d), ["10.9.0.1"], "still the activator");
+        assert_eq!(d.status.serving_mode, Some(ServingMode::Activator));
+        // Once a pod is ready, the endpoints move to it.
+        seen.ready_ips = vec!["10.1.0.5".into()];
+        let d = decide(&app, &seen, &config(), BASE);
+        assert_eq!(addresses(&d), ["10.1.0.5"]);
+        assert_eq!(d.status.serving_mode, Some(ServingMode::Pods));
+    }
+
     #[test]
     fn an_invalid_spec_is_reported_and_nothing_is_applied() {
         let mut app = app();
