@@ -13,7 +13,7 @@ use crac_api::labels;
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
-use k8s_openapi::api::core::v1::{EnvVar, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{EnvVar, LifecycleHandler, PodSpec, PodTemplateSpec, SleepAction};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
@@ -44,6 +44,7 @@ pub fn restore_deployment_for(
 
     let mut pod_spec = app.spec.template.spec.clone().unwrap_or_default();
     inject_agent(&mut pod_spec, Mode::Restore, app, validated, id, config);
+    serve_while_endpoints_move(&mut pod_spec);
     if let Some(container) = pod_spec
         .containers
         .iter_mut()
@@ -91,6 +92,30 @@ pub fn restore_deployment_for(
     }
 }
 
+/// How long a restore pod keeps serving after it is told to stop, before its app gets
+/// SIGTERM: the removal of its address reaches every node's proxy and the activator in this
+/// time, so no request is sent to a pod that has already stopped listening.
+pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
+
+/// Gives the app container a preStop sleep (the kubelet's own, so the image needs no `sleep`
+/// binary) unless the template sets a preStop of its own. The sleep counts against the grace
+/// period, so a shorter grace period shortens it, leaving a second for the app's own stop.
+fn serve_while_endpoints_move(pod: &mut PodSpec) {
+    let grace = pod.termination_grace_period_seconds.unwrap_or(30);
+    let seconds = PRE_STOP_SLEEP_SECONDS.min(grace - 1);
+    let Some(app) = pod.containers.iter_mut().find(|c| c.name == APP_CONTAINER) else {
+        return;
+    };
+    let own = app.lifecycle.as_ref().is_some_and(|l| l.pre_stop.is_some());
+    if own || seconds < 1 {
+        return;
+    }
+    app.lifecycle.get_or_insert_with(Default::default).pre_stop = Some(LifecycleHandler {
+        sleep: Some(SleepAction { seconds }),
+        ..Default::default()
+    });
+}
+
 /// The checkpoint id a Deployment's pods restore from.
 pub fn restored_id(deployment: &Deployment) -> Option<&str> {
     deployment
@@ -127,6 +152,46 @@ mod tests {
             digest: Some(format!("sha256:{}", "e".repeat(64))),
             ..Default::default()
         }
+    }
+
+    fn pre_stop_sleep(d: &Deployment) -> Option<i64> {
+        let pod = d.spec.as_ref()?.template.spec.as_ref()?;
+        let handler = pod.containers[0].lifecycle.as_ref()?.pre_stop.as_ref()?;
+        Some(handler.sleep.as_ref()?.seconds)
+    }
+
+    #[test]
+    fn pods_keep_serving_while_their_endpoints_move_unless_the_template_says_otherwise() {
+        assert_eq!(pre_stop_sleep(&deployment()), Some(PRE_STOP_SLEEP_SECONDS));
+        let build = |edit: &dyn Fn(&mut PodSpec)| {
+            let mut a = app();
+            edit(a.spec.template.spec.as_mut().unwrap());
+            let v = validate(&a, &Default::default()).unwrap();
+            let config = BuildConfig {
+                agent_image: "crac-agent:test".into(),
+            };
+            restore_deployment_for(&a, &v, &image(), 2, &config)
+        };
+        let short_grace = build(&|pod| pod.termination_grace_period_seconds = Some(3));
+        assert_eq!(
+            pre_stop_sleep(&short_grace),
+            Some(2),
+            "within the grace period"
+        );
+        let no_grace = build(&|pod| pod.termination_grace_period_seconds = Some(1));
+        assert_eq!(pre_stop_sleep(&no_grace), None);
+        let container = no_grace.spec.unwrap().template.spec.unwrap().containers[0].clone();
+        assert_eq!(container.lifecycle, None, "nothing added");
+        let own = build(&|pod| {
+            pod.containers[0].lifecycle = Some(k8s_openapi::api::core::v1::Lifecycle {
+                pre_stop: Some(LifecycleHandler {
+                    sleep: Some(SleepAction { seconds: 20 }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        });
+        assert_eq!(pre_stop_sleep(&own), Some(20), "the template's own is kept");
     }
 
     #[test]
