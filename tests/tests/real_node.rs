@@ -136,8 +136,27 @@ async fn a_new_image_rolls_out_while_the_old_pods_serve() {
     apps.create(&PostParams::default(), &hello_app("roll", HELLO_IMAGE))
         .await
         .unwrap();
-    ready(&ns, "roll", 2).await;
+    let before = ready(&ns, "roll", 2).await;
     let first = status_of(&apps, "roll").await.checkpoint.unwrap().id;
+
+    // A pod told to stop keeps serving through its preStop sleep, while the removal of its
+    // address spreads; without it the agent gets SIGTERM at once and the JVM is gone in
+    // well under a second.
+    let (stopping, ip) = &before[0];
+    pods.delete(stopping, &DeleteParams::default())
+        .await
+        .unwrap();
+    let deleted = tokio::time::Instant::now();
+    while deleted.elapsed() < Duration::from_secs(3) {
+        let answer = http_get(ip, 8080, "/").await;
+        assert!(
+            matches!(&answer, Some((200, body)) if body.starts_with("hello ")),
+            "{stopping} stopped serving {:?} after it was deleted: {answer:?}",
+            deleted.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ready(&ns, "roll", 2).await;
 
     // A merge patch replaces the containers list: send the whole template.
     let body = serde_json::json!({ "spec": { "template": hello_app("roll", HELLO_IMAGE_2).spec.template } });
