@@ -151,6 +151,12 @@ pub fn failure(reason: &str, message: &str) -> AgentSummary {
 /// Creates (once per test namespace) a pod standing in for the activator, on the node whose
 /// addresses EndpointSlices accept, and waits until it is ready. Returns its address.
 pub async fn stand_in_activator(client: &Client, test_namespace: &str) -> String {
+    let name = format!("activator-{test_namespace}");
+    stand_in_activator_named(client, test_namespace, &name).await
+}
+
+/// [`stand_in_activator`] under another pod name: one more activator replica.
+pub async fn stand_in_activator_named(client: &Client, test_namespace: &str, name: &str) -> String {
     use k8s_openapi::api::core::v1::Namespace;
     use kube::api::PostParams;
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -169,7 +175,6 @@ pub async fn stand_in_activator(client: &Client, test_namespace: &str) -> String
         },
     )
     .await;
-    let name = format!("activator-{test_namespace}");
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": { "name": name, "labels": { ACTIVATOR_LABEL: test_namespace } },
         "spec": {
@@ -184,7 +189,7 @@ pub async fn stand_in_activator(client: &Client, test_namespace: &str) -> String
         "the stand-in activator to be ready",
         std::time::Duration::from_secs(60),
         || async {
-            let p = pods.get(&name).await.ok()?;
+            let p = pods.get(name).await.ok()?;
             crac_api::serving::serving_address(&p).map(String::from)
         },
     )

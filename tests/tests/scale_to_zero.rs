@@ -10,7 +10,8 @@ use crac_api::cracapp::{Phase, ServingMode};
 use crac_api::labels;
 use crac_tests::activity::{ActivityServer, report};
 use crac_tests::operator::{
-    create_and_make_ready, example_app, stand_in_activator, start_operator, status_of,
+    ACTIVATOR_NAMESPACE, create_and_make_ready, example_app, stand_in_activator,
+    stand_in_activator_named, start_operator, status_of,
 };
 use crac_tests::{TestNamespace, install_crds, kubeconfig_path, repo_root, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -150,6 +151,65 @@ async fn asked_to_sleep_it_drains_then_scales_to_zero_and_a_wake_request_brings_
             "no {r} Event in {reasons:?}"
         );
     }
+}
+
+/// A sleeping app's Service follows the activator pods: when one is replaced (a rolling
+/// update, a node drain), the app's slice moves to the new address promptly, not at the next
+/// periodic look (minutes for a sleeping app).
+#[tokio::test]
+async fn a_sleeping_apps_endpoints_follow_the_activator_pods() {
+    let _serial = SERIAL.lock().await;
+    let ns = TestNamespace::new("stz-follow").await;
+    install_crds(&ns.client).await;
+    let old = stand_in_activator(&ns.client, &ns.name).await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let apps: Api<CracApp> = ns.api();
+    create_and_make_ready(&ns, &sleepy_app("follow", "30m")).await;
+    let ip = restore_pod_ips(&ns, "follow").await.pop().unwrap();
+    let agent = ActivityServer::start(&ip, report(0, 0)).await;
+    annotate(&apps, "follow", labels::SLEEP_REQUESTED_AT).await;
+    wait_for("asleep", DEADLINE, || async {
+        (status_of(&apps, "follow").await.phase? == Phase::ScaledToZero).then_some(())
+    })
+    .await;
+    drop(agent);
+    let slices: Api<EndpointSlice> = ns.api();
+    let addresses = || async {
+        let slice = slices.get("follow-crac").await.unwrap();
+        let mut all: Vec<String> = slice
+            .endpoints
+            .into_iter()
+            .flatten()
+            .flat_map(|e| e.addresses)
+            .collect();
+        all.sort();
+        all
+    };
+    assert_eq!(addresses().await, [old.clone()]);
+
+    let second = format!("activator-{}-2", ns.name);
+    let new = stand_in_activator_named(&ns.client, &ns.name, &second).await;
+    let mut both = vec![old.clone(), new.clone()];
+    both.sort();
+    wait_for(
+        "the new activator in the slice",
+        Duration::from_secs(10),
+        || async { (addresses().await == both).then_some(()) },
+    )
+    .await;
+    let activators: Api<Pod> = Api::namespaced(ns.client.clone(), ACTIVATOR_NAMESPACE);
+    activators
+        .delete(&format!("activator-{}", ns.name), &Default::default())
+        .await
+        .unwrap();
+    // Far below the 300 s a sleeping app waits between periodic looks.
+    wait_for(
+        "the old activator out of the slice",
+        Duration::from_secs(10),
+        || async { (addresses().await == [new.clone()]).then_some(()) },
+    )
+    .await;
+    let _ = activators.delete(&second, &Default::default()).await;
 }
 
 #[tokio::test]
