@@ -185,7 +185,7 @@ async fn a_sleeping_apps_endpoints_follow_the_activator_pods() {
         all.sort();
         all
     };
-    assert_eq!(addresses().await, [old.clone()]);
+    assert_eq!(addresses().await, std::slice::from_ref(&old));
 
     let second = format!("activator-{}-2", ns.name);
     let new = stand_in_activator_named(&ns.client, &ns.name, &second).await;
