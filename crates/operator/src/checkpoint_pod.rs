@@ -107,6 +107,9 @@ pub fn sanitize_reason(raw: &str) -> String {
     }
 }
 
+/// The reason of a completed checkpoint whose summary has no valid image digest.
+pub const DIGEST_MISSING: &str = "ImageDigestMissing";
+
 /// The value of a metric's `reason` label: one of the known reasons, else `Other`, so an
 /// app cannot grow the label's values without bound.
 pub fn reason_label(reason: &str) -> &str {
@@ -118,7 +121,7 @@ pub fn reason_label(reason: &str) -> &str {
         "PodFailed",
         "BackoffLimitExceeded",
         "DeadlineExceeded",
-        "ImageDigestMissing",
+        DIGEST_MISSING,
     ];
     if crac_api::agent::reason::ALL.contains(&reason) || OPERATOR_REASONS.contains(&reason) {
         reason

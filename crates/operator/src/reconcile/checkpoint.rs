@@ -3,7 +3,7 @@
 //! what the status says and whether a Job is to be created.
 
 use super::status::{CheckpointProgress, retry_backoff};
-use crate::checkpoint_pod::{failure_of, summary_of};
+use crate::checkpoint_pod::{DIGEST_MISSING, failure_of, summary_of};
 use crac_api::agent::AgentSummary;
 use crac_api::cracapp::{CheckpointStatus, Engine, PendingCheckpoint};
 use k8s_openapi::api::batch::v1::Job;
@@ -11,9 +11,6 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{RoundMode, Timestamp, TimestampRound, Unit};
 use std::time::Duration;
-
-/// The reason of a completed checkpoint whose summary has no valid image digest.
-pub const DIGEST_MISSING: &str = "ImageDigestMissing";
 
 /// What the checkpoint step found, and what it wants.
 #[derive(Clone, Debug, PartialEq)]
