@@ -1176,3 +1176,266 @@ async fn held_requests_are_capped_across_all_apps() {
     // The slots came back.
     assert_eq!(get(port, "/echo/after").await.unwrap().body, "id:after");
 }
+
+// ---- An app that answers an upload before reading it (an early 401 or 413).
+
+/// How the fake app ends a connection after its early answer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum EarlyClose {
+    /// Shuts its write side, then discards input until EOF or a short deadline, then closes
+    /// (what careful servers do).
+    Graceful,
+    /// Closes at once with the upload unread: the kernel sends RST.
+    Abrupt,
+}
+
+const EARLY_STATUS: &str = "413";
+
+/// The early answer's body: a few KiB the caller must get whole.
+fn early_body() -> Vec<u8> {
+    (0..6000).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// An app on 127.0.0.1 that reads each request's head only, answers 413 at once and ends the
+/// connection as `close` says. One request per connection.
+async fn start_early_answerer(close: EarlyClose) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind((LOOPBACK, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            while conns.try_join_next().is_some() {}
+            conns.spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                // The head only: the body that follows it in the same read is left alone too.
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = early_body();
+                let mut answer = format!(
+                    "HTTP/1.1 {EARLY_STATUS} Payload Too Large\r\ncontent-type: text/plain\r\n\
+                     content-length: {}\r\n\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                answer.extend_from_slice(&body);
+                if stream.write_all(&answer).await.is_err() {
+                    return;
+                }
+                match close {
+                    EarlyClose::Abrupt => drop(stream),
+                    EarlyClose::Graceful => {
+                        let _ = stream.shutdown().await;
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            let mut sink = vec![0u8; 64 * 1024];
+                            while let Ok(n) = stream.read(&mut sink).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                        })
+                        .await;
+                    }
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+/// What a caller uploading `body_len` bytes got back.
+#[derive(Debug, PartialEq)]
+enum UploadAnswer {
+    /// The early answer, whole.
+    Complete,
+    /// Something else: another status, a cut body, a reset or no answer.
+    Lost(String),
+}
+
+/// A raw HTTP/1.1 caller: sends a POST head, streams `body_len` bytes from a task of its own
+/// (its write errors ignored, as a careful client does), and reads the answer at the same time
+/// until its `Content-Length` is complete.
+async fn upload_expecting_early_answer(port: u16, body_len: usize) -> UploadAnswer {
+    let stream = match TcpStream::connect((LOOPBACK, port)).await {
+        Ok(s) => s,
+        Err(e) => return UploadAnswer::Lost(format!("connect: {e}")),
+    };
+    let (mut reader, mut writer) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nhost: demo\r\ncontent-type: application/octet-stream\r\n\
+             content-length: {body_len}\r\n\r\n"
+        );
+        if writer.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![7u8; 64 * 1024];
+        let mut left = body_len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if writer.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        // Keep the socket open (no FIN) until the answer is read: the reader drops it.
+        std::future::pending::<()>().await;
+    });
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let expected = early_body();
+    let outcome = loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let body = &got[end + 4..];
+            if !head.starts_with(&format!("http/1.1 {EARLY_STATUS}")) {
+                break UploadAnswer::Lost(format!("head {head:?}"));
+            }
+            if body.len() >= expected.len() {
+                break if body[..expected.len()] == expected[..] {
+                    UploadAnswer::Complete
+                } else {
+                    UploadAnswer::Lost("body differs".into())
+                };
+            }
+        }
+        match tokio::time::timeout(LONG, reader.read(&mut buf)).await {
+            Err(_) => break UploadAnswer::Lost(format!("no answer after {} bytes", got.len())),
+            Ok(Ok(0)) => break UploadAnswer::Lost(format!("EOF after {} bytes", got.len())),
+            Ok(Err(e)) => break UploadAnswer::Lost(format!("{e} after {} bytes", got.len())),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    };
+    sender.abort();
+    outcome
+}
+
+/// `n` uploads at once, then `n` one after another; returns the failures as text.
+async fn early_answer_rounds(port: u16, body_len: usize, n: usize) -> Vec<String> {
+    let mut lost = Vec::new();
+    let parallel: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(upload_expecting_early_answer(port, body_len)))
+        .collect();
+    for call in parallel {
+        if let UploadAnswer::Lost(why) = within(LONG, "upload", call).await.unwrap() {
+            lost.push(format!("parallel: {why}"));
+        }
+    }
+    for _ in 0..n {
+        if let UploadAnswer::Lost(why) =
+            within(LONG, "upload", upload_expecting_early_answer(port, body_len)).await
+        {
+            lost.push(format!("sequential: {why}"));
+        }
+    }
+    lost
+}
+
+const MIB: usize = 1024 * 1024;
+
+/// The same uploads straight to the app (no activator): what the kernel itself loses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_answers_straight_from_the_app_for_comparison() {
+    for close in [EarlyClose::Graceful, EarlyClose::Abrupt] {
+        let (app_port, app) = start_early_answerer(close).await;
+        for body_len in [MIB, 10 * MIB] {
+            let lost = early_answer_rounds(app_port, body_len, 50).await;
+            eprintln!(
+                "direct, {close:?}, {} MiB: {} of 100 lost {:?}",
+                body_len / MIB,
+                lost.len(),
+                lost.iter().take(3).collect::<Vec<_>>()
+            );
+            if close == EarlyClose::Graceful {
+                assert!(lost.is_empty(), "a graceful app's answer was lost: {lost:?}");
+            }
+        }
+        app.abort();
+    }
+}
+
+async fn early_answer_through_an_awake_app(close: EarlyClose) {
+    let (app_port, app) = start_early_answerer(close).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let (activator, port) =
+        start_activator(test_config(), &waker, app_port, Duration::from_secs(20)).await;
+    waker.set_pods(&app_key(), vec![LOOPBACK]);
+    let mut lost = Vec::new();
+    for body_len in [MIB, 10 * MIB] {
+        let round = early_answer_rounds(port, body_len, 50).await;
+        eprintln!(
+            "activator, awake, {close:?}, {} MiB: {} of 100 lost {:?}",
+            body_len / MIB,
+            round.len(),
+            round.iter().take(3).collect::<Vec<_>>()
+        );
+        lost.extend(round);
+    }
+    assert!(lost.is_empty(), "{} early answers lost: {lost:?}", lost.len());
+    // GETs and whole uploads on the same activator are unaffected.
+    assert_eq!(
+        metric(&activator, "crac_activator_held_requests{"),
+        0.0,
+        "nothing stays held"
+    );
+    app.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_an_upload_reaches_the_caller_whole_from_a_graceful_app() {
+    early_answer_through_an_awake_app(EarlyClose::Graceful).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_an_upload_reaches_the_caller_whole_from_an_app_that_resets() {
+    early_answer_through_an_awake_app(EarlyClose::Abrupt).await;
+}
+
+async fn early_answer_to_held_uploads(close: EarlyClose) {
+    let (app_port, app) = start_early_answerer(close).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let (activator, port) =
+        start_activator(test_config(), &waker, app_port, Duration::from_secs(20)).await;
+    let mut lost = Vec::new();
+    for (wake, body_len) in [MIB, 10 * MIB].into_iter().enumerate() {
+        let calls: Vec<_> = (0..50)
+            .map(|_| tokio::spawn(upload_expecting_early_answer(port, body_len)))
+            .collect();
+        wait_held(&activator, 50).await;
+        waker.set_pods(&app_key(), vec![LOOPBACK]);
+        let mut round = Vec::new();
+        for call in calls {
+            if let UploadAnswer::Lost(why) = within(LONG, "held upload", call).await.unwrap() {
+                round.push(why);
+            }
+        }
+        eprintln!(
+            "activator, held, {close:?}, wake {wake}, {} MiB: {} of 50 lost {:?}",
+            body_len / MIB,
+            round.len(),
+            round.iter().take(3).collect::<Vec<_>>()
+        );
+        lost.extend(round);
+        // Asleep again for the next round.
+        waker.set_pods(&app_key(), vec![]);
+    }
+    assert!(lost.is_empty(), "{} early answers lost: {lost:?}", lost.len());
+    app.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_uploads_get_a_graceful_apps_early_answer_whole_after_the_wake() {
+    early_answer_to_held_uploads(EarlyClose::Graceful).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_uploads_get_an_early_answer_whole_after_the_wake_from_an_app_that_resets() {
+    early_answer_to_held_uploads(EarlyClose::Abrupt).await;
+}
