@@ -18,6 +18,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod early_answer;
 pub mod hold;
 pub mod kube;
 pub mod metrics;

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::access::{Cidr, Refusal, check_caller};
+use crate::early_answer::{CallerBody, PodIo, UploadState};
 use crate::hold::{HoldContext, Pick};
 use crate::metrics::{Metrics, Outcome, RefusedReason};
 use crate::registry::{PortEntry, Registry};
@@ -35,7 +36,7 @@ const SWITCH_WAIT: Duration = Duration::from_secs(1);
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 /// Body of every request sent to a pod: the caller's, streamed, or empty for a replay.
-pub type OutBody = Either<Incoming, Empty<Bytes>>;
+pub type OutBody = Either<CallerBody, Empty<Bytes>>;
 
 /// The caller at the other end of one connection, worked out once per connection rather than
 /// once per request.
@@ -50,6 +51,8 @@ pub struct Caller {
     /// Notified when the connection should close after its current requests (the app is
     /// awake: the caller should reconnect through the Service).
     pub close: Notify,
+    /// Whether an HTTP/1.1 request's body was read to its end, for an answer that comes first.
+    pub upload: Arc<UploadState>,
     /// The connection's place under `--max-connections`: freed when the last holder of this
     /// `Caller` is gone, the connection or a tunnel it was upgraded to.
     _slot: Option<ConnectionSlot>,
@@ -62,6 +65,7 @@ impl Caller {
             trusted,
             forwarded_for: HeaderValue::try_from(addr.ip().to_string()).ok(),
             close: Notify::new(),
+            upload: Arc::default(),
             _slot: None,
         }
     }
@@ -141,7 +145,13 @@ impl Proxy {
             return plain(status, "malformed request\n");
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let mut req = req.map(Either::Left);
+        let mut req = req.map(|body| {
+            Either::Left(if h2 {
+                CallerBody::unwatched(body)
+            } else {
+                CallerBody::watched(body, &caller.upload)
+            })
+        });
 
         let mut refused: Vec<IpAddr> = Vec::new();
         loop {
@@ -192,6 +202,12 @@ impl Proxy {
                         }
                     } else {
                         strip_hop_by_hop(resp.headers_mut(), false);
+                        if caller.upload.unfinished() {
+                            // The pod answered before the upload was sent whole: the caller's
+                            // connection cannot be reused, and the caller may stop sending.
+                            resp.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        }
                     }
                     return resp.map(Either::Left);
                 }
@@ -445,14 +461,14 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, addr: SocketAddr) -> std::io::Result<TokioIo<TcpStream>> {
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
             })??;
         stream.set_nodelay(true)?;
-        Ok(TokioIo::new(stream))
+        Ok(stream)
     }
 
     /// Callers box this future: a new connection is the rare path, and its handshake state
@@ -463,8 +479,16 @@ impl Pool {
         addr: SocketAddr,
         upgrades: bool,
     ) -> Result<http1::SendRequest<OutBody>, ConnectError> {
-        let io = self.connect(addr).await.map_err(ConnectError::Io)?;
-        let (sender, conn) = http1::handshake(io).await.map_err(ConnectError::Http)?;
+        let stream = self.connect(addr).await.map_err(ConnectError::Io)?;
+        // A tunnel's copy ends on a failed write; an exchange reads the pod's answer first.
+        let io = if upgrades {
+            PodIo::plain(stream)
+        } else {
+            PodIo::reading_on(stream)
+        };
+        let (sender, conn) = http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(ConnectError::Http)?;
         if upgrades {
             tokio::spawn(async move {
                 if let Err(err) = conn.with_upgrades().await {
@@ -486,7 +510,7 @@ impl Pool {
         addr: SocketAddr,
     ) -> Result<http2::SendRequest<OutBody>, ConnectError> {
         let io = self.connect(addr).await.map_err(ConnectError::Io)?;
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .map_err(ConnectError::Http)?;
         tokio::spawn(async move {

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::early_answer::CallerIo;
 use crate::metrics::ConnectionTimeout;
 use crate::proxy::{Caller, Proxy};
 use crate::tracker::{ConnectionSlot, ConnectionSlots, Tracker};
@@ -235,6 +236,7 @@ impl Server {
             let proxy = Arc::clone(&server.proxy);
             let trusted = crate::access::trusted(&proxy.trusted_callers, peer.ip());
             let caller = Arc::new(Caller::with_slot(peer, trusted, slot));
+            let upload = Arc::clone(&caller.upload);
             let activity = Arc::new(Activity::new());
             let service_caller = Arc::clone(&caller);
             let service_activity = Arc::clone(&activity);
@@ -251,9 +253,10 @@ impl Server {
                     }))
                 }
             });
-            let conn = server
-                .builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = server.builder.serve_connection_with_upgrades(
+                TokioIo::new(CallerIo::new(stream, upload)),
+                service,
+            );
             tokio::pin!(conn);
             let mut shutdown = server.shutdown.subscribe();
             let limits = &server.limits;
