@@ -183,6 +183,9 @@ pub struct Config {
     pub readiness: Option<Readiness>,
     pub warmup: Vec<WarmupRequest>,
     pub retain: usize,
+    /// Checkpoint: the spec generation this image is taken for (0 when not given): prune
+    /// never removes an image of a greater one.
+    pub spec_generation: u64,
     pub fallback: Fallback,
     pub timeout: Duration,
     pub app_port: Option<u16>,
@@ -213,6 +216,8 @@ flags (each overrides its environment variable):
   --readiness URL        CRAC_READINESS  http://127.0.0.1:8080/path or tcp://127.0.0.1:8080
   --warmup JSON          CRAC_WARMUP     [{\"path\":\"/\",\"count\":200}]
   --retain N             CRAC_RETAIN (default 2)
+  --spec-generation N    CRAC_SPEC_GENERATION (checkpoint: the spec's generation, default 0;
+                         prune never removes an image taken for a greater one)
   --fallback F           CRAC_FALLBACK   ColdStart (default) or Fail
   --timeout-seconds N    CRAC_TIMEOUT_SECONDS (default 600)
   --app-port N           CRAC_APP_PORT
@@ -223,13 +228,14 @@ flags (each overrides its environment variable):
   --min-pid N            CRAC_MIN_PID (default 200)
   --image-digest D       CRAC_IMAGE_DIGEST (restore: sha256:<64 hex> of the image's metadata.json)";
 
-const FLAGS: [(&str, &str); 14] = [
+const FLAGS: [(&str, &str); 15] = [
     ("--image-dir", api::ENV_IMAGE_DIR),
     ("--checkpoint-id", api::ENV_CHECKPOINT_ID),
     ("--engine", api::ENV_ENGINE),
     ("--readiness", api::ENV_READINESS),
     ("--warmup", api::ENV_WARMUP),
     ("--retain", api::ENV_RETAIN),
+    ("--spec-generation", api::ENV_SPEC_GENERATION),
     ("--fallback", api::ENV_FALLBACK),
     ("--timeout-seconds", api::ENV_TIMEOUT_SECONDS),
     ("--app-port", api::ENV_APP_PORT),
@@ -334,6 +340,7 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
         readiness,
         warmup: parse_warmup(get(api::ENV_WARMUP).unwrap_or(""))?,
         retain: num(api::ENV_RETAIN, 2)?.max(1) as usize,
+        spec_generation: num(api::ENV_SPEC_GENERATION, 0)?,
         fallback: Fallback::parse(get(api::ENV_FALLBACK).unwrap_or("ColdStart"))?,
         timeout: Duration::from_secs(num(api::ENV_TIMEOUT_SECONDS, 600)?.max(1)),
         app_port,
@@ -453,6 +460,7 @@ mod tests {
         let env = |k: &str| match k {
             "CRAC_ENGINE" => Some("crac".to_string()),
             "CRAC_RETAIN" => Some("5".to_string()),
+            "CRAC_SPEC_GENERATION" => Some("7".to_string()),
             "CRAC_READINESS" => Some("http://127.0.0.1:8080/ready".to_string()),
             _ => None,
         };
@@ -473,6 +481,7 @@ mod tests {
         assert_eq!(c.mode, Mode::Checkpoint);
         assert_eq!(c.engine, Engine::Criu);
         assert_eq!(c.retain, 3);
+        assert_eq!(c.spec_generation, 7);
         assert_eq!(c.app_port, Some(8080));
         assert_eq!(c.command, args(&["java", "-jar", "x.jar"]));
         assert_eq!(c.fallback, Fallback::ColdStart);
@@ -500,6 +509,13 @@ mod tests {
         assert!(parse(&args(&["run"]), |_| None).is_err());
         assert!(parse(&args(&["run", "--nope", "1", "--", "x"]), |_| None).is_err());
         assert!(parse(&args(&["run", "--retain", "x", "--", "x"]), |_| None).is_err());
+        assert!(
+            parse(
+                &args(&["run", "--spec-generation", "-1", "--", "x"]),
+                |_| None
+            )
+            .is_err()
+        );
         assert!(parse(&args(&["run", "--fallback", "Maybe", "--", "x"]), |_| None).is_err());
     }
 

@@ -412,6 +412,7 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        spec_generation: cfg.spec_generation,
         arch: host.arch,
         kernel: image::kernel_release(),
         cpu_flags: host.cpu_flags.into_iter().collect(),
@@ -442,6 +443,15 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
     image::verify_digest(&on_disk, &digest)?;
     image::verify_files(&tmp_path, &image::parse_metadata(&on_disk)?)?;
 
+    // Told to stop while dumping (the operator deletes a superseded checkpoint Job; a node
+    // drains): the image is not published and nothing is pruned. The temporary directory
+    // goes with `tmp`; a Job stopped for a drain is retried by the operator.
+    if let Some(sig) = sup.terminated_by() {
+        return Err(Failure::new(
+            reason::TERMINATED,
+            format!("received signal {sig} during the checkpoint: the image was not published"),
+        ));
+    }
     let dest = image_dir.join(&id);
     let published = image::publish(&image_dir, &tmp_path, &id)?;
     match published {
@@ -466,9 +476,23 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
     s.checkpoint_ms = Some(ms(t_dump.elapsed()));
     s.image_bytes = Some(total_bytes);
 
+    // A signal between the check above and the publication: the image stands, but a process
+    // being stopped removes nothing (the next checkpoint prunes).
+    if let Some(sig) = sup.terminated_by() {
+        log(format!(
+            "received signal {sig} while publishing: published, pruning left to the next checkpoint"
+        ));
+        return Ok(());
+    }
     // A .tmp-… without a lock (an older agent's) may sit unchanged through a whole attempt's
     // readiness and warm-up: only older than the timeout is it surely abandoned.
-    let pruned = image::prune(&image_dir, cfg.retain, &id, cfg.timeout);
+    let pruned = image::prune(
+        &image_dir,
+        cfg.retain,
+        &id,
+        cfg.spec_generation,
+        cfg.timeout,
+    );
     if !pruned.removed.is_empty() || !pruned.in_use.is_empty() {
         log(format!(
             "pruned {:?}; kept in use {:?}",

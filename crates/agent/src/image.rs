@@ -85,6 +85,12 @@ pub struct Metadata {
     /// RFC 3339.
     pub created_at: String,
     pub created_unix: u64,
+    /// The CracApp's `metadata.generation` the checkpoint was taken for
+    /// (`CRAC_SPEC_GENERATION`): images of newer specs have greater ones, and a checkpoint's
+    /// prune never removes one greater than its own. 0 in images of agents that did not
+    /// record it.
+    #[serde(default)]
+    pub spec_generation: u64,
     pub arch: String,
     pub kernel: String,
     /// Instruction-set extensions of the checkpointing CPU that a JIT may have used: restore
@@ -712,15 +718,26 @@ pub fn publish(image_dir: &Path, tmp: &Path, id: &str) -> Result<Published, Fail
 pub struct ImageEntry {
     pub id: String,
     pub created_unix: u64,
+    /// [`Metadata::spec_generation`]; 0 when the metadata does not say.
+    pub spec_generation: u64,
 }
 
-/// Which images to prune: all but the newest `retain`, never `keep` (the one just published).
-pub fn select_prunable(images: &[ImageEntry], retain: usize, keep: &str) -> Vec<String> {
+/// Which images to prune: all but the newest `retain`, never `keep` (the one just published,
+/// taken for spec generation `generation`), and never an image of a greater generation.
+///
+/// Newest is by spec generation first, then creation time: a checkpoint of a superseded spec
+/// may finish after the newer spec's (its Job is deleted, but a pod being stopped may still
+/// publish), and the operator may already restore from the newer image, which no restore pod
+/// holds yet. A later checkpoint of the newer spec prunes the late one.
+pub fn select_prunable(
+    images: &[ImageEntry],
+    retain: usize,
+    keep: &str,
+    generation: u64,
+) -> Vec<String> {
     let mut sorted: Vec<&ImageEntry> = images.iter().collect();
     sorted.sort_by(|a, b| {
-        b.created_unix
-            .cmp(&a.created_unix)
-            .then_with(|| b.id.cmp(&a.id))
+        (b.spec_generation, b.created_unix, &b.id).cmp(&(a.spec_generation, a.created_unix, &a.id))
     });
     let mut kept = 0;
     let mut prune = Vec::new();
@@ -732,7 +749,7 @@ pub fn select_prunable(images: &[ImageEntry], retain: usize, keep: &str) -> Vec<
         if img.id == keep {
             continue;
         }
-        if kept < retain {
+        if kept < retain || img.spec_generation > generation {
             kept += 1;
         } else {
             prune.push(img.id.clone());
@@ -752,16 +769,20 @@ pub fn list_images(image_dir: &Path) -> Vec<ImageEntry> {
             return None;
         }
         let meta_path = e.path().join(METADATA_FILE);
-        let created_unix = read_metadata_bytes(&e.path())
+        let (created_unix, spec_generation) = read_metadata_bytes(&e.path())
             .ok()
             .and_then(|b| serde_json::from_slice::<Metadata>(&b).ok())
-            .map(|m| m.created_unix)
+            .map(|m| (m.created_unix, m.spec_generation))
             .or_else(|| {
                 fs::metadata(&meta_path)
                     .ok()
-                    .map(|m| m.mtime().max(0) as u64)
+                    .map(|m| (m.mtime().max(0) as u64, 0))
             })?;
-        Some(ImageEntry { id, created_unix })
+        Some(ImageEntry {
+            id,
+            created_unix,
+            spec_generation,
+        })
     })
     .collect()
 }
@@ -782,10 +803,11 @@ pub fn prune(
     image_dir: &Path,
     retain: usize,
     keep: &str,
+    generation: u64,
     unlocked_tmp_age: Duration,
 ) -> PruneReport {
     let mut report = PruneReport::default();
-    for id in select_prunable(&list_images(image_dir), retain, keep) {
+    for id in select_prunable(&list_images(image_dir), retain, keep, generation) {
         let dir = image_dir.join(&id);
         let Ok(lock) = File::open(dir.join(METADATA_FILE)) else {
             continue;
@@ -951,14 +973,54 @@ mod tests {
             .map(|(id, t)| ImageEntry {
                 id: id.to_string(),
                 created_unix: *t,
+                spec_generation: 0,
             })
             .collect();
-        assert_eq!(select_prunable(&imgs, 2, "d"), vec!["b", "a"]);
+        assert_eq!(select_prunable(&imgs, 2, "d", 0), vec!["b", "a"]);
         // The image being published is kept even when it is not the newest.
-        assert_eq!(select_prunable(&imgs, 2, "a"), vec!["c", "b"]);
-        assert_eq!(select_prunable(&imgs, 1, "b"), vec!["d", "c", "a"]);
-        assert!(select_prunable(&imgs, 10, "d").is_empty());
-        assert_eq!(select_prunable(&imgs, 0, "d").len(), 3);
+        assert_eq!(select_prunable(&imgs, 2, "a", 0), vec!["c", "b"]);
+        assert_eq!(select_prunable(&imgs, 1, "b", 0), vec!["d", "c", "a"]);
+        assert!(select_prunable(&imgs, 10, "d", 0).is_empty());
+        assert_eq!(select_prunable(&imgs, 0, "d", 0).len(), 3);
+    }
+
+    fn entries(images: &[(&str, u64, u64)]) -> Vec<ImageEntry> {
+        images
+            .iter()
+            .map(|(id, generation, created)| ImageEntry {
+                id: id.to_string(),
+                created_unix: *created,
+                spec_generation: *generation,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn prune_orders_by_spec_generation_and_spares_newer_specs_images() {
+        // Issue 15: the checkpoint of spec 3 published "b"; the superseded checkpoint of spec 2
+        // finishes later ("a", created after "b"). With retain 1 its prune must leave "b".
+        let imgs = entries(&[("b", 3, 10), ("a", 2, 20)]);
+        assert!(select_prunable(&imgs, 1, "a", 2).is_empty());
+        // The next checkpoint of the newer spec removes the older spec's image, however new.
+        let imgs = entries(&[("b", 3, 10), ("a", 2, 20), ("c", 3, 30)]);
+        assert_eq!(select_prunable(&imgs, 1, "c", 3), vec!["b", "a"]);
+        assert_eq!(select_prunable(&imgs, 2, "c", 3), vec!["a"]);
+        // Newer specs' images are never removed, even beyond retain; they count as kept.
+        let imgs = entries(&[
+            ("p", 1, 1),
+            ("q", 2, 2),
+            ("me", 3, 3),
+            ("r", 5, 0),
+            ("s", 4, 9),
+        ]);
+        assert_eq!(select_prunable(&imgs, 1, "me", 3), vec!["q", "p"]);
+        assert_eq!(select_prunable(&imgs, 4, "me", 3), vec!["p"]);
+        // Images of agents that recorded no generation (0) are older than any that did.
+        let imgs = entries(&[("x", 0, 100), ("y", 1, 5), ("z", 2, 6)]);
+        assert_eq!(select_prunable(&imgs, 2, "z", 2), vec!["x"]);
+        // Within one generation (a `kubectl crac checkpoint` refresh), the creation time.
+        let imgs = entries(&[("old", 4, 1), ("new", 4, 2), ("me", 4, 3)]);
+        assert_eq!(select_prunable(&imgs, 2, "me", 4), vec!["old"]);
     }
 
     fn tempdir(name: &str) -> PathBuf {
@@ -1144,18 +1206,19 @@ mod tests {
             1
         );
         assert_eq!(mk("three", 3), Published::New);
-        let r = prune(&root, 1, "three", UNLOCKED_TMP_MIN_AGE);
+        let r = prune(&root, 1, "three", 0, UNLOCKED_TMP_MIN_AGE);
         assert_eq!(r.removed, vec!["two"]);
         assert_eq!(r.in_use, vec!["one"]);
         drop(lock);
         assert_eq!(mk("two", 2), Published::New);
-        let r = prune(&root, 1, "three", UNLOCKED_TMP_MIN_AGE);
+        let r = prune(&root, 1, "three", 0, UNLOCKED_TMP_MIN_AGE);
         assert_eq!(r.removed.len(), 2);
         assert_eq!(
             list_images(&root),
             vec![ImageEntry {
                 id: "three".into(),
-                created_unix: 3
+                created_unix: 3,
+                spec_generation: 0,
             }]
         );
         // Not in use any more: replaced.
@@ -1173,11 +1236,22 @@ mod tests {
 
     /// Writes an image as a checkpoint does, in a locked `.tmp-…`, and publishes it.
     fn publish_test_image(root: &Path, id: &str, created_unix: u64) -> Published {
+        publish_test_image_of(root, id, created_unix, 0)
+    }
+
+    /// [`publish_test_image`] for the spec generation `generation`.
+    fn publish_test_image_of(
+        root: &Path,
+        id: &str,
+        created_unix: u64,
+        generation: u64,
+    ) -> Published {
         let mut tmp = create_tmp_image(root, id).unwrap();
         fs::write(tmp.path().join("a.img"), id).unwrap();
         let mut m = meta();
         m.checkpoint_id = id.into();
         m.created_unix = created_unix;
+        m.spec_generation = generation;
         m.files = hash_dir(tmp.path()).unwrap();
         assert!(
             !m.files.contains_key(TMP_LOCK_FILE),
@@ -1188,6 +1262,60 @@ mod tests {
         let published = publish(root, tmp.path(), id).unwrap();
         tmp.keep();
         published
+    }
+
+    #[test]
+    fn a_late_checkpoint_of_a_superseded_spec_leaves_the_newer_specs_image() {
+        let root = tempdir("generations");
+        // Spec 2's checkpoint publishes first; the operator restores from it.
+        assert_eq!(publish_test_image_of(&root, "new", 100, 2), Published::New);
+        let published = fs::read(root.join("new").join(METADATA_FILE)).unwrap();
+        // Spec 1's checkpoint, superseded but still running, publishes later and prunes with
+        // retain 1. No restore pod holds "new" yet.
+        assert_eq!(publish_test_image_of(&root, "old", 200, 1), Published::New);
+        let r = prune(&root, 1, "old", 1, UNLOCKED_TMP_MIN_AGE);
+        assert!(r.removed.is_empty(), "{r:?}");
+        assert_eq!(
+            fs::read(root.join("new").join(METADATA_FILE)).unwrap(),
+            published,
+            "the newer spec's image is untouched (its digest still holds)"
+        );
+        // The newer spec's next checkpoint removes the late one.
+        assert_eq!(publish_test_image_of(&root, "next", 300, 3), Published::New);
+        let mut r = prune(&root, 1, "next", 3, UNLOCKED_TMP_MIN_AGE).removed;
+        r.sort();
+        assert_eq!(r, vec!["new", "old"]);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn an_image_without_a_spec_generation_counts_as_generation_zero() {
+        let root = tempdir("no-generation");
+        assert_eq!(
+            publish_test_image_of(&root, "older-agent", 500, 0),
+            Published::New
+        );
+        // As an agent that predates the field wrote it: no specGeneration key at all.
+        let path = root.join("older-agent").join(METADATA_FILE);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert!(
+            json.as_object_mut()
+                .unwrap()
+                .remove("specGeneration")
+                .is_some()
+        );
+        fs::write(&path, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+        assert_eq!(
+            parse_metadata(&fs::read(&path).unwrap())
+                .unwrap()
+                .spec_generation,
+            0
+        );
+        assert_eq!(publish_test_image_of(&root, "mine", 10, 1), Published::New);
+        let r = prune(&root, 1, "mine", 1, UNLOCKED_TMP_MIN_AGE);
+        assert_eq!(r.removed, vec!["older-agent"], "older than generation 1");
+        fs::remove_dir_all(&root).unwrap();
     }
 
     fn names(dir: &Path) -> BTreeSet<String> {
@@ -1285,7 +1413,7 @@ mod tests {
         );
         set_mtime(&written_unlocked, Duration::from_secs(300));
 
-        let r = prune(&root, 5, "one", Duration::from_secs(600));
+        let r = prune(&root, 5, "one", 0, Duration::from_secs(600));
         let mut removed = r.removed_tmp.clone();
         removed.sort();
         assert_eq!(removed, vec![".tmp-dead-x", ".tmp-older-stale"]);
@@ -1318,7 +1446,7 @@ mod tests {
         // The other pod's checkpoint is killed: its lock goes with it, and so does the dir.
         holder.kill().unwrap();
         holder.wait().unwrap();
-        let r = prune(&root, 5, "one", Duration::from_secs(600));
+        let r = prune(&root, 5, "one", 0, Duration::from_secs(600));
         assert_eq!(r.removed_tmp, vec![".tmp-other-x"]);
         // This process's checkpoint ends (failed): it removes its own dir.
         release.send(()).unwrap();

@@ -22,6 +22,11 @@ pub const ENV_READINESS: &str = "CRAC_READINESS";
 pub const ENV_WARMUP: &str = "CRAC_WARMUP";
 /// How many images to keep in the app's directory after a successful checkpoint.
 pub const ENV_RETAIN: &str = "CRAC_RETAIN";
+/// Checkpoint Jobs: the CracApp's `metadata.generation` when the operator created the Job.
+/// The agent records it in the image's metadata, and a checkpoint's prune never removes an
+/// image of a greater generation (one taken for a newer spec, which the operator may already
+/// restore from).
+pub const ENV_SPEC_GENERATION: &str = "CRAC_SPEC_GENERATION";
 /// `ColdStart` or `Fail`: what restore does when the image cannot be restored.
 pub const ENV_FALLBACK: &str = "CRAC_FALLBACK";
 /// Deadline for the whole checkpoint, in seconds.
