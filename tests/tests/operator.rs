@@ -326,6 +326,112 @@ async fn spec_change_takes_a_new_checkpoint_while_old_pods_keep_serving() {
     );
 }
 
+/// Issue 15: a checkpoint Job of a spec that changed before it ended is deleted (with its pod),
+/// so it cannot publish late and prune the new spec's image; the new Job runs and the app ends
+/// Ready on the new image. Each Job tells its agent the spec generation it was made for.
+#[tokio::test]
+async fn a_spec_change_deletes_the_superseded_checkpoint_job() {
+    let ns = setup("op-supersede").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let apps: Api<CracApp> = ns.api();
+    let jobs: Api<Job> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    apps.create(&PostParams::default(), &example_app("shop", "shop:1"))
+        .await
+        .unwrap();
+    let (old_job, old_pod) = running_checkpoint(&ns, "shop").await;
+    let old_id =
+        old_job.metadata.annotations.clone().unwrap()[labels::CHECKPOINT_ID_ANNOTATION].clone();
+    let generation_of = |job: &Job| {
+        let pod = job.spec.clone()?.template.spec?;
+        let app = pod.containers.into_iter().find(|c| c.name == "app")?;
+        app.env?
+            .into_iter()
+            .find(|e| e.name == contract::ENV_SPEC_GENERATION)?
+            .value
+    };
+    assert_eq!(generation_of(&old_job).as_deref(), Some("1"));
+
+    // An env var shapes the JVM's memory: a new checkpoint id, while the first Job still runs.
+    let patch = serde_json::json!({ "spec": { "template": { "spec": { "containers": [{
+        "name": "app", "image": "shop:1", "command": ["java", "-jar", "/app/app.jar"],
+        "env": [{ "name": "FEATURE", "value": "on" }],
+        "ports": [{ "containerPort": 8080, "name": "http" }] }] } } } });
+    apps.patch("shop", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+
+    let (new_job, new_pod) = wait_for("the new spec's checkpoint pod", DEADLINE, || async {
+        let list = jobs
+            .list(&ListParams::default().labels(&format!("{}=checkpoint", labels::COMPONENT)))
+            .await
+            .ok()?;
+        let job = list.items.into_iter().find(|j| {
+            j.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a[labels::CHECKPOINT_ID_ANNOTATION] != old_id)
+        })?;
+        let pod = running_job_pods(&pods, job.metadata.name.as_deref()?)
+            .await
+            .into_iter()
+            .next()?;
+        Some((job, pod))
+    })
+    .await;
+    let new_id =
+        new_job.metadata.annotations.clone().unwrap()[labels::CHECKPOINT_ID_ANNOTATION].clone();
+    assert_eq!(generation_of(&new_job).as_deref(), Some("2"));
+
+    // The superseded Job is deleted, and its pod with it (background propagation: a Job's
+    // own default would orphan the pod, whose agent would then publish and prune).
+    let old_name = old_job.name_any();
+    wait_for("the superseded Job deleted", DEADLINE, || async {
+        let found = jobs.get_opt(&old_name).await.ok()?;
+        found
+            .is_none_or(|j| j.metadata.uid != old_job.metadata.uid)
+            .then_some(())
+    })
+    .await;
+    wait_for("the superseded Job's pod deleted", DEADLINE, || async {
+        pods.get_opt(&old_pod).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    // The current Job is left alone.
+    let current = jobs.get(&new_job.name_any()).await.unwrap();
+    assert_eq!(current.metadata.uid, new_job.metadata.uid);
+    assert!(current.metadata.deletion_timestamp.is_none());
+
+    // The new spec's image is published and the app is Ready on it.
+    end_checkpoint_pod(&pods, &new_pod, &success(&new_id)).await;
+    wait_for("Ready on the new spec's image", DEADLINE, || async {
+        let s = status_of(&apps, "shop").await;
+        (s.checkpoint?.id == new_id && s.phase? == crac_api::cracapp::Phase::Ready).then_some(())
+    })
+    .await;
+    let d = ns.api::<Deployment>().get("shop").await.unwrap();
+    assert_eq!(
+        d.spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()[labels::CHECKPOINT_ID_ANNOTATION],
+        new_id
+    );
+    // Only the new spec's Job is left.
+    let left: Vec<String> = jobs
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    assert_eq!(left, [new_job.name_any()]);
+}
+
 #[tokio::test]
 async fn checkpoint_failure_is_reported_with_the_agents_reason_and_retried_with_backoff() {
     let ns = setup("op-fail").await;

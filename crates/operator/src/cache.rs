@@ -154,6 +154,17 @@ impl Caches {
         })
     }
 
+    /// The checkpoint Jobs labelled as the app's (any id, any attempt).
+    pub fn checkpoint_jobs(&self, namespace: &str, app: &str) -> Vec<Arc<Job>> {
+        self.jobs.state_filter(|job| {
+            let labels = job.labels();
+            job.metadata.namespace.as_deref() == Some(namespace)
+                && labels.get(crac_api::labels::APP).map(String::as_str) == Some(app)
+                && labels.get(crac_api::labels::COMPONENT).map(String::as_str)
+                    == Some(crate::build::job::CHECKPOINT_COMPONENT)
+        })
+    }
+
     /// The pods of one Job.
     pub fn job_pods(&self, namespace: &str, job: &str) -> Vec<Arc<Pod>> {
         self.pods.state_filter(|pod| {

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub checkpoint_seconds: Histogram,
     pub checkpoint_failures: Family<ReasonLabel, Counter>,
     pub checkpoints_started: Counter,
+    pub checkpoints_superseded: Counter,
 }
 
 impl Metrics {
@@ -42,6 +43,7 @@ impl Metrics {
             checkpoint_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             checkpoint_failures: Family::default(),
             checkpoints_started: Counter::default(),
+            checkpoints_superseded: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("crac_operator");
         r.register(
@@ -73,6 +75,11 @@ impl Metrics {
             "checkpoints_started",
             "Checkpoint Jobs created",
             m.checkpoints_started.clone(),
+        );
+        r.register(
+            "checkpoints_superseded",
+            "Checkpoint Jobs deleted because the spec changed before they ended",
+            m.checkpoints_superseded.clone(),
         );
         m
     }

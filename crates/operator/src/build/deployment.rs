@@ -204,6 +204,9 @@ mod tests {
             .find(|e| e.name == contract::ENV_IMAGE_DIGEST)
             .and_then(|e| e.value.clone());
         assert_eq!(digest, image().digest);
+        // The spec generation is the checkpoint's alone: here it would roll the pods on every
+        // change of the spec, replicas included.
+        assert!(env.iter().all(|e| e.name != contract::ENV_SPEC_GENERATION));
     }
 
     #[test]

@@ -6,15 +6,20 @@ use super::{BuildConfig, app_name, labels_for, owner_ref};
 use crate::checkpoint_id::short;
 use crate::validate::ValidatedApp;
 use crac_api::CracApp;
+use crac_api::agent as contract;
+use crac_api::cracapp::APP_CONTAINER;
 use crac_api::labels;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::api::core::v1::{EnvVar, PodTemplateSpec};
 use kube::api::ObjectMeta;
 use std::collections::BTreeMap;
 
 /// Pod retries inside one Job. None: one attempt is one Job, and the operator retries with
 /// its own backoff, so each failure is reported with its reason before the next attempt.
 pub const POD_RETRIES: i32 = 0;
+
+/// The component label of checkpoint Jobs and their pods.
+pub const CHECKPOINT_COMPONENT: &str = "checkpoint";
 
 /// The Job's name: one per checkpoint id and attempt, so a restarted operator finds the Job
 /// it already created instead of creating another.
@@ -37,14 +42,28 @@ pub fn checkpoint_job_for(
         .as_ref()
         .and_then(|m| m.labels.clone())
         .unwrap_or_default();
-    pod_labels.extend(labels_for(name, "checkpoint"));
+    pod_labels.extend(labels_for(name, CHECKPOINT_COMPONENT));
     pod_labels.insert(labels::CHECKPOINT_ID.into(), short(id).into());
-    let mut job_labels = labels_for(name, "checkpoint");
+    let mut job_labels = labels_for(name, CHECKPOINT_COMPONENT);
     job_labels.insert(labels::CHECKPOINT_ID.into(), short(id).into());
 
     let mut pod_spec = app.spec.template.spec.clone().unwrap_or_default();
     inject_agent(&mut pod_spec, Mode::Checkpoint, app, validated, id, config);
     pod_spec.restart_policy = Some("Never".into());
+    // Orders this Job's image after those of earlier specs: its prune never removes an image
+    // of a newer spec (a superseded Job is deleted, but its pod may still be publishing).
+    // Only here: in the restore pods' template it would roll them on every spec change.
+    if let Some(container) = pod_spec
+        .containers
+        .iter_mut()
+        .find(|c| c.name == APP_CONTAINER)
+    {
+        container.env.get_or_insert_with(Vec::new).push(EnvVar {
+            name: contract::ENV_SPEC_GENERATION.into(),
+            value: Some(app.metadata.generation.unwrap_or(0).to_string()),
+            ..Default::default()
+        });
+    }
 
     let attempt_deadline =
         i64::try_from(validated.checkpoint_timeout.as_secs()).unwrap_or(i64::MAX);
@@ -92,7 +111,6 @@ pub fn checkpoint_job_for(
 mod tests {
     use super::*;
     use crate::validate::{tests::app, validate};
-    use crac_api::agent as contract;
 
     fn job() -> Job {
         let a = app();
@@ -132,6 +150,7 @@ mod tests {
             .map(|e| e.name.as_str())
             .collect();
         for var in [
+            contract::ENV_SPEC_GENERATION,
             contract::ENV_CHECKPOINT_ID,
             contract::ENV_IMAGE_DIR,
             contract::ENV_READINESS,
@@ -182,6 +201,27 @@ mod tests {
         assert_eq!(mount.read_only, Some(false));
         assert_eq!(spec.active_deadline_seconds, Some(600 + 120));
         assert_eq!(spec.backoff_limit, Some(POD_RETRIES));
+    }
+
+    #[test]
+    fn the_agent_learns_the_spec_generation_it_checkpoints() {
+        let mut a = app();
+        a.metadata.generation = Some(7);
+        let v = validate(&a, &Default::default()).unwrap();
+        let config = BuildConfig {
+            agent_image: "crac-agent:test".into(),
+        };
+        let job = checkpoint_job_for(&a, &v, &"ab".repeat(32), 0, &config);
+        let env = job.spec.unwrap().template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let generation: Vec<_> = env
+            .iter()
+            .filter(|e| e.name == contract::ENV_SPEC_GENERATION)
+            .map(|e| e.value.as_deref())
+            .collect();
+        assert_eq!(generation, [Some("7")], "once, the app's generation");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The apply step: the decided objects, in order (claim, checkpoint Job, Deployment, Service,
 //! EndpointSlice), by server-side apply with one field manager, each skipped when it would
-//! change nothing (see [`crate::cache::Applied`]). The one exception: while a new image is
-//! taken, only the Deployment's replicas are patched.
+//! change nothing (see [`crate::cache::Applied`]). The exceptions: while a new image is taken,
+//! only the Deployment's replicas are patched; checkpoint Jobs of an earlier spec still running
+//! are deleted first.
 
-use super::checkpoint::Outcome;
+use super::checkpoint::{Outcome, SupersededJob};
 use super::decide::Decision;
 use super::observe::Observed;
 use crate::build::app_name;
@@ -12,7 +13,8 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crac_api::{CracApp, labels};
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions, PropagationPolicy};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use tracing::info;
@@ -23,6 +25,9 @@ pub async fn apply(
     seen: &Observed,
     decision: &Decision,
 ) -> Result<()> {
+    for job in &decision.superseded_jobs {
+        delete_superseded(ctx, &seen.key.0, job).await?;
+    }
     if let Some(claim) = &decision.claim {
         let live = seen.claim.clone().map(Live::of);
         refuse_if_taken(ctx, app, claim, live.is_some()).await?;
@@ -82,6 +87,30 @@ pub async fn apply(
         apply_changed(ctx, app, slice, live).await?;
     }
     Ok(())
+}
+
+/// Deletes a checkpoint Job the spec superseded, and its pods with it (background
+/// propagation: a Job's own default, orphan, would leave its pod to publish and prune). Gone
+/// already, or replaced by another Job of that name (the uid precondition): nothing to do.
+async fn delete_superseded(ctx: &Context, ns: &str, job: &SupersededJob) -> Result<()> {
+    let api = Api::<Job>::namespaced(ctx.client.clone(), ns);
+    let params = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        preconditions: Some(Preconditions {
+            uid: Some(job.uid.clone()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(&job.name, &params).await {
+        Ok(_) => {
+            ctx.metrics.checkpoints_superseded.inc();
+            info!(job = %job.name, "superseded checkpoint Job deleted");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A namespaced object the operator applies.

@@ -3,9 +3,11 @@
 //! what the status says and whether a Job is to be created.
 
 use super::status::{CheckpointProgress, retry_backoff};
+use crate::build::job::CHECKPOINT_COMPONENT;
 use crate::checkpoint_pod::{DIGEST_MISSING, failure_of, summary_of};
 use crac_api::agent::AgentSummary;
 use crac_api::cracapp::{CheckpointStatus, Engine, PendingCheckpoint};
+use crac_api::labels;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -169,6 +171,69 @@ pub fn decide(
             unchanged(progress, pending, false, None)
         }
     }
+}
+
+/// A checkpoint Job to delete, by name and uid (the delete's precondition: a Job made since
+/// under the same name is never the one deleted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SupersededJob {
+    pub name: String,
+    pub uid: String,
+}
+
+/// The checkpoint Jobs of the app (named `app`, with uid `app_uid`) that still run for an id
+/// other than `id`, the current one: the spec moved on before they ended. Left running, such a
+/// Job could publish after the current spec's image and prune it (issue 15), so they are
+/// deleted. Only Jobs labelled as the app's checkpoint Jobs and controlled by it are: never a
+/// Job of the current id (earlier attempts of it ended, and are kept for `kubectl logs` like
+/// every finished Job), never one that ended, never one already being deleted.
+pub fn superseded_jobs<'a>(
+    jobs: impl IntoIterator<Item = &'a Job>,
+    app: &str,
+    app_uid: Option<&str>,
+    id: &str,
+) -> Vec<SupersededJob> {
+    let Some(app_uid) = app_uid else {
+        return Vec::new();
+    };
+    let mut superseded: Vec<SupersededJob> = jobs
+        .into_iter()
+        .filter(|job| {
+            let meta = &job.metadata;
+            let label = |key: &str| meta.labels.as_ref()?.get(key).map(String::as_str);
+            let controlled = meta
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true) && o.uid == app_uid);
+            let other_id = match meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(labels::CHECKPOINT_ID_ANNOTATION))
+            {
+                Some(full) => full != id,
+                // Without the full id, by its label (the short id); with neither, not one
+                // the operator can tell apart: left alone.
+                None => label(labels::CHECKPOINT_ID)
+                    .is_some_and(|short| short != crate::checkpoint_id::short(id)),
+            };
+            label(labels::APP) == Some(app)
+                && label(labels::COMPONENT) == Some(CHECKPOINT_COMPONENT)
+                && controlled
+                && other_id
+                && meta.deletion_timestamp.is_none()
+                && !job_finished(job, "Complete")
+                && !job_finished(job, "Failed")
+        })
+        .filter_map(|job| {
+            Some(SupersededJob {
+                name: job.metadata.name.clone()?,
+                uid: job.metadata.uid.clone()?,
+            })
+        })
+        .collect();
+    superseded.sort_by(|a, b| a.name.cmp(&b.name));
+    superseded
 }
 
 fn phase(pod: &Pod) -> Option<&str> {
@@ -471,6 +536,105 @@ mod tests {
             assert_eq!(pending.last_failure_reason.as_deref(), Some(DIGEST_MISSING));
             assert!(d.requeue.is_some(), "retried after a backoff");
         }
+    }
+
+    const CURRENT: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+    const OLD: &str = "0000000000111111111122222222223333333333444444444455555555556666";
+
+    /// A checkpoint Job of app "demo" (uid "uid-1") for `id`, as the caches hold it.
+    fn app_job(name: &str, id: &str, condition: Option<&str>) -> Job {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": name, "uid": format!("uid-of-{name}"),
+                "labels": { labels::APP: "demo", labels::COMPONENT: "checkpoint",
+                            labels::CHECKPOINT_ID: crate::checkpoint_id::short(id) },
+                "annotations": { labels::CHECKPOINT_ID_ANNOTATION: id },
+                "ownerReferences": [{ "apiVersion": "crac.dev/v1alpha1", "kind": "CracApp",
+                    "name": "demo", "uid": "uid-1", "controller": true }]
+            },
+            "status": {
+                "conditions": condition.map(|c| vec![serde_json::json!({ "type": c, "status": "True" })]),
+            }
+        }))
+        .unwrap()
+    }
+
+    fn superseded_names(jobs: &[Job]) -> Vec<String> {
+        superseded_jobs(jobs, "demo", Some("uid-1"), CURRENT)
+            .into_iter()
+            .map(|j| {
+                assert_eq!(j.uid, format!("uid-of-{}", j.name), "deleted by its uid");
+                j.name
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_the_apps_own_running_jobs_of_another_id_are_superseded() {
+        let mut jobs = vec![
+            app_job("old-running", OLD, None),
+            // The current id's Job, and an earlier failed attempt of it: not superseded.
+            app_job("current-1", CURRENT, None),
+            app_job("current-0", CURRENT, Some("Failed")),
+            // Jobs of another id that ended: they can publish nothing more.
+            app_job("old-complete", OLD, Some("Complete")),
+            app_job("old-failed", OLD, Some("Failed")),
+        ];
+        assert_eq!(superseded_names(&jobs), ["old-running"]);
+
+        let mut not_ours = |edit: &dyn Fn(&mut Job)| {
+            let mut job = app_job("x", OLD, None);
+            edit(&mut job);
+            jobs.push(job);
+        };
+        // Another app's, by label; a cleanup Job; controlled by someone else (an app of the
+        // same name deleted and made again); owned but not controlled; already being deleted.
+        not_ours(&|j| {
+            j.metadata
+                .labels
+                .as_mut()
+                .unwrap()
+                .insert(labels::APP.into(), "other".into());
+        });
+        not_ours(&|j| {
+            j.metadata
+                .labels
+                .as_mut()
+                .unwrap()
+                .insert(labels::COMPONENT.into(), "cleanup".into());
+        });
+        not_ours(&|j| j.metadata.owner_references.as_mut().unwrap()[0].uid = "uid-0".into());
+        not_ours(&|j| j.metadata.owner_references.as_mut().unwrap()[0].controller = Some(false));
+        not_ours(&|j| j.metadata.owner_references = None);
+        not_ours(&|j| {
+            j.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(1).unwrap()));
+        });
+        assert_eq!(superseded_names(&jobs), ["old-running"]);
+        // An app without a uid (never read from the API server) deletes nothing.
+        assert!(superseded_jobs(&jobs, "demo", None, CURRENT).is_empty());
+    }
+
+    #[test]
+    fn a_job_without_the_full_id_is_judged_by_its_label_and_without_either_left_alone() {
+        let bare = |name: &str, short: Option<&str>| {
+            let mut job = app_job(name, OLD, None);
+            job.metadata.annotations = None;
+            let labels = job.metadata.labels.as_mut().unwrap();
+            match short {
+                Some(s) => labels.insert(labels::CHECKPOINT_ID.into(), s.into()),
+                None => labels.remove(labels::CHECKPOINT_ID),
+            };
+            job
+        };
+        let jobs = [
+            bare("by-label-old", Some(crate::checkpoint_id::short(OLD))),
+            bare(
+                "by-label-current",
+                Some(crate::checkpoint_id::short(CURRENT)),
+            ),
+            bare("no-id", None),
+        ];
+        assert_eq!(superseded_names(&jobs), ["by-label-old"]);
     }
 
     #[test]

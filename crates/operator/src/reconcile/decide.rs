@@ -3,7 +3,7 @@
 //! published image), the Service and its endpoints, the next status and its Events, and when
 //! to look again.
 
-use super::checkpoint::{self, AttemptSeen, CheckpointDecision};
+use super::checkpoint::{self, AttemptSeen, CheckpointDecision, SupersededJob};
 use super::cycle::{self, Plan};
 use super::observe::{Observed, Spec};
 use super::status::{
@@ -34,6 +34,8 @@ pub const STORAGE_RETRY: Duration = Duration::from_secs(300);
 pub struct Decision {
     /// The objects that should exist, in the order they are applied.
     pub claim: Option<PersistentVolumeClaim>,
+    /// Checkpoint Jobs of an earlier spec still running, to delete (before anything is applied).
+    pub superseded_jobs: Vec<SupersededJob>,
     pub job: Option<Job>,
     pub deployment: Option<Deployment>,
     /// Set only the Deployment's replicas (it keeps the published image's template while a
@@ -105,6 +107,12 @@ pub fn decide(
     );
     next.checkpoint = checkpoint.checkpoint.clone();
     next.pending_checkpoint = checkpoint.pending.clone();
+    let superseded_jobs = checkpoint::superseded_jobs(
+        seen.checkpoint_jobs.iter().map(|j| &**j),
+        crate::build::app_name(app),
+        app.metadata.uid.as_deref(),
+        &spec.id,
+    );
     let job = checkpoint.start_job.then(|| {
         let attempt = checkpoint.pending.as_ref().map_or(0, |p| p.failures);
         checkpoint_job_for(app, &spec.validated, &spec.id, attempt, config)
@@ -164,6 +172,7 @@ pub fn decide(
     };
     Decision {
         claim: images_claim_for(app),
+        superseded_jobs,
         job,
         deployment,
         scale,
@@ -374,6 +383,7 @@ mod tests {
             claim: None,
             job: None,
             job_pods: Vec::new(),
+            checkpoint_jobs: Vec::new(),
             deployment: None,
             service: None,
             slice: None,
@@ -580,6 +590,46 @@ mod tests {
             d.events
                 .iter()
                 .any(|e| e.warning && e.reason == "InvalidSpec")
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_job_of_an_earlier_spec_still_running_is_deleted() {
+        let app = app();
+        let mut seen = observed(&app, CracAppStatus::default());
+        let id = id_of(&seen);
+        let job = |name: &str, of: &str| -> Arc<Job> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {
+                        "name": name, "uid": format!("{name}-uid"),
+                        "labels": { labels::APP: "demo", labels::COMPONENT: "checkpoint" },
+                        "annotations": { labels::CHECKPOINT_ID_ANNOTATION: of },
+                        "ownerReferences": [{ "apiVersion": "crac.dev/v1alpha1",
+                            "kind": "CracApp", "name": "demo", "uid": "uid-1", "controller": true }]
+                    }
+                }))
+                .unwrap(),
+            )
+        };
+        seen.checkpoint_jobs = vec![job("demo-ckpt-old-0", "old"), job("demo-ckpt-now-0", &id)];
+        let d = decide(&app, &seen, &config(), BASE);
+        assert_eq!(
+            d.superseded_jobs,
+            [SupersededJob {
+                name: "demo-ckpt-old-0".into(),
+                uid: "demo-ckpt-old-0-uid".into()
+            }]
+        );
+        // A spec the operator cannot act on has no current id: nothing is deleted.
+        let mut invalid = app.clone();
+        invalid.spec.template.spec.as_mut().unwrap().containers[0].command = None;
+        let mut seen_invalid = observed(&invalid, CracAppStatus::default());
+        seen_invalid.checkpoint_jobs = seen.checkpoint_jobs.clone();
+        assert!(
+            decide(&invalid, &seen_invalid, &config(), BASE)
+                .superseded_jobs
+                .is_empty()
         );
     }
 

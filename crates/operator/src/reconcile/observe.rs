@@ -45,6 +45,9 @@ pub struct Observed {
     /// The checkpoint Job of the current attempt, and its pods.
     pub job: Option<Arc<Job>>,
     pub job_pods: Vec<Pod>,
+    /// Every checkpoint Job labelled as the app's, whatever its id and attempt (those of an
+    /// earlier spec still running are deleted).
+    pub checkpoint_jobs: Vec<Arc<Job>>,
     pub deployment: Option<Arc<Deployment>>,
     pub service: Option<Arc<PartialObjectMeta<Service>>>,
     pub slice: Option<Arc<PartialObjectMeta<EndpointSlice>>>,
@@ -98,6 +101,7 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
             &checkpoint_job_name(&name, &s.id, pending.failures),
         )
     });
+    let checkpoint_jobs = caches.checkpoint_jobs(&ns, &name);
     let job_pods = match &job {
         Some(j) => caches
             .job_pods(&ns, &j.name_any())
@@ -196,6 +200,7 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
         claim: cached(&caches.claims, &ns, &crate::build::claim_name(app)),
         job,
         job_pods,
+        checkpoint_jobs,
         deployment: cached(&caches.deployments, &ns, &name),
         service: cached(&caches.services, &ns, &name),
         slice: cached(
