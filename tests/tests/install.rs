@@ -478,7 +478,8 @@ async fn installed() -> (kube::Client, tokio::sync::RwLockReadGuard<'static, ()>
 
 /// Runs the operator in-process as `operator` (the chart's ServiceAccount of `release_ns`),
 /// reconciling `ns` only (the control plane is shared), through an app's life: a Lease taken
-/// and renewed, a policy with a cap governing `ns`, an app checkpointed to Ready, a wake
+/// and renewed, a policy with a cap governing `ns`, an app whose spec changes while its first
+/// checkpoint runs (that Job is deleted) checkpointed to Ready, a wake
 /// requested by `activator` (when given), a claim that does not exist reported, the app
 /// deleted.
 async fn run_an_app_through_the_operator(
@@ -588,20 +589,49 @@ async fn run_an_app_through_the_operator(
     apps.create(&PostParams::default(), &app).await.unwrap();
     let jobs: Api<Job> = ns.api();
     let pods: Api<Pod> = ns.api();
-    let (job, pod) = wait_for("a running checkpoint pod", DEADLINE, || async {
-        let list = jobs
-            .list(&ListParams::default().labels(&format!("{}=checkpoint", labels::COMPONENT)))
+    let running_checkpoint = |other_than: Option<String>| {
+        let (jobs, pods) = (&jobs, &pods);
+        async move {
+            wait_for("a running checkpoint pod", DEADLINE, || async {
+                let list = jobs
+                    .list(
+                        &ListParams::default().labels(&format!("{}=checkpoint", labels::COMPONENT)),
+                    )
+                    .await
+                    .ok()?;
+                let job = list.items.into_iter().find(|j| {
+                    let id =
+                        &j.metadata.annotations.as_ref().unwrap()[labels::CHECKPOINT_ID_ANNOTATION];
+                    other_than.as_ref() != Some(id)
+                })?;
+                let pod = running_job_pods(pods, job.metadata.name.as_deref()?)
+                    .await
+                    .into_iter()
+                    .next()?;
+                let id = job.metadata.annotations?[labels::CHECKPOINT_ID_ANNOTATION].clone();
+                Some((job.metadata.name?, id, pod))
+            })
             .await
-            .ok()?;
-        let job = list.items.into_iter().next()?;
-        let pod = running_job_pods(&pods, job.metadata.name.as_deref()?)
-            .await
-            .into_iter()
-            .next()?;
-        Some((job, pod))
+        }
+    };
+    let (first_job, first_id, _) = running_checkpoint(None).await;
+    // The spec changes before that checkpoint ends: the operator deletes its Job.
+    let mut changed = app.clone();
+    changed.spec.template.spec.as_mut().unwrap().containers[0].env = Some(vec![
+        serde_json::from_value(serde_json::json!({ "name": "FEATURE", "value": "on" })).unwrap(),
+    ]);
+    apps.patch(
+        "demo",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "spec": { "template": changed.spec.template } })),
+    )
+    .await
+    .unwrap();
+    let (_, id, pod) = running_checkpoint(Some(first_id)).await;
+    wait_for("the superseded Job deleted", DEADLINE, || async {
+        jobs.get_opt(&first_job).await.ok()?.is_none().then_some(())
     })
     .await;
-    let id = job.metadata.annotations.unwrap()[labels::CHECKPOINT_ID_ANNOTATION].clone();
     end_checkpoint_pod(&pods, &pod, &success(&id)).await;
     wait_for("demo Ready", DEADLINE, || async {
         let phase = apps.get("demo").await.ok()?.status?.phase?;
