@@ -376,6 +376,14 @@ pub fn valid_checkpoint_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
+/// Benchmarks only: `CRAC_AGENT_BENCH_DISABLE=overlap,shrink,kdat` turns off one of restore's
+/// speed-ups (the page-data check beside CRIU, the heap shrink before the dump, the kernel
+/// feature cache) so that `make bench` can measure each on its own. Not a product setting:
+/// none of them changes what is restored or what is checked.
+pub fn bench_disabled(what: &str) -> bool {
+    std::env::var("CRAC_AGENT_BENCH_DISABLE").is_ok_and(|v| v.split(',').any(|x| x.trim() == what))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,16 +49,20 @@ pub fn checkpoint_command(
 
 /// `jcmd <pid> JDK.checkpoint`, with the `jcmd` next to the JVM's `java` when known.
 pub fn jcmd_command(java: Option<&Path>, pid: i32) -> Vec<String> {
-    let jcmd = java
-        .and_then(|j| j.parent())
-        .map(|bin| bin.join("jcmd"))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("jcmd"));
+    let jcmd = jcmd_of(java);
     vec![
         jcmd.to_string_lossy().into_owned(),
         pid.to_string(),
         "JDK.checkpoint".into(),
     ]
+}
+
+/// The `jcmd` beside the JVM's `java` (the same JDK), else the one on PATH.
+pub fn jcmd_of(java: Option<&Path>) -> PathBuf {
+    java.and_then(|j| j.parent())
+        .map(|bin| bin.join("jcmd"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("jcmd"))
 }
 
 /// `java -XX:CRaCRestoreFrom=<image>`: the JDK restores the process (through its bundled CRIU).

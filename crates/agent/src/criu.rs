@@ -53,10 +53,15 @@ pub fn restore_args(images: &Path, work: &Path, stdio: &[StdioPipe]) -> Vec<Stri
         work.to_string_lossy().into_owned(),
         "--log-file".into(),
         RESTORE_LOG.into(),
-        "-v3".into(),
+        // -v4: the restorer's page reads are logged with timestamps (`Preadv`, `returned`),
+        // which is how the agent splits a restore into its phases (`parse_restore_phases`).
+        "-v4".into(),
         "--tcp-close".into(),
         "--restore-detached".into(),
         "--restore-sibling".into(),
+        // The tree stays stopped when CRIU exits: the agent resumes it (`resume_tree`) only
+        // once the page data, hashed while CRIU ran, is known to match the metadata.
+        "--leave-stopped".into(),
         UNPRIVILEGED.into(),
         "--pidfile".into(),
         "restored.pid".into(),
@@ -216,6 +221,12 @@ pub fn dump(
 ) -> Result<(), Failure> {
     let mut cmd = command(criu);
     cmd.args(dump_args(pid, dir));
+    // CRIU probes the kernel and saves what it found in an empty cache directory: kept in
+    // the image for restores on this node and boot (see `KDAT_FILE`).
+    let kdat_dir = KdatDir::new();
+    if let Some(k) = &kdat_dir {
+        cmd.env("XDG_RUNTIME_DIR", &k.path);
+    }
     let result = sup.run_capture(cmd, timeout);
     let log = std::fs::read_to_string(dir.join(DUMP_LOG)).unwrap_or_default();
     match result {
@@ -224,6 +235,9 @@ pub fn dump(
                 && dir.join("inventory.img").exists()
                 && dir.join(format!("core-{pid}.img")).exists() =>
         {
+            if let Some(k) = &kdat_dir {
+                k.keep_in_image(criu, dir);
+            }
             Ok(())
         }
         Ok((status, out)) => {
@@ -251,15 +265,27 @@ fn print_log_tail(what: &str, log: &str, out: &str) {
     }
 }
 
-/// Restores the image in `images`; returns the restored JVM's pid (now our child) and the
-/// tail of its output.
+/// A restored process tree, stopped (`--leave-stopped`) until [`resume_tree`].
+pub struct Restored {
+    /// The restored JVM, now our child.
+    pub pid: i32,
+    pub tail: Tail,
+    /// From spawning CRIU to its exit, on the agent's clock.
+    pub criu_wall: Duration,
+    /// The phases CRIU's log shows (`None` if the log lacks its markers).
+    pub phases: Option<Phases>,
+    /// Whether CRIU was handed the kernel features the checkpoint found on this node and boot.
+    pub kdat_cached: bool,
+}
+
+/// Restores the image in `images`, leaving the tree stopped: call [`resume_tree`] to run it.
 pub fn restore(
     sup: &Supervisor,
     criu: &str,
     images: &Path,
     stdio: &[StdioPipe],
     timeout: Duration,
-) -> Result<(i32, Tail), Failure> {
+) -> Result<Restored, Failure> {
     let fail = |m: String| Failure::new(reason::CRIU_RESTORE_FAILED, m);
     let work = std::env::temp_dir().join(format!(
         "crac-agent-restore-{}",
@@ -273,6 +299,11 @@ pub fn restore(
         .stdin(Stdio::null())
         .stdout(pipes.stdout)
         .stderr(pipes.stderr);
+    let kdat_dir = KdatDir::from_image(criu, images);
+    if let Some(k) = &kdat_dir {
+        cmd.env("XDG_RUNTIME_DIR", &k.path);
+    }
+    let t_spawn = std::time::Instant::now();
     let child = sup.spawn(&mut cmd).map_err(|e| {
         Failure::new(
             reason::CRIU_MISSING,
@@ -282,12 +313,20 @@ pub fn restore(
     drop(cmd);
     let criu_pid = child.id() as i32;
     let status = sup.wait(criu_pid, Some(timeout), false);
+    let criu_wall = t_spawn.elapsed();
+    drop(kdat_dir);
     let log = std::fs::read_to_string(work.join(RESTORE_LOG)).unwrap_or_default();
     let pid = std::fs::read_to_string(work.join("restored.pid"))
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok());
     let result = match (status, pid) {
-        (Some(s), Some(pid)) if s.as_exit_code() == 0 => Ok((pid, pipes.tail)),
+        (Some(s), Some(pid)) if s.as_exit_code() == 0 => Ok(Restored {
+            pid,
+            tail: pipes.tail,
+            criu_wall,
+            phases: parse_restore_phases(&log),
+            kdat_cached: log.contains("Loaded kdat cache"),
+        }),
         (Some(s), _) => {
             print_log_tail("restore", &log, "");
             let mut f = classify_log(&log, true);
@@ -310,6 +349,190 @@ pub fn restore(
     result
 }
 
+/// Resumes a tree CRIU left stopped: SIGCONT to every task under `pid`.
+pub fn resume_tree(pid: i32) -> std::io::Result<()> {
+    crate::sys::kill(pid, libc::SIGCONT)?;
+    for tid in jvm::tree_ids(pid) {
+        let _ = crate::sys::kill(tid, libc::SIGCONT);
+    }
+    Ok(())
+}
+
+/// Where a restore's time went inside CRIU, from the timestamps of its `-v4` log (offsets from
+/// CRIU's start, in microseconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Phases {
+    /// CRIU's start-up and kernel-feature probing: to `Reading image tree`.
+    pub startup_us: u64,
+    /// Forking the tree, files, sockets, memory layout: to the first page read (`Preadv`).
+    pub tree_us: u64,
+    /// Reading page data into place: the first `Preadv` to the last `returned`.
+    pub memory_us: u64,
+    /// Threads, signals, seccomp and detaching: to `Restore finished successfully`.
+    pub resume_us: u64,
+}
+
+/// Splits a successful `criu restore -v4` log into [`Phases`].
+pub fn parse_restore_phases(log: &str) -> Option<Phases> {
+    let stamp = |line: &str| -> Option<u64> {
+        let rest = line.strip_prefix('(')?;
+        let secs: f64 = rest[..rest.find(')')?].trim().parse().ok()?;
+        Some((secs * 1e6).round() as u64)
+    };
+    let mut tree_start = None;
+    let mut mem_start = None;
+    let mut mem_end = None;
+    let mut finished = None;
+    for line in log.lines() {
+        let Some(t) = stamp(line) else { continue };
+        if tree_start.is_none() && line.contains("Reading image tree") {
+            tree_start = Some(t);
+        } else if line.contains("pie: ") && line.contains(" Preadv ") {
+            mem_start.get_or_insert(t);
+        } else if line.contains("pie: ") && line.contains("`- returned ") {
+            mem_end = Some(t);
+        } else if line.contains("Restore finished successfully") {
+            finished = Some(t);
+        }
+    }
+    let (tree_start, finished) = (tree_start?, finished?);
+    // No page data at all: the memory phase is empty.
+    let mem_start = mem_start.unwrap_or(finished).max(tree_start);
+    let mem_end = mem_end.unwrap_or(mem_start).clamp(mem_start, finished);
+    Some(Phases {
+        startup_us: tree_start,
+        tree_us: mem_start - tree_start,
+        memory_us: mem_end - mem_start,
+        resume_us: finished - mem_end,
+    })
+}
+
+/// CRIU's kernel-feature cache file, as CRIU names it in `$XDG_RUNTIME_DIR` when it runs
+/// `--unprivileged`. CRIU saves it only on a tmpfs (so that a reboot clears it) and checks
+/// nothing but a magic number when it loads it. The checkpoint keeps the file its dump wrote
+/// in the image, with [`KDAT_HOST_FILE`] saying which node, boot, kernel and CRIU wrote it;
+/// a restore hands it to CRIU (on a private tmpfs directory) only when all of those are
+/// this host's, and both files are checked against the image's metadata before CRIU runs.
+pub const KDAT_FILE: &str = "criu.kdat";
+/// See [`KDAT_FILE`].
+pub const KDAT_HOST_FILE: &str = "criu.kdat.host";
+
+/// What makes a kernel-feature cache valid here: this boot of this kernel, and this CRIU.
+pub fn kdat_host_key(criu: &str) -> Option<String> {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    let boot = read("/proc/sys/kernel/random/boot_id")?;
+    let release = read("/proc/sys/kernel/osrelease")?;
+    let version = read("/proc/sys/kernel/version")?;
+    let bin = criu_binary(criu)?;
+    let m = std::fs::metadata(&bin).ok()?;
+    let mtime = m
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
+    Some(format!(
+        "boot {boot}\nkernel {release} {version}\ncriu {} {} {mtime}\n",
+        bin.display(),
+        m.len()
+    ))
+}
+
+/// The file that is CRIU: a bundle's binary, a path, or the first match on PATH.
+fn criu_binary(criu: &str) -> Option<std::path::PathBuf> {
+    let path = Path::new(criu);
+    if is_bundle(path) {
+        return Some(path.join(BUNDLE_BINARY));
+    }
+    if criu.contains('/') {
+        return Some(path.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(criu))
+        .find(|p| p.is_file())
+}
+
+/// Whether `path` lies on a tmpfs, by the longest mount point above it in `mountinfo`.
+pub fn on_tmpfs(mountinfo: &str, path: &Path) -> bool {
+    let mut best: Option<(usize, bool)> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(mount_point), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else {
+            continue;
+        };
+        let mp = Path::new(mount_point);
+        if path.starts_with(mp) {
+            let len = mp.as_os_str().len();
+            if best.is_none_or(|(l, _)| len >= l) {
+                best = Some((len, *fstype == "tmpfs"));
+            }
+        }
+    }
+    best.is_some_and(|(_, tmpfs)| tmpfs)
+}
+
+/// A private directory on a tmpfs (mode 0700, removed on drop) given to CRIU as
+/// `$XDG_RUNTIME_DIR`, where it loads and saves its kernel-feature cache.
+struct KdatDir {
+    path: std::path::PathBuf,
+}
+
+impl KdatDir {
+    /// An empty one, or `None` when no tmpfs is at hand (CRIU then probes and keeps nothing).
+    fn new() -> Option<KdatDir> {
+        if crate::config::bench_disabled("kdat") {
+            return None;
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let base = [Path::new("/dev/shm").to_path_buf(), std::env::temp_dir()]
+            .into_iter()
+            .find(|d| d.is_dir() && on_tmpfs(&mountinfo, d))?;
+        let path = base.join(format!("crac-agent-kdat-{}", crate::image::unique_suffix()));
+        crate::image::create_private_dir(&path).ok()?;
+        Some(KdatDir { path })
+    }
+
+    /// One holding the cache kept in the image at `images`, if it was written on this host's
+    /// current boot by this CRIU. The caller has checked both files against the metadata.
+    fn from_image(criu: &str, images: &Path) -> Option<KdatDir> {
+        let recorded = std::fs::read_to_string(images.join(KDAT_HOST_FILE)).ok()?;
+        if kdat_host_key(criu)? != recorded {
+            return None;
+        }
+        let dir = KdatDir::new()?;
+        std::fs::copy(images.join(KDAT_FILE), dir.path.join(KDAT_FILE)).ok()?;
+        Some(dir)
+    }
+
+    /// After a dump: copies the cache CRIU saved into the image being written, with the key
+    /// that says where it is valid.
+    fn keep_in_image(&self, criu: &str, image: &Path) {
+        let saved = self.path.join(KDAT_FILE);
+        let Some(key) = kdat_host_key(criu) else {
+            return;
+        };
+        if saved.is_file()
+            && std::fs::copy(&saved, image.join(KDAT_FILE)).is_ok()
+            && std::fs::write(image.join(KDAT_HOST_FILE), key).is_err()
+        {
+            let _ = std::fs::remove_file(image.join(KDAT_FILE));
+        }
+    }
+}
+
+impl Drop for KdatDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,7 +549,9 @@ mod tests {
         ];
         let args = restore_args(Path::new("/crac/abc"), Path::new("/tmp/w"), &pipes).join(" ");
         assert!(args.starts_with("restore --images-dir /crac/abc --work-dir /tmp/w"));
-        assert!(args.contains("--tcp-close --restore-detached --restore-sibling --unprivileged"));
+        assert!(args.contains(
+            "-v4 --tcp-close --restore-detached --restore-sibling --leave-stopped --unprivileged"
+        ));
         assert!(
             args.ends_with("--inherit-fd fd[1]:pipe:[11] --inherit-fd fd[2]:pipe:[12]"),
             "{args}"
@@ -343,6 +568,56 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn splits_a_restore_log_into_phases() {
+        let log = "(00.000000) CRIU run id = x
+(00.000090) Running on vm Linux
+(00.046000) Warn  (criu/kerndat.c:1200): $XDG_RUNTIME_DIR not set
+(00.056285) Reading image tree
+(00.056760) Forking task with 201 pid (flags 0x8000)
+(00.062973) pie: 201: Preadv 0x69e000000:376832... (228 iovs)
+(00.100000) pie: 201: `- returned 20000000
+(00.100100) pie: 201: Preadv 0x7f0000000:4096... (1 iovs)
+(00.125152) pie: 201: `- returned 17302272
+task_args->pid: 201
+(00.132600) 221 was trapped
+(00.168762) Restore finished successfully. Tasks resumed.
+(00.168766) Writing stats
+";
+        assert_eq!(
+            parse_restore_phases(log),
+            Some(Phases {
+                startup_us: 56_285,
+                tree_us: 6_688,
+                memory_us: 62_179,
+                resume_us: 43_610,
+            })
+        );
+        // No page data: an empty memory phase. No end marker: no phases.
+        let none = "(00.010000) Reading image tree\n(00.020000) Restore finished successfully.\n";
+        assert_eq!(parse_restore_phases(none).unwrap().memory_us, 0);
+        assert_eq!(parse_restore_phases(none).unwrap().tree_us, 10_000);
+        assert_eq!(parse_restore_phases("(00.01) Reading image tree\n"), None);
+    }
+
+    #[test]
+    fn finds_whether_a_path_is_on_tmpfs() {
+        let mountinfo = "22 1 0:21 / / rw,relatime - overlay overlay rw
+23 22 0:22 / /dev rw,nosuid - tmpfs tmpfs rw,mode=755
+24 23 0:23 / /dev/shm rw,nosuid,nodev - tmpfs shm rw,size=65536k
+25 23 0:24 / /dev/pts rw - devpts devpts rw
+26 22 0:25 / /tmp rw - ext4 /dev/sda1 rw
+";
+        assert!(on_tmpfs(mountinfo, Path::new("/dev/shm")));
+        assert!(on_tmpfs(mountinfo, Path::new("/dev/shm/crac-agent-kdat-1")));
+        assert!(!on_tmpfs(mountinfo, Path::new("/tmp")));
+        assert!(!on_tmpfs(mountinfo, Path::new("/dev/pts/0")));
+        // /dev/shmx is not under /dev/shm: /dev's tmpfs decides.
+        assert!(on_tmpfs(mountinfo, Path::new("/dev/shmx")));
+        assert!(!on_tmpfs(mountinfo, Path::new("/var/run")));
+        assert!(!on_tmpfs("", Path::new("/dev/shm")));
     }
 
     #[test]

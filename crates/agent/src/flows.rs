@@ -341,6 +341,24 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
         ));
     }
 
+    if cfg.engine == Engine::Criu && !config::bench_disabled("shrink") {
+        let java = jvm::jvm_files(pid).0;
+        match crate::shrink::before_dump(sup, java.as_deref(), pid, || {
+            sup.terminated_by().is_some() || sup.has_exited(pid)
+        }) {
+            Ok(line) => log(line),
+            Err(e) => log(format!(
+                "could not shrink the heap before the dump ({e}); dumping it as it is"
+            )),
+        }
+        if let Some(sig) = sup.terminated_by() {
+            return Err(Failure::new(
+                reason::TERMINATED,
+                format!("received signal {sig} before the checkpoint"),
+            ));
+        }
+    }
+
     // What restore needs to know about this JVM, read before it goes away.
     let pids = jvm::tree_ids(pid);
     let stdio_pipes = jvm::stdio_pipes(pid);
@@ -653,20 +671,26 @@ fn try_restore(ctx: &Ctx, s: &mut AgentSummary) -> Result<Running, Failure> {
     image::verify_host(&meta, &image::host_info(), &id, cfg.engine.as_str())?;
     image::verify_host_files(&meta)?;
     let t_verify = Instant::now();
-    image::verify_files(&dir, &meta)?;
-    log(format!(
-        "image {id} verified ({} bytes, {} ms)",
-        meta.total_bytes,
-        ms(t_verify.elapsed())
-    ));
-
+    image::verify_listing(&dir, &meta)?;
     let remaining = ctx
         .deadline()
         .saturating_duration_since(Instant::now())
         .max(Duration::from_secs(5));
+    let mut timing = None;
     let (pid, tail) = match cfg.engine {
-        Engine::Criu => criu::restore(&ctx.sup, &cfg.criu, &dir, &meta.stdio_pipes, remaining)?,
+        Engine::Criu => {
+            let (r, t) = restore_checked(ctx, &dir, &meta, t_verify, remaining)?;
+            timing = Some(t);
+            (r.pid, r.tail)
+        }
         Engine::Crac => {
+            // The CRaC JDK runs its image itself: nothing may start before every file is checked.
+            image::verify_hashes(&dir, &meta, |_| true)?;
+            log(format!(
+                "image {id} verified ({} bytes, {} ms)",
+                meta.total_bytes,
+                ms(t_verify.elapsed())
+            ));
             let java = crac::java_of(&cfg.command, std::env::var("JAVA_HOME").ok().as_deref());
             let argv = crac::restore_command(&java, &dir);
             let sp = jvm::spawn(&ctx.sup, &argv, &[]).map_err(|e| {
@@ -689,12 +713,139 @@ fn try_restore(ctx: &Ctx, s: &mut AgentSummary) -> Result<Running, Failure> {
         f
     })?;
     guard.armed = false; // keeps forwarding signals to the restored JVM
+    if let Some(t) = timing {
+        log(t.line(ms(ctx.started.elapsed())));
+    }
     Ok(Running {
         pid,
         mode: "restored",
         start_ms: ms(ctx.started.elapsed()),
         _lock: Some(lock),
     })
+}
+
+/// Engine criu: every file CRIU parses is checked before CRIU runs; the page data (raw memory
+/// CRIU copies into place and never parses) is hashed while CRIU restores, and the tree, left
+/// stopped by CRIU, is resumed only once that hash matches the metadata, and killed otherwise.
+/// So no instruction of the restored app runs, and no request is answered, from an image that
+/// is not the one the operator recorded; the hash costs the restore only what it outlasts CRIU.
+fn restore_checked(
+    ctx: &Ctx,
+    dir: &Path,
+    meta: &Metadata,
+    t_verify: Instant,
+    remaining: Duration,
+) -> Result<(criu::Restored, RestoreTiming), Failure> {
+    // Benchmarks only: everything checked first, as before the overlap.
+    let overlap = !config::bench_disabled("overlap");
+    let beside = |n: &str| overlap && image::is_page_data(n);
+    image::verify_hashes(dir, meta, |n| !beside(n))?;
+    let check_before = t_verify.elapsed();
+    let (restored, (pages, pages_took, pages_done)) = std::thread::scope(|sc| {
+        let pages = sc.spawn(|| {
+            let t = Instant::now();
+            let r = image::verify_hashes(dir, meta, beside);
+            (r, t.elapsed(), Instant::now())
+        });
+        let restored = criu::restore(&ctx.sup, &ctx.cfg.criu, dir, &meta.stdio_pipes, remaining)
+            .map(|r| (r, Instant::now()));
+        let pages = pages.join().unwrap_or_else(|_| {
+            (
+                Err(Failure::new(
+                    reason::IMAGE_CORRUPT,
+                    "the thread hashing the page data failed",
+                )),
+                Duration::ZERO,
+                Instant::now(),
+            )
+        });
+        (restored, pages)
+    });
+    let (restored, criu_exit) = match (restored, pages) {
+        (Ok((r, exit)), Ok(())) => (r, exit),
+        (Ok((r, _)), Err(f)) => {
+            // Restored from page data that is not the checkpoint's: it never runs.
+            drop(JvmGuard {
+                sup: &ctx.sup,
+                pid: r.pid,
+                armed: true,
+            });
+            log(format!(
+                "killed the restored tree (pid {}) before it ran: its page data failed the check",
+                r.pid
+            ));
+            return Err(f);
+        }
+        // A damaged image explains a failed restore better than CRIU's log does.
+        (Err(_), Err(f)) => return Err(f),
+        (Err(f), Ok(())) => return Err(f),
+    };
+    log(format!(
+        "image verified ({} bytes; {} ms before CRIU, page data {} ms beside it)",
+        meta.total_bytes,
+        ms(check_before),
+        ms(pages_took)
+    ));
+    if let Err(e) = criu::resume_tree(restored.pid) {
+        drop(JvmGuard {
+            sup: &ctx.sup,
+            pid: restored.pid,
+            armed: true,
+        });
+        return Err(Failure::new(
+            reason::CRIU_RESTORE_FAILED,
+            format!("cannot resume the restored JVM: {e}"),
+        ));
+    }
+    let timing = RestoreTiming {
+        check_before,
+        check_pages: pages_took,
+        check_wait: pages_done.saturating_duration_since(criu_exit),
+        criu_wall: restored.criu_wall,
+        phases: restored.phases,
+        kdat_cached: restored.kdat_cached,
+        criu_exit,
+    };
+    Ok((restored, timing))
+}
+
+/// Where one restore's time went (engine criu), logged once the app is ready:
+/// `crac-agent: restore timing: key=value …` (scripts/bench reads this line).
+struct RestoreTiming {
+    /// Listing, sizes and every file but the page data, before CRIU starts.
+    check_before: Duration,
+    /// Hashing the page data, while CRIU runs.
+    check_pages: Duration,
+    /// How long resuming waited for that hash after CRIU exited.
+    check_wait: Duration,
+    criu_wall: Duration,
+    phases: Option<criu::Phases>,
+    kdat_cached: bool,
+    criu_exit: Instant,
+}
+
+impl RestoreTiming {
+    fn line(&self, total_ms: u64) -> String {
+        let f = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
+        let us = |u: u64| format!("{:.1}", u as f64 / 1e3);
+        let p = self.phases.unwrap_or_default();
+        // Everything of CRIU's wall time that is not a later phase: exec, start-up, probing
+        // the kernel (or loading the cache), and exiting.
+        let inner = Duration::from_micros(p.tree_us + p.memory_us + p.resume_us);
+        format!(
+            "restore timing: check_ms={} pages_check_ms={} check_wait_ms={} criu_ms={} criu_start_ms={} tree_ms={} memory_ms={} resume_ms={} exit_to_ready_ms={} kdat={} total_ms={total_ms}",
+            f(self.check_before),
+            f(self.check_pages),
+            f(self.check_wait),
+            f(self.criu_wall),
+            f(self.criu_wall.saturating_sub(inner)),
+            us(p.tree_us),
+            us(p.memory_us),
+            us(p.resume_us),
+            f(self.criu_exit.elapsed()),
+            if self.kdat_cached { "cached" } else { "probed" },
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -428,7 +428,11 @@ pub fn seal_modes(dir: &Path) -> io::Result<()> {
 
 /// Sizes and sha256 of every file in `dir`, hashed on two threads (the pages file dominates).
 pub fn hash_dir(dir: &Path) -> io::Result<BTreeMap<String, FileEntry>> {
-    let names = image_file_names(dir)?;
+    hash_files(dir, image_file_names(dir)?)
+}
+
+/// Sizes and sha256 of the files `names` in `dir`, hashed on two threads.
+fn hash_files(dir: &Path, names: Vec<String>) -> io::Result<BTreeMap<String, FileEntry>> {
     let mut sized: Vec<(String, u64)> = names
         .into_iter()
         .map(|n| {
@@ -473,6 +477,21 @@ pub fn hash_dir(dir: &Path) -> io::Result<BTreeMap<String, FileEntry>> {
 
 /// Compares the files in `dir` with what the metadata lists: the same names, sizes and hashes.
 pub fn verify_files(dir: &Path, meta: &Metadata) -> Result<(), Failure> {
+    verify_listing(dir, meta)?;
+    verify_hashes(dir, meta, |_| true)
+}
+
+/// Whether an image file holds page data: raw memory that CRIU copies into the restored
+/// process and never parses (`pages-<n>.img`). Every other file is parsed by CRIU.
+pub fn is_page_data(name: &str) -> bool {
+    name.strip_prefix("pages-")
+        .and_then(|r| r.strip_suffix(".img"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The first half of [`verify_files`]: the files in `dir` are those the metadata lists, with
+/// their sizes (no hashing).
+pub fn verify_listing(dir: &Path, meta: &Metadata) -> Result<(), Failure> {
     let corrupt = |m: String| Failure::new(reason::IMAGE_CORRUPT, m);
     let names = image_file_names(dir)
         .map_err(|e| corrupt(format!("cannot list {}: {e}", dir.display())))?;
@@ -499,8 +518,20 @@ pub fn verify_files(dir: &Path, meta: &Metadata) -> Result<(), Failure> {
             )));
         }
     }
-    let actual = hash_dir(dir).map_err(|e| corrupt(format!("cannot read image: {e}")))?;
-    for (name, want) in &meta.files {
+    Ok(())
+}
+
+/// The second half of [`verify_files`]: the listed files that `which` picks hash to what the
+/// metadata says (run [`verify_listing`] first).
+pub fn verify_hashes(
+    dir: &Path,
+    meta: &Metadata,
+    which: impl Fn(&str) -> bool,
+) -> Result<(), Failure> {
+    let corrupt = |m: String| Failure::new(reason::IMAGE_CORRUPT, m);
+    let names: Vec<String> = meta.files.keys().filter(|n| which(n)).cloned().collect();
+    let actual = hash_files(dir, names).map_err(|e| corrupt(format!("cannot read image: {e}")))?;
+    for (name, want) in meta.files.iter().filter(|(n, _)| which(n)) {
         if actual.get(name).map(|e| &e.sha256) != Some(&want.sha256) {
             return Err(corrupt(format!(
                 "image file {name} does not match its sha256: the image is damaged; checkpoint again"
@@ -901,6 +932,22 @@ pub fn lock_and_read(dir: &Path) -> Result<(ImageLock, Vec<u8>), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pages_files_are_page_data() {
+        assert!(is_page_data("pages-1.img") && is_page_data("pages-12.img"));
+        for n in [
+            "pagemap-201.img",
+            "pages-.img",
+            "pages-1.img.x",
+            "xpages-1.img",
+            "pages-a.img",
+            "core-201.img",
+            "criu.kdat",
+        ] {
+            assert!(!is_page_data(n), "{n}");
+        }
+    }
 
     fn meta() -> Metadata {
         Metadata {

@@ -13,6 +13,7 @@ mod image;
 mod install;
 mod jvm;
 mod probe;
+mod shrink;
 mod summary;
 mod supervisor;
 mod sys;

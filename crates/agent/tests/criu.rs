@@ -125,6 +125,38 @@ fn checkpoint_then_restore_keeps_heap_state_and_forwards_sigterm() {
     let sum = read_summary(&s.dir.join("restore.summary"), &log);
     assert_eq!(sum.exit_code, Some(143));
     assert_eq!(sum.outcome, Some(Outcome::Restored));
+    // Where the restore's time went, from the agent and CRIU's -v4 log; CRIU was handed the
+    // kernel features its dump found on this boot (kept in the image, covered by its digest).
+    let timing = log
+        .lines()
+        .find_map(|l| l.split_once("restore timing: ").map(|(_, t)| t.to_string()))
+        .unwrap_or_else(|| panic!("no restore timing line:\n{log}"));
+    for key in [
+        "check_ms=",
+        "pages_check_ms=",
+        "criu_start_ms=",
+        "tree_ms=",
+        "memory_ms=",
+        "resume_ms=",
+        "exit_to_ready_ms=",
+        "total_ms=",
+    ] {
+        assert!(timing.contains(key), "{key} missing: {timing}");
+    }
+    assert!(timing.contains("kdat=cached"), "{timing}");
+    assert!(!timing.contains("memory_ms=0.0 "), "{timing}");
+    assert!(meta["files"]["criu.kdat"]["sha256"].is_string(), "{meta}");
+    assert!(
+        meta["files"]["criu.kdat.host"]["sha256"].is_string(),
+        "{meta}"
+    );
+    // The heap was shrunk with jcmd before the dump, and the attach socket jcmd made the JVM
+    // open is restored with it (the restore above answered).
+    assert!(
+        ck.log().contains("heap shrunk before the dump"),
+        "{}",
+        ck.log()
+    );
 }
 
 #[test]
@@ -149,6 +181,73 @@ fn corrupted_image_is_refused_and_cold_started() {
         "{sum:?}"
     );
     assert_eq!(activity(&r).mode, "coldStarted");
+    assert_eq!(r.stop(), 143);
+}
+
+/// The page data is hashed while CRIU restores (engine criu): a tampered pages file is
+/// restored by CRIU, left stopped and killed, and no request is ever answered from it. A
+/// client that connects throughout (its connections queue on the restored, stopped socket)
+/// sees only the cold JVM's first answer.
+#[test]
+fn tampered_page_data_is_killed_before_it_runs_and_never_served() {
+    let _g = serial();
+    let s = Scratch::new("tampered-pages");
+    let port = free_port();
+    checkpoint(&s, "c1", port, &[]);
+    corrupt_byte(&s.images().join("c1/pages-1.img"), 4096 * 10 + 7);
+
+    let r = restore_run(&s, "restore", "c1", port).start();
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        match http_get(port, "/") {
+            Ok((200, body)) => {
+                answers.push(body.trim().to_string());
+                break;
+            }
+            Ok((code, body)) => answers.push(format!("{code} {body}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    assert_eq!(answers, vec!["hello 1".to_string()], "log:\n{}", r.log());
+    let sum = r.summary();
+    assert_eq!(sum.outcome, Some(Outcome::ColdStarted), "{sum:?}");
+    assert_eq!(sum.reason.as_deref(), Some("ImageCorrupt"));
+    assert!(
+        sum.message.as_deref().unwrap().contains("pages-1.img"),
+        "{sum:?}"
+    );
+    // CRIU did restore it (the check ran beside it), and the tree was killed unresumed.
+    let log = r.log();
+    assert!(log.contains("killed the restored tree"), "{log}");
+    assert!(!log.contains("restore timing:"), "{log}");
+    assert_eq!(r.stop(), 143);
+}
+
+/// Every file CRIU parses is checked before CRIU runs: a damaged one is refused with CRIU
+/// never started.
+#[test]
+fn a_tampered_file_criu_parses_is_refused_before_criu_runs() {
+    let _g = serial();
+    let s = Scratch::new("tampered-core");
+    let port = free_port();
+    checkpoint(&s, "c1", port, &[]);
+    corrupt_byte(&s.images().join("c1/core-201.img"), 40);
+
+    let mut r = restore_run(&s, "restore", "c1", port).start();
+    assert_eq!(
+        r.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 1"
+    );
+    let sum = r.summary();
+    assert_eq!(sum.reason.as_deref(), Some("ImageCorrupt"), "{sum:?}");
+    assert!(
+        sum.message.as_deref().unwrap().contains("core-201.img"),
+        "{sum:?}"
+    );
+    let log = r.log();
+    assert!(!log.contains("killed the restored tree"), "{log}");
+    assert!(!log.contains("criu restore"), "{log}");
     assert_eq!(r.stop(), 143);
 }
 
