@@ -781,7 +781,8 @@ fn restore_checked(
         (Err(f), Ok(())) => return Err(f),
     };
     log(format!(
-        "image verified ({} bytes; {} ms before CRIU, page data {} ms beside it)",
+        "image {} verified ({} bytes; {} ms before CRIU, page data {} ms beside it)",
+        meta.checkpoint_id,
         meta.total_bytes,
         ms(check_before),
         ms(pages_took)
