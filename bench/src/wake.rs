@@ -23,38 +23,38 @@
 
 use anyhow::{Context as _, Result, bail};
 use crac_api::CracApp;
-use crac_api::agent::ActivityReport;
 use crac_api::cracapp::{Phase, ServingMode};
 use crac_api::labels;
-use crac_bench::{catch_panic, create_namespace, percentile, scrape};
-use crac_tests::activity::ActivityServer;
-use crac_tests::checkpoint_id_of;
-use crac_tests::operator::{
-    ACTIVATOR_LABEL, ACTIVATOR_NAMESPACE, end_checkpoint_pod, stand_in_activator, success,
+use crac_bench::{
+    FakeNode, Hits, activator_args, catch_panic, create_namespace, loopback_24, operator_args,
+    percentile, scrape, serve_pod_addresses, spawn, tear_down, wait_answers,
 };
-use crac_tests::real_node::{http_get, read_response, send_get};
+use crac_tests::checkpoint_id_of;
+use crac_tests::operator::{end_checkpoint_pod, stand_in_activator, success};
+use crac_tests::real_node::{read_response, send_get};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 const APP: &str = "wake";
-const NODE: &str = "crac-bench-wake";
-/// The node label and taint that keep the app's pods (and only them) on the driver's node.
-const NODE_LABEL: &str = "crac.dev/pod-addresses";
-const NODE_LABEL_VALUE: &str = "bench-wake";
-const NODE_TAINT: &str = "crac.dev/bench-wake";
+/// The driver's node: its pods (the app's, and only them) get addresses of `--node-cidr`.
+fn node(net: [u8; 3]) -> FakeNode {
+    FakeNode {
+        name: "crac-bench-wake",
+        label_value: "bench-wake",
+        taint: "crac.dev/bench-wake",
+        net,
+    }
+}
 const DEADLINE: Duration = Duration::from_secs(60);
 /// How often a wait polls (none of these waits is what a wake's parts are timed by: the
 /// watches are).
@@ -94,16 +94,7 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--cycles" => args.cycles = value.parse()?,
             "--namespace" => args.namespace = value,
-            "--node-cidr" => {
-                let net = value
-                    .strip_suffix(".0/24")
-                    .context("--node-cidr must be a loopback /24 such as 127.151.0.0/24")?;
-                let octets: Vec<u8> = net.split('.').map(str::parse).collect::<Result<_, _>>()?;
-                match octets[..] {
-                    [127, b, c] => args.node_cidr = [127, b, c],
-                    _ => bail!("--node-cidr must be a loopback /24 such as 127.151.0.0/24"),
-                }
-            }
+            "--node-cidr" => args.node_cidr = loopback_24(&value)?,
             "--app-port" => args.app_port = value.parse()?,
             "--activator-address" => args.activator_address = value.parse()?,
             "--operator" => args.operator = value.into(),
@@ -135,55 +126,6 @@ where
 }
 
 // ------------------------------------------------------------------------------ backends
-
-/// When the "app" was reached, and on which pod address.
-type Hits = Arc<Mutex<Vec<(Instant, Ipv4Addr)>>>;
-
-/// Serves the app's port and the agent's activity endpoint (the tests' stand-in, reporting no
-/// open connections) on every address of the node's /24, so whatever address kwok gives a
-/// pod, the operator and the activator reach a socket. The activity endpoints serve until
-/// the returned servers are dropped.
-async fn serve_pod_addresses(net: [u8; 3], app_port: u16) -> Result<(Hits, Vec<ActivityServer>)> {
-    let hits: Hits = Arc::default();
-    let idle = ActivityReport {
-        mode: "restored".into(),
-        open_connections: 0,
-        ..Default::default()
-    };
-    let mut agents = Vec::new();
-    for host in 1..=254u8 {
-        let ip = Ipv4Addr::new(net[0], net[1], net[2], host);
-        let app = TcpListener::bind((ip, app_port))
-            .await
-            .with_context(|| format!("bind the app port {ip}:{app_port}"))?;
-        agents.push(ActivityServer::start(&ip.to_string(), idle.clone()).await);
-        let hits = hits.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = app.accept().await {
-                hits.lock().expect("hits lock").push((Instant::now(), ip));
-                tokio::spawn(answer(stream, format!("hello from {ip}")));
-            }
-        });
-    }
-    Ok((hits, agents))
-}
-
-/// Answers one HTTP/1.1 request with `body` once its head has arrived.
-async fn answer(mut stream: tokio::net::TcpStream, body: String) {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-}
 
 /// One GET on a fresh connection: (status, body, time of the first response byte).
 async fn timed_get(address: (IpAddr, u16)) -> Result<(u16, String, Instant)> {
@@ -511,93 +453,6 @@ impl Bench {
 
 // ------------------------------------------------------------------------------ set-up
 
-/// A kwok node of the driver's own: its pods get addresses from the driver's /24.
-async fn create_node(client: &Client, net: [u8; 3]) -> Result<()> {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let node: Node = serde_json::from_value(serde_json::json!({
-        "metadata": {
-            "name": NODE,
-            "labels": { "type": "kwok", "kubernetes.io/hostname": NODE, "kubernetes.io/os": "linux",
-                        "kubernetes.io/arch": "amd64", NODE_LABEL: NODE_LABEL_VALUE },
-            "annotations": { "kwok.x-k8s.io/node": "fake" }
-        },
-        "spec": {
-            "podCIDR": format!("{}.{}.{}.0/24", net[0], net[1], net[2]),
-            "taints": [{ "key": NODE_TAINT, "value": "true", "effect": "NoSchedule" }]
-        },
-        "status": {
-            "allocatable": { "cpu": "32", "memory": "256Gi", "pods": "500" },
-            "capacity": { "cpu": "32", "memory": "256Gi", "pods": "500" }
-        }
-    }))?;
-    nodes
-        .create(&PostParams::default(), &node)
-        .await
-        .with_context(|| format!("create node {NODE} (left over from a run?)"))?;
-    wait_for("the driver's node Ready", DEADLINE, || async {
-        let n = nodes.get(NODE).await.ok()?;
-        n.status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-            .then_some(())
-    })
-    .await
-}
-
-fn the_app(app_port: u16) -> Result<CracApp> {
-    Ok(serde_json::from_value(serde_json::json!({
-        "apiVersion": "crac.dev/v1alpha1",
-        "kind": "CracApp",
-        "metadata": { "name": APP },
-        "spec": {
-            "replicas": 1,
-            "template": { "spec": {
-                "nodeSelector": { NODE_LABEL: NODE_LABEL_VALUE },
-                "tolerations": [{ "key": NODE_TAINT, "operator": "Exists", "effect": "NoSchedule" }],
-                "containers": [{
-                    "name": "app",
-                    "image": "bench/app:1",
-                    "command": ["java", "-jar", "/app/app.jar"],
-                    "ports": [{ "containerPort": app_port, "name": "http" }],
-                    "readinessProbe": { "httpGet": { "path": "/ready", "port": "http" } }
-                }]
-            }},
-            "checkpoint": { "engine": "criu" },
-            "scaleToZero": { "enabled": true, "idleAfter": "30m", "wakeTimeout": "30s" }
-        }
-    }))?)
-}
-
-/// A child process, killed when dropped.
-struct Child(tokio::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
-fn spawn(bin: &PathBuf, args: &[String], log: PathBuf) -> Result<Child> {
-    let out = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-    let child = tokio::process::Command::new(bin)
-        .args(args)
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("start {}", bin.display()))?;
-    Ok(Child(child))
-}
-
-async fn wait_answers(what: &str, ip: IpAddr, port: u16, path: &str) -> Result<()> {
-    let ip = ip.to_string();
-    wait_for(&format!("{what}'s {path}"), DEADLINE, || async {
-        (http_get(&ip, port, path).await?.0 == 200).then_some(())
-    })
-    .await
-}
-
 // ------------------------------------------------------------------------------ main
 
 #[tokio::main]
@@ -611,40 +466,15 @@ async fn main() -> Result<()> {
 
     let result = run(&client, args, &kubeconfig, &ns).await;
 
-    // Clean up whatever was made. The operator has gone with `run`; release the app's
-    // finalizer so its namespace can go.
-    let apps: Api<CracApp> = Api::namespaced(client.clone(), &ns);
-    let _ = apps
-        .patch(
-            APP,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "metadata": { "finalizers": null } })),
-        )
-        .await;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
-    // The stand-in activator pod (its namespace is shared, as in the tests: it stays).
-    let _ = Api::<Pod>::namespaced(client.clone(), ACTIVATOR_NAMESPACE)
-        .delete(&format!("activator-{ns}"), &DeleteParams::background())
-        .await;
-    let _ = Api::<Node>::all(client.clone())
-        .delete(NODE, &DeleteParams::background())
-        .await;
-    let gone = wait_for(
-        "the bench namespace gone",
-        Duration::from_secs(120),
-        || async { namespaces.get_opt(&ns).await.ok()?.is_none().then_some(()) },
-    )
-    .await;
-    if let Err(e) = gone {
-        eprintln!("bench: {e}");
-    }
+    // Clean up whatever was made (the operator has gone with `run`).
+    tear_down(&client, &ns, node([0; 3]).name).await;
     result
 }
 
 async fn run(client: &Client, args: Args, kubeconfig: &str, ns: &str) -> Result<()> {
     let (hits, _agents) = serve_pod_addresses(args.node_cidr, args.app_port).await?;
-    create_node(client, args.node_cidr).await?;
+    let node = node(args.node_cidr);
+    node.create(client).await?;
     create_namespace(client, ns).await?;
     let (c, n) = (client.clone(), ns.to_string());
     catch_panic("the stand-in activator pod", async move {
@@ -657,33 +487,13 @@ async fn run(client: &Client, args: Args, kubeconfig: &str, ns: &str) -> Result<
     let operator_metrics = format!("{address}:{OPERATOR_METRICS_PORT}");
     let _activator = spawn(
         &args.activator,
-        &[
-            "--kubeconfig".into(),
-            kubeconfig.into(),
-            "--listen-address".into(),
-            address.to_string(),
-            "--admin-address".into(),
-            activator_admin.clone(),
-            // The bench calls from this machine, not from a pod.
-            "--trusted-callers".into(),
-            "127.0.0.0/8".into(),
-        ],
-        args.logs.join("wake-activator.log"),
+        &activator_args(kubeconfig, address, &activator_admin),
+        &args.logs.join("wake-activator.log"),
     )?;
     let _operator = spawn(
         &args.operator,
-        &[
-            "--leader-elect=false".into(),
-            "--metrics-addr".into(),
-            operator_metrics.clone(),
-            "--namespace".into(),
-            ns.into(),
-            "--activator-namespace".into(),
-            ACTIVATOR_NAMESPACE.into(),
-            "--activator-selector".into(),
-            format!("{ACTIVATOR_LABEL}={ns}"),
-        ],
-        args.logs.join("wake-operator.log"),
+        &operator_args(&operator_metrics, ns),
+        &args.logs.join("wake-operator.log"),
     )?;
     wait_answers("the activator", address, ACTIVATOR_ADMIN_PORT, "/readyz").await?;
     // Not /readyz: the operator's stays 503 ("watches not synced") even once it reconciles.
@@ -695,7 +505,7 @@ async fn run(client: &Client, args: Args, kubeconfig: &str, ns: &str) -> Result<
 
     // The app, its checkpoint ended as the agent would.
     let apps: Api<CracApp> = Api::namespaced(client.clone(), ns);
-    apps.create(&PostParams::default(), &the_app(args.app_port)?)
+    apps.create(&PostParams::default(), &node.app(APP, args.app_port)?)
         .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let checkpoints = ListParams::default().labels(&format!(
