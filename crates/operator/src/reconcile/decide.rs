@@ -340,6 +340,17 @@ pub fn status_changed(previous: &CracAppStatus, next: &CracAppStatus) -> bool {
     &comparable != next
 }
 
+/// Whether the status is written before the objects are applied: when the app moves to the
+/// activator. The activator serves an app only while its status says `Activator` (past a
+/// short wait): a slice moved first by an operator that then died would send callers to an
+/// activator that turns them away until a new operator writes the status. Written first, the
+/// status only makes the activator ready for traffic still going to the pods. The way back is
+/// the other order (slice to the pods, then the status), for the same reason.
+pub fn status_before_objects(previous: &CracAppStatus, next: &CracAppStatus) -> bool {
+    next.serving_mode == Some(ServingMode::Activator)
+        && previous.serving_mode != Some(ServingMode::Activator)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -573,6 +584,20 @@ mod tests {
         let d = decide(&app, &seen, &config(), BASE);
         assert_eq!(addresses(&d), ["10.1.0.5"]);
         assert_eq!(d.status.serving_mode, Some(ServingMode::Pods));
+    }
+
+    #[test]
+    fn a_drain_is_recorded_before_its_slice_moves_and_a_wake_after() {
+        let mode = |m| CracAppStatus {
+            serving_mode: Some(m),
+            ..Default::default()
+        };
+        let (pods, activator) = (mode(ServingMode::Pods), mode(ServingMode::Activator));
+        assert!(status_before_objects(&pods, &activator), "drain starts");
+        assert!(status_before_objects(&CracAppStatus::default(), &activator));
+        assert!(!status_before_objects(&activator, &activator), "asleep");
+        assert!(!status_before_objects(&activator, &pods), "woken");
+        assert!(!status_before_objects(&pods, &pods), "awake");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! 2. [`decide`]: what should exist and what the status says, pure, from what was observed
 //!    (with [`checkpoint`] and [`cycle`] deciding their parts and [`status`] the conditions);
 //! 3. [`apply`]: the objects, in order, skipping what is unchanged;
-//! 4. [`report`]: the Events, then the status, written only when it changed.
+//! 4. [`report`]: the Events, then the status, written only when it changed (before the
+//!    objects when the app moves to the activator: [`decide::status_before_objects`]).
 //!
 //! An app with images on a shared `existingClaim` carries a finalizer; before it goes,
 //! [`cleanup`] removes its images from the claim.
@@ -94,13 +95,19 @@ async fn pipeline(app: &CracApp, ctx: &Context) -> Result<Action> {
     }
     let seen = observe::observe(app, ctx).await?;
     let mut decision = decide::decide(app, &seen, &ctx.config, ctx.retry_base);
+    let reported = decide::status_before_objects(&seen.previous, &decision.status);
+    if reported {
+        report::report(ctx, app, &seen, &decision).await?;
+    }
     match apply::apply(ctx, app, &seen, &decision).await {
         Err(taken @ Error::NameTaken { .. }) => {
             decision = decide::name_taken(app, &seen, &decision, taken.to_string());
+            report::report(ctx, app, &seen, &decision).await?;
         }
-        other => other?,
+        Err(other) => return Err(other),
+        Ok(()) if !reported => report::report(ctx, app, &seen, &decision).await?,
+        Ok(()) => {}
     }
-    report::report(ctx, app, &seen, &decision).await?;
     Ok(match decision.requeue {
         Some(after) => Action::requeue(after),
         None => Action::await_change(),
