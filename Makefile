@@ -72,6 +72,10 @@ lint: ## rustfmt check and clippy with warnings as errors
 demo: deps cluster-up criu ## Show the product in real containers on the test cluster's real node
 	scripts/demo
 
+.PHONY: chaos
+chaos: deps ## The wake path under failure: callers across sleeps, activator restart and kill, hostile callers, operator kills (CHAOS_ONLY picks; about 8 min)
+	scripts/chaos
+
 .PHONY: bench
 bench: deps criu ## Every benchmark, side by side (BENCH_ONLY="a b c d e f" picks); results go to docs/benchmarks.md by hand
 	scripts/bench

@@ -10,7 +10,7 @@
 //! - every request callers sent meanwhile was answered.
 //!
 //! Scenarios, each `--rounds` times, each printing one line on stdout
-//! (`SCENARIO: sent N, answered N, lost L, key value, ...`):
+//! (`SCENARIO: sent N, answered N, lost L, key value, ..., result pass|FAIL`):
 //!
 //! 1. `kill-checkpoint-job-created`: a fresh checkpoint of a serving app is asked for; the kill
 //!    lands as soon as its Job appears;
@@ -735,6 +735,8 @@ impl Outcome {
             line.push_str(&format!(", {key} {n}"));
         }
         line.push_str(&format!(", problems {}", self.problems.len()));
+        let result = if self.failed() { "FAIL" } else { "pass" };
+        line.push_str(&format!(", result {result}"));
         line
     }
 

@@ -181,6 +181,37 @@ impl FakeNode {
     }
 }
 
+/// Creates `app` in `ns` and ends its checkpoint pod as the agent would, so the operator
+/// makes it Ready.
+pub async fn create_ready_app(client: &Client, ns: &str, app: &CracApp) -> Result<()> {
+    use crac_tests::operator::{end_checkpoint_pod, success};
+    use kube::ResourceExt;
+    let name = app.name_any();
+    let apps: Api<CracApp> = Api::namespaced(client.clone(), ns);
+    apps.create(&PostParams::default(), app).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let checkpoints = ListParams::default().labels(&format!(
+        "{}=checkpoint,{}={name}",
+        crac_api::labels::COMPONENT,
+        crac_api::labels::APP
+    ));
+    let (pod, id) = until(
+        "the app's checkpoint pod running",
+        Duration::from_millis(20),
+        Duration::from_secs(60),
+        || async {
+            let list = pods.list(&checkpoints).await.ok()?;
+            list.items.iter().find_map(|p| {
+                let running = p.status.as_ref()?.phase.as_deref() == Some("Running");
+                running.then(|| Some((p.name_any(), crac_tests::checkpoint_id_of(p)?)))?
+            })
+        },
+    )
+    .await?;
+    let end = async move { end_checkpoint_pod(&pods, &pod, &success(&id)).await };
+    catch_panic("ending the checkpoint pod", end).await
+}
+
 /// `127.B.C.0/24` as `[127, B, C]` (a `--node-cidr` flag).
 pub fn loopback_24(value: &str) -> Result<[u8; 3]> {
     let wrong = || anyhow::anyhow!("{value}: not a loopback /24 such as 127.151.0.0/24");

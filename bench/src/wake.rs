@@ -26,16 +26,15 @@ use crac_api::CracApp;
 use crac_api::cracapp::{Phase, ServingMode};
 use crac_api::labels;
 use crac_bench::{
-    FakeNode, Hits, activator_args, catch_panic, create_namespace, loopback_24, operator_args,
-    percentile, scrape, serve_pod_addresses, spawn, tear_down, wait_answers,
+    FakeNode, Hits, activator_args, catch_panic, create_namespace, create_ready_app, loopback_24,
+    operator_args, percentile, scrape, serve_pod_addresses, spawn, tear_down, wait_answers,
 };
-use crac_tests::checkpoint_id_of;
-use crac_tests::operator::{end_checkpoint_pod, stand_in_activator, success};
+use crac_tests::operator::stand_in_activator;
 use crac_tests::real_node::{read_response, send_get};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -504,28 +503,7 @@ async fn run(client: &Client, args: Args, kubeconfig: &str, ns: &str) -> Result<
     spawn_watches(client, ns, tx);
 
     // The app, its checkpoint ended as the agent would.
-    let apps: Api<CracApp> = Api::namespaced(client.clone(), ns);
-    apps.create(&PostParams::default(), &node.app(APP, args.app_port)?)
-        .await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let checkpoints = ListParams::default().labels(&format!(
-        "{}=checkpoint,{}={APP}",
-        labels::COMPONENT,
-        labels::APP
-    ));
-    let (pod, id) = wait_for("the app's checkpoint pod running", DEADLINE, || async {
-        let list = pods.list(&checkpoints).await.ok()?;
-        list.items.iter().find_map(|p| {
-            let running = p.status.as_ref()?.phase.as_deref() == Some("Running");
-            running.then(|| Some((p.name_any(), checkpoint_id_of(p)?)))?
-        })
-    })
-    .await?;
-    let end = {
-        let pods = pods.clone();
-        async move { end_checkpoint_pod(&pods, &pod, &success(&id)).await }
-    };
-    catch_panic("ending the checkpoint pod", end).await?;
+    create_ready_app(client, ns, &node.app(APP, args.app_port)?).await?;
 
     let mut bench = Bench {
         client: client.clone(),
