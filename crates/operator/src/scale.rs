@@ -276,8 +276,11 @@ pub fn next_step(s: &Situation) -> Step {
             if !s.activator_ready {
                 return Step::Serve { woke_from: None };
             }
-            if !s.settings.enabled || s.wake.is_some_and(|w| w > started) {
-                return back_on_pods(s);
+            if let Some(wake) = s.wake.filter(|w| *w > started) {
+                return back_on_pods(s, Some(wake));
+            }
+            if !s.settings.enabled {
+                return back_on_pods(s, None);
             }
             let drained = elapsed(started, s.now);
             if s.activity.open_connections == 0 && s.activity.reporting == s.activity.asked {
@@ -289,7 +292,7 @@ pub fn next_step(s: &Situation) -> Step {
             if resumed && !s.sleep_requested && !s.over_cap
                 || elapsed(started, s.now) >= DRAIN_TIMEOUT
             {
-                return back_on_pods(s);
+                return back_on_pods(s, None);
             }
             Step::Stay(Duration::from_secs(1))
         }
@@ -304,9 +307,11 @@ pub fn next_step(s: &Situation) -> Step {
 /// find none: the operator can die after scaling to zero and before recording the sleep, and
 /// then the app looks as if still draining. Pointing the Service at no pods would refuse every
 /// request, so the app wakes first and the activator holds its requests until a pod is ready.
-fn back_on_pods(s: &Situation) -> Step {
+/// A drain ended by a wake records it (`woke_from`): the wake is newer than the sleep request
+/// that started the drain, which must not start it again.
+fn back_on_pods(s: &Situation, woke_from: Option<Timestamp>) -> Step {
     if s.ready_pods > 0 {
-        Step::Serve { woke_from: None }
+        Step::Serve { woke_from }
     } else {
         Step::Wake
     }
@@ -450,14 +455,21 @@ mod tests {
         let mut s = situation(Cycle::Draining);
         s.sleep_started = Some(t(1020));
         s.wake = Some(t(1025));
-        assert_eq!(next_step(&s), Step::Serve { woke_from: None });
+        // The wake is recorded, so the sleep request that started the drain is older.
+        let woken = Step::Serve {
+            woke_from: Some(t(1025)),
+        };
+        assert_eq!(next_step(&s), woken);
         s.ready_pods = 0;
         s.activity = Activity::default();
         assert_eq!(next_step(&s), Step::Wake, "no pod to point the Service at");
-        s.settings.enabled = false;
-        assert_eq!(next_step(&s), Step::Wake, "switched off, with no pod left");
         s.ready_pods = 1;
+        assert_eq!(next_step(&s), woken);
+        s.wake = None;
+        s.settings.enabled = false;
         assert_eq!(next_step(&s), Step::Serve { woke_from: None });
+        s.ready_pods = 0;
+        assert_eq!(next_step(&s), Step::Wake, "switched off, with no pod left");
     }
 
     #[test]
