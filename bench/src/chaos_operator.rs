@@ -772,12 +772,7 @@ impl Chaos {
     }
 
     async fn status(&self, app: &str) -> CracAppStatus {
-        self.apps()
-            .get(app)
-            .await
-            .ok()
-            .and_then(|a| a.status)
-            .unwrap_or_default()
+        crac_bench::app_status(&self.apps(), app).await
     }
 
     async fn annotate(&self, app: &str, key: &str) -> Result<()> {

@@ -181,6 +181,16 @@ impl FakeNode {
     }
 }
 
+/// The status of the app `name` in `apps` (default when it has none, or cannot be read: the
+/// drivers' waits then look again).
+pub async fn app_status(apps: &Api<CracApp>, name: &str) -> crac_api::CracAppStatus {
+    apps.get(name)
+        .await
+        .ok()
+        .and_then(|a| a.status)
+        .unwrap_or_default()
+}
+
 /// Creates `app` in `ns` and ends its checkpoint pod as the agent would, so the operator
 /// makes it Ready.
 pub async fn create_ready_app(client: &Client, ns: &str, app: &CracApp) -> Result<()> {

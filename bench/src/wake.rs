@@ -317,12 +317,7 @@ impl Bench {
     }
 
     async fn status(&self) -> crac_api::CracAppStatus {
-        self.apps()
-            .get(APP)
-            .await
-            .ok()
-            .and_then(|a| a.status)
-            .unwrap_or_default()
+        crac_bench::app_status(&self.apps(), APP).await
     }
 
     async fn restore_pods(&self) -> Vec<Pod> {

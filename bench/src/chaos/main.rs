@@ -310,12 +310,7 @@ impl Chaos {
     }
 
     async fn status(&self) -> crac_api::CracAppStatus {
-        self.apps()
-            .get(APP)
-            .await
-            .ok()
-            .and_then(|a| a.status)
-            .unwrap_or_default()
+        crac_bench::app_status(&self.apps(), APP).await
     }
 
     fn deadline(&self) -> Duration {
