@@ -101,6 +101,10 @@ async fn hello_app_is_checkpointed_in_a_job_and_restored_in_real_pods() {
         checkpoint.jdk.as_deref().unwrap_or("").starts_with("17"),
         "{checkpoint:?}"
     );
+    // The image was restored once inside its checkpoint pod, with the pod's capabilities,
+    // before it was published.
+    assert!(checkpoint.trial_restore_ms.is_some(), "{checkpoint:?}");
+    assert_eq!(checkpoint.trial_restore_ms, summary.trial_restore_ms);
 
     // The image is on the volume: a real directory on this machine.
     let claims: Api<PersistentVolumeClaim> = ns.api();
@@ -287,6 +291,48 @@ async fn a_checkpoint_that_fails_in_the_container_is_reported_and_retried_with_b
         attempts <= 6,
         "{attempts} checkpoint Jobs in ~90 s: no backoff"
     );
+}
+
+#[tokio::test]
+async fn an_image_that_fails_its_trial_restore_is_never_rolled_out() {
+    let ns = setup("real-trial").await;
+    let _operator = start_operator_with(&ns.client, &ns.name, AGENT_IMAGE);
+    let apps: Api<CracApp> = ns.api();
+    let mut app = hello_app("trial", HELLO_IMAGE);
+    // The last warm-up request arms hello-app to exit on its next readiness check: the dump
+    // succeeds, and the image's JVM exits as soon as its trial restore asks whether it is ready.
+    app.spec.checkpoint.warmup.requests = serde_json::from_value(serde_json::json!([
+        { "path": "/", "count": 5 },
+        { "path": "/exit-on-next-ready", "count": 1 }
+    ]))
+    .unwrap();
+    apps.create(&PostParams::default(), &app).await.unwrap();
+
+    let condition = wait_for(
+        "CheckpointReady=False, TrialRestoreFailed",
+        DEADLINE,
+        || async {
+            let status = status_of(&apps, "trial").await;
+            status.conditions.into_iter().find(|c| {
+                c.type_ == "CheckpointReady"
+                    && c.status == "False"
+                    && c.reason == "TrialRestoreFailed"
+            })
+        },
+    )
+    .await;
+    assert!(condition.message.contains("JvmExited"), "{condition:?}");
+    // Nothing was published, so nothing restores from it: no image, no restore pods.
+    let status = status_of(&apps, "trial").await;
+    assert_eq!(status.checkpoint, None, "{status:?}");
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = ns.api();
+    assert!(deployments.get_opt("trial").await.unwrap().is_none());
+    let claims: Api<PersistentVolumeClaim> = ns.api();
+    let dir = claim_dir(&claims, "trial-crac-images").await.join("trial");
+    let published: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(published.is_empty(), "{published:?} in {}", dir.display());
 }
 
 #[tokio::test]

@@ -197,6 +197,8 @@ pub struct Config {
     pub image_digest: Option<String>,
     /// `ns_last_pid` to raise to before starting a JVM to checkpoint.
     pub min_pid: u32,
+    /// Checkpoint: restore the new image once, to readiness, before publishing it.
+    pub trial_restore: bool,
 }
 
 /// Default for `--min-pid`: the checkpointed JVM gets PIDs above this, which the agent (PID 1,
@@ -226,9 +228,11 @@ flags (each overrides its environment variable):
   --criu PATH            CRAC_CRIU: a criu binary or a CRIU bundle directory (default: the
                          bundle installed beside the agent, else criu on PATH)
   --min-pid N            CRAC_MIN_PID (default 200)
-  --image-digest D       CRAC_IMAGE_DIGEST (restore: sha256:<64 hex> of the image's metadata.json)";
+  --image-digest D       CRAC_IMAGE_DIGEST (restore: sha256:<64 hex> of the image's metadata.json)
+  --trial-restore B      CRAC_TRIAL_RESTORE (checkpoint: true (default) or false; restore the
+                         new image once, to readiness, before publishing it)";
 
-const FLAGS: [(&str, &str); 15] = [
+const FLAGS: [(&str, &str); 16] = [
     ("--image-dir", api::ENV_IMAGE_DIR),
     ("--checkpoint-id", api::ENV_CHECKPOINT_ID),
     ("--engine", api::ENV_ENGINE),
@@ -244,6 +248,7 @@ const FLAGS: [(&str, &str); 15] = [
     ("--criu", "CRAC_CRIU"),
     ("--min-pid", "CRAC_MIN_PID"),
     ("--image-digest", api::ENV_IMAGE_DIGEST),
+    ("--trial-restore", api::ENV_TRIAL_RESTORE),
 ];
 
 /// Parses `args` (without the program name) with `env` as the source of defaults.
@@ -353,6 +358,16 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
             .unwrap_or_else(default_criu),
         min_pid: num("CRAC_MIN_PID", DEFAULT_MIN_PID as u64)? as u32,
         image_digest: get(api::ENV_IMAGE_DIGEST).map(str::to_string),
+        trial_restore: match get(api::ENV_TRIAL_RESTORE).map(str::trim) {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                return Err(Failure::config(format!(
+                    "{}={other:?} must be true or false",
+                    api::ENV_TRIAL_RESTORE
+                )));
+            }
+        },
     })
 }
 
@@ -494,6 +509,20 @@ mod tests {
         assert_eq!(c.command, args(&["java", "-jar", "x.jar"]));
         assert_eq!(c.fallback, Fallback::ColdStart);
         assert_eq!(c.activity_port, 9901);
+        assert!(c.trial_restore, "a trial restore unless told otherwise");
+    }
+
+    #[test]
+    fn trial_restore_is_on_unless_false() {
+        let with = |v: &str| {
+            let v = v.to_string();
+            parse(&args(&["checkpoint", "--", "java"]), move |k| {
+                (k == "CRAC_TRIAL_RESTORE").then(|| v.clone())
+            })
+        };
+        assert!(!with("false").unwrap().trial_restore);
+        assert!(with("true").unwrap().trial_restore);
+        assert!(with("no").is_err());
     }
 
     #[test]

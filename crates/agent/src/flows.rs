@@ -459,7 +459,16 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
     let on_disk = image::read_metadata_bytes(&tmp_path)
         .map_err(|e| Failure::new(reason::PUBLISH_FAILED, format!("cannot read metadata: {e}")))?;
     image::verify_digest(&on_disk, &digest)?;
-    image::verify_files(&tmp_path, &image::parse_metadata(&on_disk)?)?;
+    let verified = image::parse_metadata(&on_disk)?;
+    image::verify_listing(&tmp_path, &verified)?;
+    if cfg.trial_restore {
+        // The trial checks every file's hash on its way, as a restore pod does.
+        let took = trial_restore(ctx, &tmp_path, &verified)?;
+        log(format!("trial restore: ready after {took} ms, ended"));
+        s.trial_restore_ms = Some(took);
+    } else {
+        image::verify_hashes(&tmp_path, &verified, |_| true)?;
+    }
 
     // Told to stop while dumping (the operator deletes a superseded checkpoint Job; a node
     // drains): the image is not published and nothing is pruned. The temporary directory
@@ -524,6 +533,58 @@ fn do_checkpoint(ctx: &Ctx, s: &mut AgentSummary) -> Result<(), Failure> {
         ));
     }
     Ok(())
+}
+
+/// Restores the image just written in `dir` once, here, waits for the app's readiness and
+/// ends the restored JVM: an image that does not restore fails its checkpoint, before any
+/// restore pod is given it. The dumped JVM is gone, so its PIDs and ports are free.
+fn trial_restore(ctx: &Ctx, dir: &Path, meta: &Metadata) -> Result<u64, Failure> {
+    let t = Instant::now();
+    let failed = |f: Failure| {
+        if f.reason == reason::TERMINATED {
+            return f;
+        }
+        Failure::new(
+            reason::TRIAL_RESTORE_FAILED,
+            format!(
+                "the new image did not restore in its trial, so it was not published ({}: {})",
+                f.reason, f.message
+            ),
+        )
+    };
+    let remaining = ctx
+        .deadline()
+        .saturating_duration_since(t)
+        .max(Duration::from_secs(5));
+    let (pid, tail) = match ctx.cfg.engine {
+        Engine::Criu => {
+            let (r, _) = restore_checked(ctx, dir, meta, t, remaining).map_err(failed)?;
+            (r.pid, r.tail)
+        }
+        Engine::Crac => {
+            image::verify_hashes(dir, meta, |_| true)?;
+            let java = crac::java_of(&ctx.cfg.command, std::env::var("JAVA_HOME").ok().as_deref());
+            let sp =
+                jvm::spawn(&ctx.sup, &crac::restore_command(&java, dir), &[]).map_err(|e| {
+                    failed(Failure::new(reason::SPAWN_FAILED, format!("{java:?}: {e}")))
+                })?;
+            (sp.pid, sp.tail)
+        }
+    };
+    // Ends the trial's JVM on every path, ready or not.
+    let _end = JvmGuard {
+        sup: &ctx.sup,
+        pid,
+        armed: true,
+    };
+    wait_ready(ctx, pid, ctx.deadline()).map_err(|e| {
+        let mut f = not_ready(ctx, pid, &tail, "restoring its trial", e, true);
+        if ctx.cfg.engine == Engine::Crac && f.reason == reason::JVM_EXITED {
+            f.reason = reason::CRAC_RESTORE_FAILED;
+        }
+        failed(f)
+    })?;
+    Ok(ms(t.elapsed()))
 }
 
 /// The digest of an image with this id that a running pod holds (a checkpoint kept it rather

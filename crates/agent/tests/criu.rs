@@ -57,6 +57,13 @@ fn checkpoint_then_restore_keeps_heap_state_and_forwards_sigterm() {
     assert!(sum.jdk.is_some());
     assert!(sum.image_bytes.unwrap() > 1_000_000);
     assert!(sum.ready_ms.is_some() && sum.warmup_ms.is_some() && sum.checkpoint_ms.is_some());
+    // The image was restored once, to readiness, before it was published.
+    assert!(sum.trial_restore_ms.is_some(), "{sum:?}");
+    assert!(
+        ck.log().contains("trial restore: ready after"),
+        "{}",
+        ck.log()
+    );
     // Published by rename: only the final directory, no temporary left.
     assert_eq!(image_dirs(&s), vec!["c1"]);
     let meta = metadata(&s, "c1");
@@ -319,6 +326,39 @@ fn fallback_fail_exits_nonzero_with_the_reason() {
         .arg("--fallback", "Fail");
     assert_eq!(r.run(Duration::from_secs(30)), 1);
     assert_eq!(r.summary().reason.as_deref(), Some("ImageMissing"));
+}
+
+#[test]
+fn an_image_that_fails_its_trial_restore_is_not_published() {
+    let _g = serial();
+    let s = Scratch::new("trial");
+    let port = free_port();
+    // The warm-up arms hello-app to exit on its next readiness check: the dump succeeds, and
+    // the image's JVM exits as soon as it is restored and asked whether it is ready.
+    let armed = r#"[{"path":"/","count":5},{"path":"/exit-on-next-ready","count":1}]"#;
+    let r = AgentRun::new(&s, "checkpoint", "checkpoint", "c1", port).arg("--warmup", armed);
+    assert_eq!(r.run(Duration::from_secs(60)), 1, "{}", r.log());
+    let sum = r.summary();
+    assert_eq!(sum.outcome, Some(Outcome::Failed));
+    assert_eq!(sum.reason.as_deref(), Some("TrialRestoreFailed"), "{sum:?}");
+    let message = sum.message.unwrap();
+    assert!(
+        message.contains("not published") && message.contains("JvmExited"),
+        "{message}"
+    );
+    // Nothing published, no temporary image left, and the trial's JVM is gone.
+    assert!(image_dirs(&s).is_empty(), "{:?}", image_dirs(&s));
+    assert!(http_get(port, "/").is_err());
+
+    // The same image without the trial is published: the trial is what refused it.
+    let r = AgentRun::new(&s, "checkpoint-untried", "checkpoint", "c1", port)
+        .arg("--warmup", armed)
+        .arg("--trial-restore", "false");
+    assert_eq!(r.run(Duration::from_secs(60)), 0, "{}", r.log());
+    let sum = r.summary();
+    assert_eq!(sum.outcome, Some(Outcome::Checkpointed));
+    assert_eq!(sum.trial_restore_ms, None);
+    assert_eq!(image_dirs(&s), vec!["c1"]);
 }
 
 #[test]

@@ -27,6 +27,9 @@ pub const ENV_RETAIN: &str = "CRAC_RETAIN";
 /// image of a greater generation (one taken for a newer spec, which the operator may already
 /// restore from).
 pub const ENV_SPEC_GENERATION: &str = "CRAC_SPEC_GENERATION";
+/// Checkpoint Jobs: `false` skips the trial restore of the new image before it is published
+/// (default `true`).
+pub const ENV_TRIAL_RESTORE: &str = "CRAC_TRIAL_RESTORE";
 /// `ColdStart` or `Fail`: what restore does when the image cannot be restored.
 pub const ENV_FALLBACK: &str = "CRAC_FALLBACK";
 /// Deadline for the whole checkpoint, in seconds.
@@ -105,6 +108,9 @@ pub struct AgentSummary {
     pub checkpoint_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_ms: Option<u64>,
+    /// Checkpoint: the published image's trial restore in this pod, restore started → ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial_restore_ms: Option<u64>,
     /// Exit code of the JVM, when it ran and exited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
@@ -160,9 +166,12 @@ pub mod reason {
     pub const JCMD_FAILED: &str = "JcmdFailed";
     pub const CRAC_CHECKPOINT_FAILED: &str = "CracCheckpointFailed";
     pub const CRAC_RESTORE_FAILED: &str = "CracRestoreFailed";
+    /// Checkpoint: the new image did not restore to a ready app in its trial, so it was not
+    /// published; the message carries the restore's own reason.
+    pub const TRIAL_RESTORE_FAILED: &str = "TrialRestoreFailed";
 
     /// Every reason the agent reports; anything else in a summary came from somewhere else.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         CONFIG_INVALID,
         SPAWN_FAILED,
         READINESS_TIMEOUT,
@@ -190,5 +199,6 @@ pub mod reason {
         JCMD_FAILED,
         CRAC_CHECKPOINT_FAILED,
         CRAC_RESTORE_FAILED,
+        TRIAL_RESTORE_FAILED,
     ];
 }

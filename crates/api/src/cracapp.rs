@@ -220,6 +220,18 @@ pub struct CheckpointSpec {
     #[x_kube(validation = Rule::new("duration(self) >= duration('30s') && duration(self) <= duration('6h')")
         .message("must be between 30s and 6h"))]
     pub timeout: String,
+
+    /// Restore each new image once inside its checkpoint pod, wait for the app's readiness
+    /// and end it, before the image is published. An image that fails its trial is never
+    /// rolled out: the checkpoint fails with `TrialRestoreFailed` and is retried. Costs one
+    /// restore per checkpoint; turn it off only for an app whose restore must not run twice
+    /// (it runs once more than without the trial, with no traffic).
+    #[serde(default = "default_true")]
+    pub trial_restore: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_retain() -> i32 {
@@ -238,6 +250,7 @@ impl Default for CheckpointSpec {
             storage: StorageSpec::default(),
             retain: default_retain(),
             timeout: default_checkpoint_timeout(),
+            trial_restore: true,
         }
     }
 }
@@ -542,6 +555,11 @@ pub struct CheckpointStatus {
     /// How long the checkpoint Job took, start to published image, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_seconds: Option<f64>,
+    /// The image's trial restore in its checkpoint pod: restore started → app ready, in ms
+    /// (absent when `spec.checkpoint.trialRestore` is false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "int64"))]
+    pub trial_restore_ms: Option<u64>,
     /// The JDK that was checkpointed; restore needs the same one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jdk: Option<String>,

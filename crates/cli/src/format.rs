@@ -183,9 +183,13 @@ pub fn explain(app: &CracApp, events: &[EventLine], pods: &[PodReport], now: Tim
         status.ready_replicas, app.spec.replicas
     );
     if let Some(c) = &status.checkpoint {
+        let trial = c
+            .trial_restore_ms
+            .map(|ms| format!(", trial restore {ms} ms"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  checkpoint {} ({}, {} old)",
+            "  checkpoint {} ({}, {} old{trial})",
             c.id.chars().take(12).collect::<String>(),
             size(c.size_bytes),
             age(c.created_at.as_ref().map(|t| t.0), now)
@@ -406,5 +410,23 @@ mod tests {
         );
         assert!(out.contains("demo-ckpt-1: JvmExited: exit code 1"), "{out}");
         assert!(out.contains("docs/troubleshooting.md"), "{out}");
+    }
+
+    #[test]
+    fn explain_shows_the_images_trial_restore() {
+        let now: Timestamp = "2026-11-24T12:00:00Z".parse().unwrap();
+        let a = app(
+            "demo",
+            serde_json::json!({
+                "phase": "Ready", "observedGeneration": 1,
+                "checkpoint": { "id": "0123456789abcdef", "sizeBytes": 104857600,
+                                "createdAt": "2026-11-24T11:00:00Z", "trialRestoreMs": 212 }
+            }),
+        );
+        let out = explain(&a, &[], &[], now);
+        assert!(
+            out.contains("checkpoint 0123456789ab (") && out.contains("trial restore 212 ms)"),
+            "{out}"
+        );
     }
 }

@@ -16,7 +16,9 @@ import java.util.concurrent.atomic.AtomicLong;
  * <p>GET / answers "hello N" where N counts the requests to / since the JVM started; the counter
  * lives only in memory, so a restored JVM that answers "hello 201" after a warm-up of 200 requests
  * proves its heap came back. GET /ready answers "ok" (readiness); GET /never answers 503 forever
- * (a readiness check that never passes).
+ * (a readiness check that never passes). GET /exit-on-next-ready (for tests, as a warm-up request)
+ * makes the next GET /ready end the JVM with status 3: an image taken after it never comes back
+ * ready.
  *
  * <p>Configuration: the port is the first argument, else $HELLO_PORT, else 8080; the bind
  * address is $HELLO_HOST (default 127.0.0.1). $HELLO_SHUTDOWN_FILE, when set, is written by a
@@ -24,6 +26,7 @@ import java.util.concurrent.atomic.AtomicLong;
  */
 public final class Hello {
     private static final AtomicLong COUNTER = new AtomicLong();
+    private static volatile boolean exitOnNextReady;
 
     public static void main(String[] args) throws IOException {
         int port = Integer.parseInt(args.length > 0 ? args[0] : env("HELLO_PORT", "8080"));
@@ -36,7 +39,17 @@ public final class Hello {
             }
             reply(exchange, 200, "hello " + COUNTER.incrementAndGet() + "\n");
         });
-        server.createContext("/ready", exchange -> reply(exchange, 200, "ok\n"));
+        server.createContext("/ready", exchange -> {
+            if (exitOnNextReady) {
+                System.out.println("hello-app: exiting on readiness, as asked");
+                Runtime.getRuntime().halt(3);
+            }
+            reply(exchange, 200, "ok\n");
+        });
+        server.createContext("/exit-on-next-ready", exchange -> {
+            exitOnNextReady = true;
+            reply(exchange, 200, "armed\n");
+        });
         server.createContext("/never", exchange -> reply(exchange, 503, "never ready\n"));
         server.start();
 

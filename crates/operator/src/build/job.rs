@@ -58,9 +58,15 @@ pub fn checkpoint_job_for(
         .iter_mut()
         .find(|c| c.name == APP_CONTAINER)
     {
-        container.env.get_or_insert_with(Vec::new).push(EnvVar {
+        let env = container.env.get_or_insert_with(Vec::new);
+        env.push(EnvVar {
             name: contract::ENV_SPEC_GENERATION.into(),
             value: Some(app.metadata.generation.unwrap_or(0).to_string()),
+            ..Default::default()
+        });
+        env.push(EnvVar {
+            name: contract::ENV_TRIAL_RESTORE.into(),
+            value: Some(app.spec.checkpoint.trial_restore.to_string()),
             ..Default::default()
         });
     }
@@ -222,6 +228,29 @@ mod tests {
             .map(|e| e.value.as_deref())
             .collect();
         assert_eq!(generation, [Some("7")], "once, the app's generation");
+    }
+
+    #[test]
+    fn the_agent_is_told_whether_to_trial_restore() {
+        let trial = |on: bool| {
+            let mut a = app();
+            a.spec.checkpoint.trial_restore = on;
+            let v = validate(&a, &Default::default()).unwrap();
+            let config = BuildConfig {
+                agent_image: "crac-agent:test".into(),
+            };
+            let job = checkpoint_job_for(&a, &v, &"ab".repeat(32), 0, &config);
+            job.spec.unwrap().template.spec.unwrap().containers[0]
+                .env
+                .clone()
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.name == contract::ENV_TRIAL_RESTORE)
+                .map(|e| e.value.unwrap_or_default())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(trial(true), ["true"]);
+        assert_eq!(trial(false), ["false"]);
     }
 
     #[test]

@@ -327,6 +327,7 @@ fn published_image(
         created_at: Some(Time(finished.unwrap_or(now))),
         size_bytes: summary.image_bytes,
         duration_seconds,
+        trial_restore_ms: summary.trial_restore_ms,
         jdk: summary.jdk.clone(),
         digest: summary.image_digest.clone(),
         engine: Some(engine),
@@ -502,6 +503,7 @@ mod tests {
             image_bytes: Some(59_000_000),
             jdk: Some("17.0.15".into()),
             image_digest: Some(format!("sha256:{}", "0f".repeat(32))),
+            trial_restore_ms: Some(180),
             ..Default::default()
         };
         let pods = [ended_pod("a", "2027-01-15T08:00:00Z", &report)];
@@ -516,6 +518,7 @@ mod tests {
         assert_eq!(image.size_bytes, Some(59_000_000));
         assert_eq!(image.duration_seconds, Some(4.0));
         assert_eq!(image.digest, report.image_digest);
+        assert_eq!(image.trial_restore_ms, Some(180));
         assert_eq!(d.pending, None);
         assert_eq!(d.progress, CheckpointProgress::Current);
     }
