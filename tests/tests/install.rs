@@ -586,6 +586,8 @@ async fn run_an_app_through_the_operator(
         }))
         .unwrap(),
     ]);
+    // Nothing may dial those addresses: the operator asks no agent how its pod started.
+    app.spec.restore.recheckpoint_after_cold_starts = 0;
     apps.create(&PostParams::default(), &app).await.unwrap();
     let jobs: Api<Job> = ns.api();
     let pods: Api<Pod> = ns.api();

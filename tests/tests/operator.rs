@@ -56,6 +56,8 @@ async fn create_checkpoints_then_rolls_out_restore_pods_to_ready() {
         "key": "crac.dev/unroutable-pod-addresses", "operator": "Exists", "effect": "NoSchedule"
     }))
     .unwrap()]);
+    // Nothing may dial those addresses: the operator asks no agent how its pod started.
+    app.spec.restore.recheckpoint_after_cold_starts = 0;
     apps.create(&PostParams::default(), &app).await.unwrap();
 
     // The claim and the checkpoint Job look as specified.
@@ -1205,4 +1207,77 @@ async fn a_repeated_event_becomes_a_series_and_a_new_message_a_new_event() {
         first.regarding.as_ref().and_then(|r| r.name.as_deref()),
         Some("subject")
     );
+}
+
+/// Restore pods that start cold instead of restoring (their agents say so on the activity
+/// endpoint, served here on the kwok pods' loopback addresses) are counted against the image;
+/// at `recheckpointAfterColdStarts` the operator marks the image stale and a new checkpoint
+/// of the same spec follows, whose image the pods then restore, the count starting again.
+#[tokio::test]
+async fn restore_pods_that_start_cold_make_the_image_stale_and_a_new_checkpoint_follows() {
+    let ns = setup("op-stale").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let apps: Api<CracApp> = ns.api();
+    let mut app = example_app("stale", "stale:1");
+    app.spec.replicas = 2;
+    app.spec.restore.recheckpoint_after_cold_starts = 2;
+    let first = create_and_make_ready(&ns, &app).await;
+    let pods: Api<Pod> = ns.api();
+    let selector = format!("{}=stale,{}=restore", labels::APP, labels::COMPONENT);
+    let ready = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+        .items;
+    let mut agents = Vec::new();
+    for pod in &ready {
+        let ip = crac_api::serving::serving_address(pod).unwrap();
+        let report = contract::ActivityReport {
+            mode: "coldStarted".into(),
+            reason: Some("CpuFeaturesMissing".into()),
+            ..Default::default()
+        };
+        agents.push(crac_tests::activity::ActivityServer::start(ip, report).await);
+    }
+
+    let counted = wait_for(
+        "both pods counted and the image marked stale",
+        DEADLINE,
+        || async {
+            let app = apps.get("stale").await.ok()?;
+            let image = app.status.as_ref()?.checkpoint.clone()?;
+            let marked = app.annotations().contains_key(labels::STALE_IMAGE_AT);
+            (image.id == first && image.cold_started_pods.len() == 2 && marked)
+                .then_some(image.cold_started_pods)
+        },
+    )
+    .await;
+    let mut names: Vec<String> = ready.iter().map(|p| p.name_any()).collect();
+    names.sort();
+    let mut counted = counted;
+    counted.sort();
+    assert_eq!(counted, names);
+    let reasons = ns.event_reasons().await;
+    for r in ["RestoreFellBack", "ImageStale"] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no {r} Event in {reasons:?}"
+        );
+    }
+
+    // A new checkpoint of the same spec, under another id; its image replaces the stale one.
+    let (job, pod) = running_checkpoint(&ns, "stale").await;
+    let second = job.annotations()[labels::CHECKPOINT_ID_ANNOTATION].clone();
+    assert_ne!(second, first);
+    drop(agents);
+    end_checkpoint_pod(&pods, &pod, &success(&second)).await;
+    wait_for(
+        "the new image published, its count at zero",
+        DEADLINE,
+        || async {
+            let image = status_of(&apps, "stale").await.checkpoint?;
+            (image.id == second && image.cold_started_pods.is_empty()).then_some(())
+        },
+    )
+    .await;
 }

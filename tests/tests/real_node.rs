@@ -394,6 +394,32 @@ async fn a_restore_that_fails_in_the_container_falls_back_to_a_cold_start() {
     assert!(log.contains("ImageNotTrusted"), "{log}");
     // Cold: the counter starts again.
     assert_eq!(http_get(&ip, 8080, "/").await.unwrap().1.trim(), "hello 1");
+    // The operator asked the pod's agent how it started, and counted it against the image
+    // (1 of the default 3 before a new checkpoint), with the agent's reason in the Event.
+    let counted = wait_for(
+        "the cold start counted against the image",
+        DEADLINE,
+        || async {
+            let image = status_of(&apps, "fall").await.checkpoint?;
+            (!image.cold_started_pods.is_empty()).then_some(image.cold_started_pods)
+        },
+    )
+    .await;
+    assert_eq!(counted, std::slice::from_ref(&pod));
+    let events: Api<k8s_openapi::api::core::v1::Event> = ns.api();
+    let fell_back = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|e| e.reason.as_deref() == Some("RestoreFellBack"))
+        .expect("a RestoreFellBack Event");
+    let note = fell_back.message.unwrap_or_default();
+    assert!(
+        note.contains(&pod) && note.contains("ImageNotTrusted"),
+        "{note}"
+    );
 }
 
 #[tokio::test]

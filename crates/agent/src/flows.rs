@@ -981,6 +981,11 @@ fn supervise(ctx: &Ctx, r: Running, s: &mut AgentSummary) -> i32 {
         open_connections: 0,
         last_activity_time: None,
         start_ms: (r.start_ms > 0).then_some(r.start_ms),
+        reason: if r.mode == "coldStarted" {
+            s.reason.clone()
+        } else {
+            None
+        },
     };
     // A second handle on the same socket: the agent's own stays open for its whole life.
     let listener = ctx

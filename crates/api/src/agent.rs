@@ -133,6 +133,9 @@ pub struct ActivityReport {
     /// Milliseconds the restore (or the cold start) took to the app's readiness.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_ms: Option<u64>,
+    /// `coldStarted`: why the restore did not happen (one of [`reason::ALL`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Stable reason strings (never rename one: operators and dashboards match on them).

@@ -375,12 +375,33 @@ impl Fallback {
 }
 
 /// How pods restore from the image.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RestoreSpec {
     /// `ColdStart` (default) or `Fail`.
     #[serde(default)]
     pub fallback: Fallback,
+
+    /// Take a new checkpoint once this many restore pods of one image started cold instead
+    /// of restoring it (the image is stale: another node type, kernel or CPU). At most one
+    /// such checkpoint an hour; 0 never takes one, and the operator then does not ask the
+    /// pods' agents how they started.
+    #[serde(default = "default_recheckpoint_after_cold_starts")]
+    #[schemars(range(min = 0, max = 20))]
+    pub recheckpoint_after_cold_starts: i32,
+}
+
+fn default_recheckpoint_after_cold_starts() -> i32 {
+    3
+}
+
+impl Default for RestoreSpec {
+    fn default() -> Self {
+        Self {
+            fallback: Fallback::default(),
+            recheckpoint_after_cold_starts: default_recheckpoint_after_cold_starts(),
+        }
+    }
 }
 
 /// How long a request at zero may be held while the app wakes when neither the app nor a
@@ -560,6 +581,12 @@ pub struct CheckpointStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("format" = "int64"))]
     pub trial_restore_ms: Option<u64>,
+    /// Restore pods that started cold instead of restoring this image, as their agents
+    /// reported (up to `spec.restore.recheckpointAfterColdStarts`, which then takes a new
+    /// checkpoint).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub cold_started_pods: Vec<String>,
     /// The JDK that was checkpointed; restore needs the same one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jdk: Option<String>,

@@ -21,3 +21,7 @@ pub const WAKE_REQUESTED_AT: &str = "crac.dev/wake-requested-at";
 pub const SLEEP_REQUESTED_AT: &str = "crac.dev/sleep-requested-at";
 /// Set by `kubectl crac checkpoint`: take a fresh checkpoint even if the spec did not change.
 pub const CHECKPOINT_REQUESTED_AT: &str = "crac.dev/checkpoint-requested-at";
+/// Set by the operator (to an RFC 3339 time) when restore pods kept starting cold instead of
+/// restoring the image (`spec.restore.recheckpointAfterColdStarts`): joins the checkpoint id,
+/// so a new image is taken, and spaces such checkpoints an hour apart.
+pub const STALE_IMAGE_AT: &str = "crac.dev/stale-image-at";

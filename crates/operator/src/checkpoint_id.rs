@@ -4,8 +4,10 @@
 
 use crate::validate::ValidatedApp;
 use crac_api::cracapp::Engine;
+use crac_api::labels;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 
 /// The inputs of the id, serialized in a fixed order.
 #[derive(Serialize)]
@@ -26,14 +28,19 @@ struct Identity<'a> {
     /// spec: its value joins the identity, so a new image is taken and rolled out.
     #[serde(skip_serializing_if = "Option::is_none")]
     refresh: Option<&'a str>,
+    /// Set by the operator when restore pods kept starting cold from the image (see
+    /// `crac_api::labels::STALE_IMAGE_AT`): a new image is taken the same way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stale: Option<&'a str>,
 }
 
-/// A 64-character hex id.
+/// A 64-character hex id. `annotations` are the CracApp's: two of them ask for a new image of
+/// the same spec.
 pub fn checkpoint_id(
     app: &ValidatedApp,
     engine: Engine,
     agent_image: &str,
-    refresh: Option<&str>,
+    annotations: &BTreeMap<String, String>,
 ) -> String {
     let c = &app.container;
     let identity = Identity {
@@ -46,7 +53,10 @@ pub fn checkpoint_id(
         resources: c.resources.as_ref(),
         engine: engine.as_str(),
         agent_image,
-        refresh,
+        refresh: annotations
+            .get(labels::CHECKPOINT_REQUESTED_AT)
+            .map(String::as_str),
+        stale: annotations.get(labels::STALE_IMAGE_AT).map(String::as_str),
     };
     let bytes = serde_json::to_vec(&identity).expect("identity always serializes");
     hex::encode(Sha256::digest(bytes))
@@ -65,15 +75,11 @@ mod tests {
     use kube::ResourceExt;
 
     fn id_of(a: &crac_api::CracApp) -> String {
-        let refresh = a
-            .annotations()
-            .get(crac_api::labels::CHECKPOINT_REQUESTED_AT)
-            .map(String::as_str);
         checkpoint_id(
             &validate(a, &Default::default()).unwrap(),
             a.spec.checkpoint.engine,
             "agent:1",
-            refresh,
+            a.annotations(),
         )
     }
 
@@ -106,7 +112,7 @@ mod tests {
         assert_ne!(id_of(&a), base, "engine");
         let v = validate(&app(), &Default::default()).unwrap();
         assert_ne!(
-            checkpoint_id(&v, Engine::Criu, "agent:2", None),
+            checkpoint_id(&v, Engine::Criu, "agent:2", &BTreeMap::new()),
             base,
             "agent"
         );
@@ -116,6 +122,17 @@ mod tests {
             "2026-11-24T10:00:00Z".into(),
         );
         assert_ne!(id_of(&a), base, "a requested refresh");
+        let mut b = app();
+        b.annotations_mut().insert(
+            crac_api::labels::STALE_IMAGE_AT.into(),
+            "2026-11-24T10:00:00Z".into(),
+        );
+        assert_ne!(id_of(&b), base, "a stale image");
+        assert_ne!(id_of(&b), id_of(&a), "stale and refresh are told apart");
+        let mut c = app();
+        c.annotations_mut()
+            .insert("example.com/unrelated".into(), "x".into());
+        assert_eq!(id_of(&c), base, "other annotations");
     }
 
     #[test]

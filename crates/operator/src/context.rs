@@ -7,9 +7,12 @@ use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::pod_security::PodAllowance;
 use crate::ports::PortTable;
+use crate::reconcile::cycle::AppKey;
+use crate::reconcile::observe::StartSeen;
 use crac_api::labels;
 use kube::Client;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The activator's namespace and pod selector when nothing else is configured.
@@ -81,6 +84,9 @@ pub struct Context {
     pub pod_allowance: PodAllowance,
     /// What the watches saw; every read a reconcile makes comes from here.
     pub caches: Caches,
+    /// How each app's restore pods started, by pod uid, as their agents said (only pods that
+    /// still exist are kept).
+    pub restore_starts: Mutex<HashMap<AppKey, HashMap<String, StartSeen>>>,
 }
 
 impl Context {
@@ -96,6 +102,7 @@ impl Context {
             activator_ports: settings.activator_ports,
             pod_allowance: settings.pod_allowance,
             caches: Caches::default(),
+            restore_starts: Mutex::default(),
         }
     }
 }

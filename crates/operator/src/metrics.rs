@@ -32,6 +32,8 @@ pub struct Metrics {
     pub checkpoint_failures: Family<ReasonLabel, Counter>,
     pub checkpoints_started: Counter,
     pub checkpoints_superseded: Counter,
+    pub restore_cold_starts: Counter,
+    pub stale_images: Counter,
 }
 
 impl Metrics {
@@ -44,6 +46,8 @@ impl Metrics {
             checkpoint_failures: Family::default(),
             checkpoints_started: Counter::default(),
             checkpoints_superseded: Counter::default(),
+            restore_cold_starts: Counter::default(),
+            stale_images: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("crac_operator");
         r.register(
@@ -80,6 +84,16 @@ impl Metrics {
             "checkpoints_superseded",
             "Checkpoint Jobs deleted because the spec changed before they ended",
             m.checkpoints_superseded.clone(),
+        );
+        r.register(
+            "restore_cold_starts",
+            "Restore pods that started cold instead of restoring their image, as their agents reported",
+            m.restore_cold_starts.clone(),
+        );
+        r.register(
+            "stale_images",
+            "Images replaced by a new checkpoint because restore pods kept starting cold from them",
+            m.stale_images.clone(),
         );
         m
     }

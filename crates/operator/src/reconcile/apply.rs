@@ -28,6 +28,12 @@ pub async fn apply(
     for job in &decision.superseded_jobs {
         delete_superseded(ctx, &seen.key.0, job).await?;
     }
+    ctx.metrics
+        .restore_cold_starts
+        .inc_by(decision.cold_starts_counted as u64);
+    if let Some(at) = decision.stale_image_at {
+        mark_stale(ctx, app, seen, at).await?;
+    }
     if let Some(claim) = &decision.claim {
         let live = seen.claim.clone().map(Live::of);
         refuse_if_taken(ctx, app, claim, live.is_some()).await?;
@@ -85,6 +91,34 @@ pub async fn apply(
     if let Some(slice) = &decision.slice {
         let live = seen.slice.as_deref().map(Live::version_of);
         apply_changed(ctx, app, slice, live).await?;
+    }
+    Ok(())
+}
+
+/// Sets the app's stale-image annotation: it joins the checkpoint id, so the next reconcile
+/// takes a new image (the pods keep serving the stale one, cold or not, until it is ready).
+async fn mark_stale(
+    ctx: &Context,
+    app: &CracApp,
+    seen: &Observed,
+    at: k8s_openapi::jiff::Timestamp,
+) -> Result<()> {
+    let api = Api::<CracApp>::namespaced(ctx.client.clone(), &seen.key.0);
+    let patch = serde_json::json!({
+        "metadata": { "annotations": { labels::STALE_IMAGE_AT: at.to_string() } }
+    });
+    let params = PatchParams {
+        field_manager: Some(labels::MANAGER.into()),
+        ..Default::default()
+    };
+    api.patch(&seen.key.1, &params, &Patch::Merge(patch))
+        .await?;
+    ctx.metrics.stale_images.inc();
+    info!("image stale: restore pods kept starting cold; a new checkpoint follows");
+    // Until the cache holds the write, a reconcile handed the old version is skipped (it
+    // would mark the image stale again, at another time, and take a second image).
+    if let Some(version) = app.metadata.resource_version.clone() {
+        ctx.caches.superseded.record(seen.key.clone(), version);
     }
     Ok(())
 }

@@ -331,6 +331,7 @@ fn published_image(
         jdk: summary.jdk.clone(),
         digest: summary.image_digest.clone(),
         engine: Some(engine),
+        cold_started_pods: Vec::new(),
     }
 }
 

@@ -5,6 +5,7 @@
 
 use super::checkpoint::{self, AttemptSeen, CheckpointDecision, SupersededJob};
 use super::cycle::{self, Plan};
+use super::fallbacks;
 use super::observe::{Observed, Spec};
 use super::status::{
     CheckpointProgress, Rollout, StatusInput, conditions_for, phase_for, transitions,
@@ -21,6 +22,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use std::time::Duration;
 
 /// Periodic resync of a healthy app (catches drift nobody told us about).
@@ -50,6 +53,10 @@ pub struct Decision {
     pub events: Vec<Note>,
     /// Look again after this long; `None` waits for a change.
     pub requeue: Option<Duration>,
+    /// Set the app's stale-image annotation to this time: its image is stale, take another.
+    pub stale_image_at: Option<Timestamp>,
+    /// Restore pods counted as cold-started for the first time (for the metric).
+    pub cold_starts_counted: usize,
 }
 
 /// One Event.
@@ -107,6 +114,7 @@ pub fn decide(
     );
     next.checkpoint = checkpoint.checkpoint.clone();
     next.pending_checkpoint = checkpoint.pending.clone();
+    let stale = stale_image(app, seen, spec, &mut next);
     let superseded_jobs = checkpoint::superseded_jobs(
         seen.checkpoint_jobs.iter().map(|j| &**j),
         crate::build::app_name(app),
@@ -158,6 +166,7 @@ pub fn decide(
             message,
         })
         .collect();
+    events.extend(stale.events);
     let asleep = plan.cycle == Cycle::Asleep;
     let CheckpointDecision {
         progress,
@@ -170,6 +179,14 @@ pub fn decide(
         Step::Stay(after) => after,
         _ => Duration::from_secs(1),
     };
+    // A pod's agent still to be asked how it started, or a stale image's next checkpoint.
+    let stale_requeue = match stale.next_allowed {
+        _ if seen.starts_unsettled => STARTS_RETRY,
+        Some(at) => Duration::try_from(at.duration_since(seen.now))
+            .unwrap_or_default()
+            .max(Duration::from_secs(1)),
+        None => RESYNC,
+    };
     Decision {
         claim: images_claim_for(app),
         superseded_jobs,
@@ -181,9 +198,56 @@ pub fn decide(
         outcome,
         status,
         events,
-        // The soonest of: a checkpoint retry's backoff, the sleep cycle's next look, a resync.
-        requeue: Some(requeue.unwrap_or(RESYNC).min(cycle_requeue).min(RESYNC)),
+        stale_image_at: stale.recheckpoint_at,
+        cold_starts_counted: stale.newly_counted,
+        // The soonest of: a checkpoint retry's backoff, the sleep cycle's next look, a pod's
+        // start still unknown or a stale image's next checkpoint, a resync.
+        requeue: Some(
+            requeue
+                .unwrap_or(RESYNC)
+                .min(cycle_requeue)
+                .min(stale_requeue)
+                .min(RESYNC),
+        ),
     }
+}
+
+/// How soon to look again while a restore pod's agent is still to be asked how it started.
+const STARTS_RETRY: Duration = Duration::from_secs(5);
+
+/// Counts the published image's restore pods that started cold (into `next.checkpoint`), and
+/// whether that makes the image stale. Only for an image that was already the pods' before
+/// this reconcile: the pods' reports are about it.
+fn stale_image(
+    app: &CracApp,
+    seen: &Observed,
+    spec: &Spec,
+    next: &mut CracAppStatus,
+) -> fallbacks::Tally {
+    let Some(image) = next.checkpoint.as_mut() else {
+        return fallbacks::Tally::default();
+    };
+    if seen.previous.checkpoint.as_ref().map(|p| &p.id) != Some(&image.id) {
+        return fallbacks::Tally::default();
+    }
+    let counted = image.cold_started_pods.clone();
+    let last_stale_at = app
+        .annotations()
+        .get(labels::STALE_IMAGE_AT)
+        .and_then(|t| t.parse().ok());
+    let tally = fallbacks::tally(
+        &fallbacks::Image {
+            id: &image.id,
+            counted: &counted,
+            current: image.id == spec.id,
+        },
+        &seen.restore_starts,
+        app.spec.restore.recheckpoint_after_cold_starts,
+        last_stale_at,
+        seen.now,
+    );
+    image.cold_started_pods = tally.cold_started_pods.clone();
+    tally
 }
 
 /// The restore Deployment, from the newest published image (or only its replicas, while a
@@ -380,7 +444,12 @@ mod tests {
     /// What a reconcile of `app` observes with nothing created yet and scale to zero off.
     fn observed(app: &CracApp, previous: CracAppStatus) -> Observed {
         let spec = validate(app, &Default::default()).map(|validated| Spec {
-            id: checkpoint_id(&validated, app.spec.checkpoint.engine, "agent:1", None),
+            id: checkpoint_id(
+                &validated,
+                app.spec.checkpoint.engine,
+                "agent:1",
+                &Default::default(),
+            ),
             ports: app_ports(&validated),
             validated,
         });
@@ -416,6 +485,8 @@ mod tests {
                 activator_ready: true,
             },
             activator_ports: Vec::new(),
+            restore_starts: Vec::new(),
+            starts_unsettled: false,
         }
     }
 
@@ -484,6 +555,47 @@ mod tests {
         other.spec.as_mut().unwrap().template.metadata = None;
         seen.deployment = Some(Arc::new(other));
         assert_eq!(decide(&app, &seen, &config(), BASE).scale, None);
+    }
+
+    #[test]
+    fn restore_pods_that_start_cold_are_counted_and_make_the_image_stale() {
+        let app = app();
+        let mut seen = observed(&app, CracAppStatus::default());
+        let id = id_of(&seen);
+        seen.previous.checkpoint = Some(CheckpointStatus {
+            id: id.clone(),
+            cold_started_pods: vec!["demo-1".into()],
+            ..Default::default()
+        });
+        let cold = |pod: &str| fallbacks::RestoreStart {
+            pod: pod.into(),
+            cold: true,
+            reason: Some("CpuFeaturesMissing".into()),
+        };
+        seen.restore_starts = vec![cold("demo-1"), cold("demo-2")];
+        let d = decide(&app, &seen, &config(), BASE);
+        let image = d.status.checkpoint.clone().unwrap();
+        assert_eq!(image.cold_started_pods, ["demo-1", "demo-2"]);
+        assert_eq!(d.cold_starts_counted, 1);
+        assert_eq!(d.stale_image_at, None, "2 of 3");
+        assert!(d.events.iter().any(|e| e.reason == "RestoreFellBack"));
+
+        seen.previous.checkpoint = Some(image);
+        seen.restore_starts.push(cold("demo-3"));
+        let d = decide(&app, &seen, &config(), BASE);
+        assert_eq!(d.stale_image_at, Some(now()));
+        assert!(d.events.iter().any(|e| e.reason == "ImageStale"));
+        assert!(
+            d.job.is_none(),
+            "the new checkpoint follows the annotation's id"
+        );
+
+        // A pod's agent not asked yet: look again soon.
+        seen.starts_unsettled = true;
+        assert_eq!(
+            decide(&app, &seen, &config(), BASE).requeue,
+            Some(STARTS_RETRY)
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod cleanup;
 pub mod cycle;
 pub mod decide;
+pub mod fallbacks;
 pub mod observe;
 pub mod report;
 pub mod status;

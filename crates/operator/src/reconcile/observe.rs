@@ -4,11 +4,12 @@
 
 use super::checkpoint::pending_for;
 use super::cycle::{self, AppKey, Cap, CycleSeen};
+use super::fallbacks::RestoreStart;
 use crate::build::app_name;
 use crate::build::job::checkpoint_job_name;
 use crate::build::service::{AppPort, app_ports};
 use crate::cache::cached;
-use crate::checkpoint_id::checkpoint_id;
+use crate::checkpoint_id::{checkpoint_id, short};
 use crate::context::Context;
 use crate::error::Result;
 use crate::ports::{ports_held, reserve};
@@ -57,6 +58,10 @@ pub struct Observed {
     pub cycle: CycleSeen,
     /// The app's activator ports (kept, or reserved now for the app's current ports).
     pub activator_ports: Vec<ActivatorPort>,
+    /// How the ready restore pods of the published image started, as far as known, and
+    /// whether some pod's agent is still to be asked (look again soon).
+    pub restore_starts: Vec<RestoreStart>,
+    pub starts_unsettled: bool,
 }
 
 /// A valid spec, its checkpoint id and its ports.
@@ -76,15 +81,11 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
     let caches = &ctx.caches;
 
     let spec = validate(app, &ctx.pod_allowance).map(|validated| {
-        let refresh = app
-            .annotations()
-            .get(labels::CHECKPOINT_REQUESTED_AT)
-            .map(String::as_str);
         let id = checkpoint_id(
             &validated,
             app.spec.checkpoint.engine,
             &ctx.config.agent_image,
-            refresh,
+            app.annotations(),
         );
         let ports = app_ports(&validated);
         Spec {
@@ -110,11 +111,20 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
             .collect(),
         None => Vec::new(),
     };
-    let ready_ips: Vec<String> = caches
-        .restore_pods(&ns, &name)
+    let restore_pods = caches.restore_pods(&ns, &name);
+    let ready_ips: Vec<String> = restore_pods
         .iter()
         .filter_map(|p| crac_api::serving::serving_address(p).map(String::from))
         .collect();
+    let (restore_starts, starts_unsettled) = match &previous.checkpoint {
+        Some(image) if app.spec.restore.recheckpoint_after_cold_starts > 0 => {
+            starts_of(ctx, &key, &restore_pods, &image.id).await
+        }
+        _ => {
+            forget_starts(ctx, &key);
+            (Vec::new(), false)
+        }
+    };
 
     // Scale to zero: the settings in force, and what the agents say while they matter.
     let policies = caches.policies();
@@ -218,10 +228,116 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
         },
         activator_ips,
         activator_ports,
+        restore_starts,
+        starts_unsettled,
         spec,
         key,
         previous,
     })
+}
+
+/// Asks of a pod's agent how it started, at most this many times (a pod whose agent never
+/// answers, behind a NetworkPolicy say, is not counted).
+const START_ASKS: u8 = 5;
+/// Between two asks of one pod.
+const START_ASK_AGAIN: Duration = Duration::from_secs(5);
+
+/// How the app's ready restore pods of `image` started: each pod's agent is asked once (its
+/// answer kept in memory for the pod's life), concurrently, only for pods not asked yet.
+async fn starts_of(
+    ctx: &Context,
+    key: &AppKey,
+    pods: &[Arc<Pod>],
+    image: &str,
+) -> (Vec<RestoreStart>, bool) {
+    let of_image: Vec<(String, String, String)> = pods
+        .iter()
+        .filter(|p| p.labels().get(labels::CHECKPOINT_ID).map(String::as_str) == Some(short(image)))
+        .filter_map(|p| {
+            let ip = crac_api::serving::serving_address(p)?;
+            Some((p.uid()?, p.name_any(), ip.to_string()))
+        })
+        .collect();
+    let now = std::time::Instant::now();
+    let to_ask: Vec<(String, String)> = {
+        let mut all = ctx.restore_starts.lock().unwrap_or_else(|e| e.into_inner());
+        let known = all.entry(key.clone()).or_default();
+        // Only the pods that still exist are remembered.
+        known.retain(|uid, _| of_image.iter().any(|(u, _, _)| u == uid));
+        of_image
+            .iter()
+            .filter(|(uid, _, _)| match known.get(uid) {
+                None => true,
+                Some(StartSeen::Unknown { asked, next }) => *asked < START_ASKS && *next <= now,
+                Some(StartSeen::Known(_)) => false,
+            })
+            .map(|(uid, _, ip)| (uid.clone(), ip.clone()))
+            .collect()
+    };
+    let answers = futures::future::join_all(to_ask.iter().map(|(_, ip)| fetch_activity(ip))).await;
+    let mut all = ctx.restore_starts.lock().unwrap_or_else(|e| e.into_inner());
+    let known = all.entry(key.clone()).or_default();
+    for ((uid, _), answer) in to_ask.into_iter().zip(answers) {
+        let seen = match answer {
+            Some(report) => StartSeen::Known(StartMode {
+                cold: report.mode == "coldStarted",
+                reason: report
+                    .reason
+                    .filter(|r| crac_api::agent::reason::ALL.contains(&r.as_str())),
+            }),
+            None => {
+                let asked = match known.get(&uid) {
+                    Some(StartSeen::Unknown { asked, .. }) => asked + 1,
+                    _ => 1,
+                };
+                StartSeen::Unknown {
+                    asked,
+                    next: now + START_ASK_AGAIN,
+                }
+            }
+        };
+        known.insert(uid, seen);
+    }
+    let mut unsettled = false;
+    let starts = of_image
+        .iter()
+        .filter_map(|(uid, name, _)| match known.get(uid)? {
+            StartSeen::Known(m) => Some(RestoreStart {
+                pod: name.clone(),
+                cold: m.cold,
+                reason: m.reason.clone(),
+            }),
+            StartSeen::Unknown { asked, .. } => {
+                unsettled |= *asked < START_ASKS;
+                None
+            }
+        })
+        .collect();
+    (starts, unsettled)
+}
+
+fn forget_starts(ctx: &Context, key: &AppKey) {
+    ctx.restore_starts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(key);
+}
+
+/// What the operator knows of how one restore pod started.
+#[derive(Clone, Debug)]
+pub enum StartSeen {
+    Known(StartMode),
+    /// Its agent has not answered yet: asked so many times, next no sooner than then.
+    Unknown {
+        asked: u8,
+        next: std::time::Instant,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct StartMode {
+    pub cold: bool,
+    pub reason: Option<String>,
 }
 
 /// A problem with the images volume that the user must fix, if any.
