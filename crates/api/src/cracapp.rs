@@ -597,6 +597,17 @@ pub struct CheckpointStatus {
     /// that matches it, whatever the files beside the image say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// The app container's image as the checkpoint pod ran it, pinned by digest:
+    /// `<repository>@sha256:<hex>`, the spec's repository (tag dropped) at the repository
+    /// digest the kubelet reported for that pod (`containerStatuses[].imageID`), or the spec's
+    /// own image when it already pins one. Restore pods, and their cold-start fallback, run
+    /// this reference instead of the tag, so a tag pushed again later never puts new bytes
+    /// under checkpointed memory; a new checkpoint (`kubectl crac checkpoint`, or a spec
+    /// change) resolves the tag afresh. Unset when the runtime reported no repository digest
+    /// (an image imported or built on the node, whose `imageID` is its config's digest): the
+    /// pods then run the spec's tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_image: Option<String>,
 }
 
 /// A checkpoint in progress, or failing and waiting to be retried.

@@ -194,6 +194,13 @@ pub fn explain(app: &CracApp, events: &[EventLine], pods: &[PodReport], now: Tim
             size(c.size_bytes),
             age(c.created_at.as_ref().map(|t| t.0), now)
         );
+        let _ = match &c.app_image {
+            Some(image) => writeln!(out, "  restore pods run {image}, the image it checkpointed"),
+            None => writeln!(
+                out,
+                "  restore pods run the spec's image tag: no repository digest was reported for it"
+            ),
+        };
     }
     if let Some(p) = &status.pending_checkpoint {
         let _ = writeln!(
@@ -367,6 +374,28 @@ mod tests {
         assert!(condition_healthy("ScaledToZero", "False"));
         assert!(condition_healthy("ScaledToZero", "True"));
         assert!(!condition_healthy("Available", "Unknown"));
+    }
+
+    #[test]
+    fn explain_says_which_image_restore_pods_run() {
+        let now: Timestamp = "2026-11-24T12:00:00Z".parse().unwrap();
+        let with = |checkpoint: serde_json::Value| {
+            let a = app("demo", serde_json::json!({ "checkpoint": checkpoint }));
+            explain(&a, &[], &[], now)
+        };
+        let pinned = format!("x@sha256:{}", "a".repeat(64));
+        let out = with(serde_json::json!({ "id": "0123456789abcdef", "appImage": pinned }));
+        assert!(
+            out.contains(&format!(
+                "restore pods run {pinned}, the image it checkpointed"
+            )),
+            "{out}"
+        );
+        let out = with(serde_json::json!({ "id": "0123456789abcdef" }));
+        assert!(
+            out.contains("restore pods run the spec's image tag"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -240,9 +240,14 @@ pub fn slim<K: kube::Resource>(object: &mut K) {
 }
 
 /// Pods and Jobs are read for their labels and status only. (A thousand apps keep two
-/// thousand pods in the store; what is dropped here is most of each.)
+/// thousand pods in the store; what is dropped here is most of each.) A checkpoint pod's app
+/// container keeps its `imageID`: the image restore pods are pinned to.
 pub fn slim_pod(pod: &mut Pod) {
     slim_meta(pod);
+    let checkpoint = pod
+        .labels()
+        .get(crac_api::labels::COMPONENT)
+        .is_some_and(|c| c == crate::build::job::CHECKPOINT_COMPONENT);
     pod.spec = None;
     if let Some(status) = pod.status.as_mut() {
         // Kept: phase, reason, message, podIP, the Ready condition, how containers ended.
@@ -259,7 +264,9 @@ pub fn slim_pod(pod: &mut Pod) {
         }
         for c in status.container_statuses.iter_mut().flatten() {
             c.image = String::new();
-            c.image_id = String::new();
+            if !(checkpoint && c.name == crac_api::cracapp::APP_CONTAINER) {
+                c.image_id = String::new();
+            }
             c.container_id = None;
             c.allocated_resources = None;
             c.resources = None;
@@ -360,6 +367,34 @@ mod tests {
             pod.labels().get("crac.dev/app").map(String::as_str),
             Some("demo")
         );
+    }
+
+    #[test]
+    fn only_a_checkpoint_pods_app_container_keeps_its_image_id() {
+        let pod = |component: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "p", "labels": { crac_api::labels::COMPONENT: component } },
+                "status": { "containerStatuses": [
+                    { "name": "app", "image": "demo:1", "imageID": "demo@sha256:1",
+                      "ready": false, "restartCount": 0 },
+                    { "name": "sidecar", "image": "side:1", "imageID": "side@sha256:2",
+                      "ready": false, "restartCount": 0 }
+                ] }
+            }))
+            .expect("test pod parses")
+        };
+        let image_ids = |component: &str| {
+            let mut p = pod(component);
+            slim_pod(&mut p);
+            p.status
+                .and_then(|s| s.container_statuses)
+                .into_iter()
+                .flatten()
+                .map(|c| c.image_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(image_ids("checkpoint"), ["demo@sha256:1", ""]);
+        assert_eq!(image_ids("restore"), ["", ""]);
     }
 
     #[test]

@@ -72,6 +72,17 @@ pub fn summary_of(pod: &Pod) -> Option<AgentSummary> {
     })
 }
 
+/// What the kubelet reports as the app container's image (`imageID`): a repository digest,
+/// a config digest, or whatever someone with `pods/status` rights wrote. Read only through
+/// [`crate::image_ref`]; empty when there is none.
+pub fn app_image_id(pod: &Pod) -> &str {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == APP_CONTAINER))
+        .map_or("", |c| c.image_id.as_str())
+}
+
 /// `(reason, message)` of a failed attempt, for conditions and Events.
 pub fn failure_of(summary: &AgentSummary) -> (String, String) {
     (

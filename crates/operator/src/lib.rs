@@ -14,6 +14,7 @@ pub mod context;
 pub mod crds;
 pub mod error;
 pub mod events;
+pub mod image_ref;
 pub mod leader;
 pub mod metrics;
 pub mod pod_security;

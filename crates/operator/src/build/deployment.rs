@@ -5,6 +5,7 @@
 use super::inject::{Mode, inject_agent};
 use super::{BuildConfig, app_name, labels_for, owner_ref};
 use crate::checkpoint_id::short;
+use crate::image_ref;
 use crate::validate::ValidatedApp;
 use crac_api::CracApp;
 use crac_api::agent as contract;
@@ -25,7 +26,9 @@ pub fn pod_selector(app: &str) -> BTreeMap<String, String> {
 }
 
 /// The Deployment restoring the published `image` with `replicas` pods. The pods get the
-/// image's digest in their spec, and restore only an image that matches it.
+/// image's digest in their spec, and restore only an image that matches it. Their app
+/// container runs the container image the checkpoint pod ran, pinned by digest, when the
+/// status records one.
 pub fn restore_deployment_for(
     app: &CracApp,
     validated: &ValidatedApp,
@@ -55,6 +58,16 @@ pub fn restore_deployment_for(
             value: image.digest.clone(),
             ..Default::default()
         });
+        // Only the recorded digest is taken from the status (anyone who may write it could
+        // write anything there); the repository is the spec's.
+        let spec_image = container.image.as_deref().unwrap_or_default();
+        if let Some(pinned) = image
+            .app_image
+            .as_deref()
+            .and_then(|recorded| image_ref::pinned(spec_image, recorded))
+        {
+            container.image = Some(pinned);
+        }
     }
 
     Deployment {
@@ -207,6 +220,53 @@ mod tests {
         // The spec generation is the checkpoint's alone: here it would roll the pods on every
         // change of the spec, replicas included.
         assert!(env.iter().all(|e| e.name != contract::ENV_SPEC_GENERATION));
+    }
+
+    fn app_image_with(spec_image: &str, recorded: Option<&str>) -> Option<String> {
+        let mut a = app();
+        a.spec.template.spec.as_mut().unwrap().containers[0].image = Some(spec_image.into());
+        let v = validate(&a, &Default::default()).unwrap();
+        let config = BuildConfig {
+            agent_image: "crac-agent:test".into(),
+        };
+        let image = CheckpointStatus {
+            app_image: recorded.map(str::to_string),
+            ..image()
+        };
+        let d = restore_deployment_for(&a, &v, &image, 1, &config);
+        d.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .clone()
+    }
+
+    #[test]
+    fn pods_run_the_checkpointed_image_by_digest_in_the_specs_repository() {
+        let digest = format!("sha256:{}", "5".repeat(64));
+        let pinned = format!("reg:5000/demo@{digest}");
+        assert_eq!(
+            app_image_with("reg:5000/demo:1", Some(&pinned)),
+            Some(pinned.clone())
+        );
+        // A status naming another repository contributes its digest only.
+        assert_eq!(
+            app_image_with("reg:5000/demo:1", Some(&format!("evil.example/x@{digest}"))),
+            Some(pinned)
+        );
+        // Nothing recorded, or nothing usable: the spec's tag.
+        assert_eq!(
+            app_image_with("reg:5000/demo:1", None),
+            Some("reg:5000/demo:1".into())
+        );
+        assert_eq!(
+            app_image_with("reg:5000/demo:1", Some("demo:1 --evil")),
+            Some("reg:5000/demo:1".into())
+        );
+        // A spec that pins its own digest keeps it.
+        let own = format!("reg:5000/demo@sha256:{}", "6".repeat(64));
+        assert_eq!(
+            app_image_with(&own, Some(&format!("reg:5000/demo@{digest}"))),
+            Some(own)
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 
 use super::status::{CheckpointProgress, retry_backoff};
 use crate::build::job::CHECKPOINT_COMPONENT;
-use crate::checkpoint_pod::{DIGEST_MISSING, failure_of, summary_of};
+use crate::checkpoint_pod::{DIGEST_MISSING, app_image_id, failure_of, summary_of};
+use crate::image_ref;
 use crac_api::agent::AgentSummary;
 use crac_api::cracapp::{CheckpointStatus, Engine, PendingCheckpoint};
 use crac_api::labels;
@@ -52,16 +53,25 @@ pub struct AttemptSeen<'a> {
     pub pods: &'a [Pod],
 }
 
-/// Decides the checkpoint step for the spec whose image is `id`.
+/// The checkpoint the spec asks for.
+pub struct Wanted<'a> {
+    /// Its checkpoint id.
+    pub id: &'a str,
+    pub engine: Engine,
+    /// The app container's image, as the spec names it.
+    pub app_image: &'a str,
+}
+
+/// Decides the checkpoint step for the spec whose image is `wanted.id`.
 pub fn decide(
     published: Option<&CheckpointStatus>,
     recorded: Option<&PendingCheckpoint>,
-    id: &str,
-    engine: Engine,
+    wanted: &Wanted<'_>,
     seen: &AttemptSeen<'_>,
     retry_base: Duration,
     now: Timestamp,
 ) -> CheckpointDecision {
+    let id = wanted.id;
     if published.is_some_and(|c| c.id == id) {
         return CheckpointDecision {
             progress: CheckpointProgress::Current,
@@ -120,11 +130,11 @@ pub fn decide(
             }
         },
         Some(job) if job_finished(job, "Complete") => {
-            let summary = seen
+            let (summary, image_id) = seen
                 .pods
                 .iter()
                 .filter(|p| phase(p) == Some("Succeeded"))
-                .find_map(summary_of)
+                .find_map(|p| Some((summary_of(p)?, app_image_id(p))))
                 .unwrap_or_default();
             // Restore pods trust only the digest the status records: no digest, no image.
             if summary.image_digest.is_none() {
@@ -139,7 +149,9 @@ pub fn decide(
                 };
                 return failed(pending, &missing);
             }
-            let image = published_image(job, &summary, engine, id, now);
+            let mut image = published_image(job, &summary, wanted.engine, id, now);
+            // What the pod ran, pinned by digest, so restore pods run the same bytes.
+            image.app_image = image_ref::pinned(wanted.app_image, image_id);
             CheckpointDecision {
                 progress: CheckpointProgress::Current,
                 outcome: Some(Outcome::Published {
@@ -332,6 +344,7 @@ fn published_image(
         digest: summary.image_digest.clone(),
         engine: Some(engine),
         cold_started_pods: Vec::new(),
+        app_image: None,
     }
 }
 
@@ -341,6 +354,11 @@ mod tests {
     use crac_api::agent::Outcome as AgentOutcome;
 
     const BASE: Duration = Duration::from_secs(30);
+    const WANTED: Wanted<'static> = Wanted {
+        id: "abc",
+        engine: Engine::Criu,
+        app_image: "reg:5000/demo:1",
+    };
 
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_second(secs).unwrap()
@@ -369,12 +387,22 @@ mod tests {
     }
 
     fn ended_pod(name: &str, created: &str, summary: &AgentSummary) -> Pod {
+        ended_pod_reporting(name, created, summary, "")
+    }
+
+    /// An ended pod whose app container's `imageID` is `image_id`.
+    fn ended_pod_reporting(
+        name: &str,
+        created: &str,
+        summary: &AgentSummary,
+        image_id: &str,
+    ) -> Pod {
         let ok = summary.outcome == Some(AgentOutcome::Checkpointed);
         serde_json::from_value(serde_json::json!({
             "metadata": { "name": name, "creationTimestamp": created },
             "status": {
                 "phase": if ok { "Succeeded" } else { "Failed" },
-                "containerStatuses": [{ "name": "app", "image": "x", "imageID": "", "ready": false,
+                "containerStatuses": [{ "name": "app", "image": "x", "imageID": image_id, "ready": false,
                     "restartCount": 0, "state": { "terminated": {
                         "exitCode": if ok { 0 } else { 1 },
                         "message": serde_json::to_string(summary).unwrap() } } }]
@@ -399,7 +427,7 @@ mod tests {
         now: Timestamp,
     ) -> CheckpointDecision {
         let seen = AttemptSeen { job, pods };
-        decide(None, recorded, "abc", Engine::Criu, &seen, BASE, now)
+        decide(None, recorded, &WANTED, &seen, BASE, now)
     }
 
     #[test]
@@ -415,8 +443,7 @@ mod tests {
         let d = decide(
             Some(&image),
             Some(&failed_at(0, 2)),
-            "abc",
-            Engine::Criu,
+            &WANTED,
             &seen,
             BASE,
             t(10),
@@ -520,8 +547,39 @@ mod tests {
         assert_eq!(image.duration_seconds, Some(4.0));
         assert_eq!(image.digest, report.image_digest);
         assert_eq!(image.trial_restore_ms, Some(180));
+        assert_eq!(image.app_image, None, "the pod reported no image digest");
         assert_eq!(d.pending, None);
         assert_eq!(d.progress, CheckpointProgress::Current);
+    }
+
+    #[test]
+    fn a_complete_job_records_the_image_its_pod_ran_pinned_to_the_specs_repository() {
+        let report = AgentSummary {
+            outcome: Some(AgentOutcome::Checkpointed),
+            image_digest: Some(format!("sha256:{}", "0f".repeat(32))),
+            ..Default::default()
+        };
+        let repo_digest = format!("sha256:{}", "9a".repeat(32));
+        let published = |image_id: &str| {
+            let pods = [ended_pod_reporting(
+                "a",
+                "2027-01-15T08:00:00Z",
+                &report,
+                image_id,
+            )];
+            let d = decide_with(None, Some(&job(Some("Complete"))), &pods, t(5));
+            d.checkpoint.expect("published either way").app_image
+        };
+        let pinned = Some(format!("reg:5000/demo@{repo_digest}"));
+        assert_eq!(published(&format!("reg:5000/demo@{repo_digest}")), pinned);
+        assert_eq!(
+            published(&format!("docker-pullable://reg:5000/demo@{repo_digest}")),
+            pinned
+        );
+        // A config digest (an image with no repository digest) or anything malformed: the
+        // image is still published, and the pods keep the tag.
+        assert_eq!(published(&repo_digest), None);
+        assert_eq!(published("reg:5000/demo@sha256:forged; rm -rf /"), None);
     }
 
     #[test]

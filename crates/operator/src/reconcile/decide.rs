@@ -103,8 +103,16 @@ pub fn decide(
     let checkpoint = checkpoint::decide(
         seen.previous.checkpoint.as_ref(),
         seen.previous.pending_checkpoint.as_ref(),
-        &spec.id,
-        app.spec.checkpoint.engine,
+        &checkpoint::Wanted {
+            id: &spec.id,
+            engine: app.spec.checkpoint.engine,
+            app_image: spec
+                .validated
+                .container
+                .image
+                .as_deref()
+                .unwrap_or_default(),
+        },
         &AttemptSeen {
             job: seen.job.as_deref(),
             pods: &seen.job_pods,
