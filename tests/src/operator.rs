@@ -86,6 +86,17 @@ pub fn example_app(name: &str, image: &str) -> CracApp {
 /// Ends a checkpoint pod as the agent would: the summary in the app container's
 /// termination message, exit code 0 on success or 1 on failure.
 pub async fn end_checkpoint_pod(pods: &Api<Pod>, pod: &str, summary: &AgentSummary) {
+    end_checkpoint_pod_reporting(pods, pod, summary, "").await;
+}
+
+/// [`end_checkpoint_pod`], with the app container's `imageID` as the kubelet reports the
+/// image it ran (`repo@sha256:<hex>` when pulled by containerd; `""` says nothing).
+pub async fn end_checkpoint_pod_reporting(
+    pods: &Api<Pod>,
+    pod: &str,
+    summary: &AgentSummary,
+    image_id: &str,
+) {
     let ok = summary.outcome == Some(Outcome::Checkpointed);
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let status = serde_json::json!({
@@ -93,7 +104,7 @@ pub async fn end_checkpoint_pod(pods: &Api<Pod>, pod: &str, summary: &AgentSumma
             "phase": if ok { "Succeeded" } else { "Failed" },
             "conditions": [{ "type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now }],
             "containerStatuses": [{
-                "name": "app", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "name": "app", "image": "x", "imageID": image_id, "ready": false, "restartCount": 0,
                 "state": { "terminated": {
                     "exitCode": if ok { 0 } else { 1 },
                     "reason": if ok { "Completed" } else { "Error" },

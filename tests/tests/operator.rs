@@ -9,8 +9,9 @@ use crac_api::CracApp;
 use crac_api::agent as contract;
 use crac_api::labels;
 use crac_tests::operator::{
-    AGENT_IMAGE, STAND_IN_DIGEST, create_and_make_ready, end_checkpoint_pod, example_app, failure,
-    running_checkpoint, running_job_pods, start_operator, status_of, success,
+    AGENT_IMAGE, STAND_IN_DIGEST, create_and_make_ready, end_checkpoint_pod,
+    end_checkpoint_pod_reporting, example_app, failure, running_checkpoint, running_job_pods,
+    start_operator, status_of, success,
 };
 use crac_tests::{TestNamespace, install_crds, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -326,6 +327,110 @@ async fn spec_change_takes_a_new_checkpoint_while_old_pods_keep_serving() {
         jobs_before, jobs_after,
         "replicas is not part of the checkpoint id"
     );
+}
+
+/// The image the app container of restore pods runs: `image` of the Deployment's template.
+async fn restore_image(deployments: &Api<Deployment>, app: &str) -> Option<String> {
+    let d = deployments.get(app).await.ok()?;
+    d.spec?.template.spec?.containers[0].image.clone()
+}
+
+/// Issue 16: restore pods run the container image the checkpoint pod ran, pinned by the digest
+/// the kubelet reported for it, in the spec's own repository; a new checkpoint of the same
+/// tag (`kubectl crac checkpoint` after the tag was pushed again) moves them to the new
+/// digest; an `imageID` that is no repository digest (a config digest, anything forged)
+/// leaves them on the tag.
+#[tokio::test]
+async fn restore_pods_run_the_checkpointed_image_pinned_by_digest() {
+    let ns = setup("op-pinned").await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let apps: Api<CracApp> = ns.api();
+    let deployments: Api<Deployment> = ns.api();
+    let digest = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+
+    // Checkpointed, then ended with `imageID` as the kubelet reports it for `image`; returns
+    // the checkpoint id.
+    let checkpoint_reporting = |app: &'static str, image_id: String| {
+        let ns = &ns;
+        async move {
+            let (job, pod) = running_checkpoint(ns, app).await;
+            let id = job.metadata.annotations.unwrap()[labels::CHECKPOINT_ID_ANNOTATION].clone();
+            end_checkpoint_pod_reporting(&ns.api(), &pod, &success(&id), &image_id).await;
+            id
+        }
+    };
+
+    let tag = "reg.example:5000/team/shop:1";
+    apps.create(&PostParams::default(), &example_app("pinned", tag))
+        .await
+        .unwrap();
+    let first = checkpoint_reporting(
+        "pinned",
+        format!("reg.example:5000/team/shop@{}", digest('a')),
+    )
+    .await;
+    let pinned = format!("reg.example:5000/team/shop@{}", digest('a'));
+    wait_for("the pods to run the pinned image", DEADLINE, || async {
+        (restore_image(&deployments, "pinned").await? == pinned).then_some(())
+    })
+    .await;
+    let status = status_of(&apps, "pinned").await;
+    let image = status.checkpoint.unwrap();
+    assert_eq!(image.id, first);
+    assert_eq!(image.app_image.as_deref(), Some(pinned.as_str()));
+
+    // The tag was pushed again; a checkpoint asked for by hand runs the tag anew and its pod
+    // reports the new digest (the way docker's runtime writes it): the pods follow.
+    let request = serde_json::json!({ "metadata": { "annotations": {
+        labels::CHECKPOINT_REQUESTED_AT: "2027-01-15T08:00:00Z" } } });
+    apps.patch("pinned", &PatchParams::default(), &Patch::Merge(request))
+        .await
+        .unwrap();
+    let second = checkpoint_reporting(
+        "pinned",
+        format!(
+            "docker-pullable://reg.example:5000/team/shop@{}",
+            digest('b')
+        ),
+    )
+    .await;
+    assert_ne!(first, second);
+    let repinned = format!("reg.example:5000/team/shop@{}", digest('b'));
+    wait_for("the pods to run the new digest", DEADLINE, || async {
+        (restore_image(&deployments, "pinned").await? == repinned).then_some(())
+    })
+    .await;
+    let image = status_of(&apps, "pinned").await.checkpoint.unwrap();
+    assert_eq!(
+        (image.id.as_str(), image.app_image.as_deref()),
+        (second.as_str(), Some(repinned.as_str()))
+    );
+
+    // A config digest (an image with no repository digest: kwok, `ctr import`) and a forged
+    // value: published all the same, on the tag, with nothing recorded.
+    for (app, image_id) in [
+        ("config-digest", digest('c')),
+        (
+            "forged",
+            format!("shop@sha256:{} --privileged", "d".repeat(64)),
+        ),
+    ] {
+        apps.create(&PostParams::default(), &example_app(app, "shop:1"))
+            .await
+            .unwrap();
+        let id = checkpoint_reporting(app, image_id).await;
+        let status = wait_for(&format!("{app} to be Ready"), DEADLINE, || async {
+            let s = status_of(&apps, app).await;
+            (s.phase? == crac_api::cracapp::Phase::Ready).then_some(s)
+        })
+        .await;
+        let image = status.checkpoint.unwrap();
+        assert_eq!((image.id.as_str(), image.app_image), (id.as_str(), None));
+        assert_eq!(
+            restore_image(&deployments, app).await.as_deref(),
+            Some("shop:1")
+        );
+    }
 }
 
 /// Issue 15: a checkpoint Job of a spec that changed before it ended is deleted (with its pod),

@@ -15,6 +15,7 @@ use crac_tests::real_node::{
     node_ready, ready_restore_pods,
 };
 use crac_tests::{TestNamespace, wait_for};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -69,6 +70,30 @@ async fn checkpoint_summaries(ns: &TestNamespace, app: &str) -> Vec<AgentSummary
         .collect()
 }
 
+/// What the kubelet reported as the app container's image of each checkpoint pod.
+async fn checkpoint_image_ids(ns: &TestNamespace, app: &str) -> Vec<String> {
+    let pods: Api<Pod> = ns.api();
+    let selector = format!(
+        "{}={app},{}=checkpoint",
+        crac_api::labels::APP,
+        crac_api::labels::COMPONENT
+    );
+    let list = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap();
+    list.items
+        .iter()
+        .flat_map(|p| {
+            p.status
+                .iter()
+                .flat_map(|s| s.container_statuses.iter().flatten())
+        })
+        .filter(|c| c.name == "app")
+        .map(|c| c.image_id.clone())
+        .collect()
+}
+
 #[tokio::test]
 async fn hello_app_is_checkpointed_in_a_job_and_restored_in_real_pods() {
     let ns = setup("real-hello").await;
@@ -118,8 +143,41 @@ async fn hello_app_is_checkpointed_in_a_job_and_restored_in_real_pods() {
         );
     }
 
+    // The checkpoint pod ran the tag; the kubelet reported the image's repository digest
+    // (node-up imports each image with one), so the restore pods run exactly that image,
+    // pinned by digest, and restore on it.
+    let pinned = checkpoint.app_image.clone().unwrap_or_default();
+    let reported = checkpoint_image_ids(&ns, "hello").await;
+    let digest = pinned
+        .strip_prefix("crac.dev/test/hello-app@sha256:")
+        .unwrap_or_else(|| {
+            panic!("not pinned to a digest in the spec's repository: {pinned:?}; the checkpoint pods' imageIDs: {reported:?}")
+        });
+    assert!(
+        digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{pinned}"
+    );
+    let deployments: Api<Deployment> = ns.api();
+    let template = deployments
+        .get("hello")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template;
+    assert_eq!(
+        template.spec.unwrap().containers[0].image.as_deref(),
+        Some(pinned.as_str())
+    );
+
     // Each restore pod restored (not a cold start) and continues the checkpointed counter.
     for (pod, ip) in &ready {
+        let spec = pods.get(pod).await.unwrap().spec.unwrap();
+        assert_eq!(
+            spec.containers[0].image.as_deref(),
+            Some(pinned.as_str()),
+            "{pod}"
+        );
         let log = logs(&pods, pod, "app").await;
         assert!(
             log.contains("restored (pid"),
@@ -141,7 +199,7 @@ async fn a_new_image_rolls_out_while_the_old_pods_serve() {
         .await
         .unwrap();
     let before = ready(&ns, "roll", 2).await;
-    let first = status_of(&apps, "roll").await.checkpoint.unwrap().id;
+    let first = status_of(&apps, "roll").await.checkpoint.unwrap();
 
     // A pod told to stop keeps serving through its preStop sleep, while the removal of its
     // address spreads; without it the agent gets SIGTERM at once and the JVM is gone in
@@ -178,10 +236,14 @@ async fn a_new_image_rolls_out_while_the_old_pods_serve() {
             let pod = pods.get(name).await.unwrap();
             images.push(pod.spec.unwrap().containers[0].image.clone().unwrap());
         }
+        // The new pods run hello-app:2 pinned by digest, the digest its checkpoint pod ran.
         let status = status_of(&apps, "roll").await;
-        let rolled = status.checkpoint.as_ref().is_some_and(|c| c.id != first)
-            && ready.len() == 2
-            && images.iter().all(|i| i == HELLO_IMAGE_2);
+        let rolled = status.checkpoint.as_ref().is_some_and(|c| {
+            c.id != first.id
+                && c.app_image.is_some()
+                && c.app_image != first.app_image
+                && images.iter().all(|i| Some(i) == c.app_image.as_ref())
+        }) && ready.len() == 2;
         if rolled {
             break;
         }
