@@ -199,6 +199,8 @@ pub struct Config {
     pub min_pid: u32,
     /// Checkpoint: restore the new image once, to readiness, before publishing it.
     pub trial_restore: bool,
+    /// Restore, engine criu: copy memory in lazily (`criu lazy-pages`), see `criu::restore`.
+    pub lazy_pages: bool,
 }
 
 /// Default for `--min-pid`: the checkpointed JVM gets PIDs above this, which the agent (PID 1,
@@ -230,9 +232,11 @@ flags (each overrides its environment variable):
   --min-pid N            CRAC_MIN_PID (default 200)
   --image-digest D       CRAC_IMAGE_DIGEST (restore: sha256:<64 hex> of the image's metadata.json)
   --trial-restore B      CRAC_TRIAL_RESTORE (checkpoint: true (default) or false; restore the
-                         new image once, to readiness, before publishing it)";
+                         new image once, to readiness, before publishing it)
+  --lazy-pages BOOL      CRAC_LAZY_PAGES (restore, engine criu: true copies memory in lazily,
+                         with criu lazy-pages; needs root with full privileges; default false)";
 
-const FLAGS: [(&str, &str); 16] = [
+const FLAGS: [(&str, &str); 17] = [
     ("--image-dir", api::ENV_IMAGE_DIR),
     ("--checkpoint-id", api::ENV_CHECKPOINT_ID),
     ("--engine", api::ENV_ENGINE),
@@ -249,6 +253,7 @@ const FLAGS: [(&str, &str); 16] = [
     ("--min-pid", "CRAC_MIN_PID"),
     ("--image-digest", api::ENV_IMAGE_DIGEST),
     ("--trial-restore", api::ENV_TRIAL_RESTORE),
+    ("--lazy-pages", api::ENV_LAZY_PAGES),
 ];
 
 /// Parses `args` (without the program name) with `env` as the source of defaults.
@@ -365,6 +370,16 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
                 return Err(Failure::config(format!(
                     "{}={other:?} must be true or false",
                     api::ENV_TRIAL_RESTORE
+                )));
+            }
+        },
+        lazy_pages: match get(api::ENV_LAZY_PAGES).map(str::trim) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(v) => {
+                return Err(Failure::config(format!(
+                    "{}={v:?} is not true or false",
+                    api::ENV_LAZY_PAGES
                 )));
             }
         },
@@ -523,6 +538,31 @@ mod tests {
         assert!(!with("false").unwrap().trial_restore);
         assert!(with("true").unwrap().trial_restore);
         assert!(with("no").is_err());
+    }
+
+    #[test]
+    fn lazy_pages_is_off_unless_set_to_true() {
+        let lazy = |flag: Option<&str>, env: Option<&str>| {
+            let mut a = vec!["restore"];
+            if let Some(f) = flag {
+                a.extend(["--lazy-pages", f]);
+            }
+            a.extend(["--", "java"]);
+            let env = env.map(str::to_string);
+            parse(&args(&a), move |k| {
+                (k == api::ENV_LAZY_PAGES).then(|| env.clone()).flatten()
+            })
+            .map(|c| c.lazy_pages)
+        };
+        assert!(!lazy(None, None).unwrap());
+        assert!(lazy(None, Some("true")).unwrap());
+        assert!(!lazy(None, Some("")).unwrap(), "empty is unset");
+        assert!(!lazy(Some("false"), Some("true")).unwrap(), "the flag wins");
+        assert!(lazy(Some("true"), None).unwrap());
+        for bad in ["yes", "1", "TRUE"] {
+            let e = lazy(None, Some(bad)).unwrap_err();
+            assert!(e.message.contains("CRAC_LAZY_PAGES"), "{}", e.message);
+        }
     }
 
     #[test]

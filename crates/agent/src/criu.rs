@@ -4,10 +4,15 @@
 //! (a session leader holding only /dev/null and two pipes) and nothing of ours. Restore runs
 //! `criu restore --restore-detached --restore-sibling`, so the JVM comes back as the agent's
 //! own child, and hands CRIU new pipes for the JVM's stdout and stderr with `--inherit-fd`.
+//!
+//! Lazy restore (`CRAC_LAZY_PAGES=true`, off by default) starts `criu lazy-pages` first and
+//! runs `criu restore --lazy-pages`: the JVM's private anonymous memory (its heap) is not
+//! copied in by CRIU but registered with userfaultfd, and the daemon fills each page on first
+//! touch, then the rest in the background, from the same page data.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Failure, reason};
 use crate::image::StdioPipe;
@@ -16,6 +21,7 @@ use crate::supervisor::Supervisor;
 
 pub const DUMP_LOG: &str = "dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
+pub const LAZY_PAGES_LOG: &str = "lazy-pages.log";
 
 /// `criu dump` arguments for the tree rooted at `pid`, written to `dir`.
 pub fn dump_args(pid: i32, dir: &Path) -> Vec<String> {
@@ -43,8 +49,9 @@ pub fn dump_args(pid: i32, dir: &Path) -> Vec<String> {
 pub const UNPRIVILEGED: &str = "--unprivileged";
 
 /// `criu restore` arguments. `stdio` are the JVM's output pipes at dump time: the new ones are
-/// CRIU's own fds 1 and 2 (fd 2 only when the JVM had two distinct pipes).
-pub fn restore_args(images: &Path, work: &Path, stdio: &[StdioPipe]) -> Vec<String> {
+/// CRIU's own fds 1 and 2 (fd 2 only when the JVM had two distinct pipes). `lazy`: the memory
+/// is left to `criu lazy-pages` (see [`lazy_pages_args`]), which listens in the same `work`.
+pub fn restore_args(images: &Path, work: &Path, stdio: &[StdioPipe], lazy: bool) -> Vec<String> {
     let mut v: Vec<String> = vec![
         "restore".into(),
         "--images-dir".into(),
@@ -62,10 +69,15 @@ pub fn restore_args(images: &Path, work: &Path, stdio: &[StdioPipe]) -> Vec<Stri
         // The tree stays stopped when CRIU exits: the agent resumes it (`resume_tree`) only
         // once the page data, hashed while CRIU ran, is known to match the metadata.
         "--leave-stopped".into(),
-        UNPRIVILEGED.into(),
-        "--pidfile".into(),
-        "restored.pid".into(),
     ];
+    if lazy {
+        // No --unprivileged: in that mode CRIU 4.2 never probes userfaultfd and refuses lazy
+        // pages ("UFFD is not supported"). So lazy restore needs what CRIU's full mode needs.
+        v.push("--lazy-pages".into());
+    } else {
+        v.push(UNPRIVILEGED.into());
+    }
+    v.extend(["--pidfile".into(), "restored.pid".into()]);
     let mut seen = Vec::new();
     for p in stdio {
         if seen.contains(&p.inode) {
@@ -76,6 +88,25 @@ pub fn restore_args(images: &Path, work: &Path, stdio: &[StdioPipe]) -> Vec<Stri
         v.push(format!("fd[{}]:pipe:[{}]", p.fd, p.inode));
     }
     v
+}
+
+/// `criu lazy-pages` arguments: the daemon serving the page data in `images` to a `criu restore
+/// --lazy-pages` run with the same `work` (they meet on `lazy-pages.socket` there). It writes
+/// one byte to its stdout (`--status-fd 1`) once it listens.
+pub fn lazy_pages_args(images: &Path, work: &Path) -> Vec<String> {
+    vec![
+        "lazy-pages".into(),
+        "--images-dir".into(),
+        images.to_string_lossy().into_owned(),
+        "--work-dir".into(),
+        work.to_string_lossy().into_owned(),
+        "--log-file".into(),
+        LAZY_PAGES_LOG.into(),
+        // -v3: errors, warnings and a line per task; -v4 would log every page fault.
+        "-v3".into(),
+        "--status-fd".into(),
+        "1".into(),
+    ]
 }
 
 /// Turns CRIU's log into a reason and a line for the user. `restoring` picks the default.
@@ -276,15 +307,156 @@ pub struct Restored {
     pub phases: Option<Phases>,
     /// Whether CRIU was handed the kernel features the checkpoint found on this node and boot.
     pub kdat_cached: bool,
+    /// Lazy restore: the daemon still to copy the heap in. Killed if this is dropped before
+    /// [`Restored::resume`] (the tree never ran); after it, left to finish.
+    pub lazy: Option<LazyPages>,
 }
 
-/// Restores the image in `images`, leaving the tree stopped: call [`resume_tree`] to run it.
+impl Restored {
+    /// Resumes the stopped tree ([`resume_tree`]). A lazy restore's daemon is left to copy the
+    /// rest of the memory in, watched by a thread: the JVM is killed if the daemon fails,
+    /// since a page it never copied would read as zeros once its userfaultfd is gone.
+    pub fn resume(&mut self) -> std::io::Result<()> {
+        resume_tree(self.pid)?;
+        if let Some(daemon) = self.lazy.take() {
+            daemon.watch(self.pid);
+        }
+        Ok(())
+    }
+}
+
+/// A running `criu lazy-pages`, our child. Dropped: killed and reaped.
+pub struct LazyPages {
+    sup: Supervisor,
+    pid: i32,
+    work: PathBuf,
+    started: Instant,
+    /// Killed on drop: until the tree runs ([`LazyPages::watch`]).
+    armed: bool,
+    /// Whether dropping it removes `work` (once CRIU restored the tree).
+    remove_work: bool,
+    /// From spawning the daemon to its status byte: what lazy restore adds before CRIU runs.
+    pub ready_in: Duration,
+}
+
+impl LazyPages {
+    /// Starts the daemon and waits (at most `timeout`) until it listens.
+    fn start(
+        sup: &Supervisor,
+        criu: &str,
+        images: &Path,
+        work: &Path,
+        timeout: Duration,
+    ) -> Result<LazyPages, Failure> {
+        let fail = |m: String| Failure::new(reason::CRIU_RESTORE_FAILED, m);
+        let (mut ready, ready_w) =
+            std::io::pipe().map_err(|e| fail(format!("cannot create a pipe: {e}")))?;
+        let mut cmd = command(criu);
+        cmd.args(lazy_pages_args(images, work))
+            .stdin(Stdio::null())
+            .stdout(ready_w);
+        let started = Instant::now();
+        let child = sup.spawn(&mut cmd).map_err(|e| {
+            Failure::new(
+                reason::CRIU_MISSING,
+                format!("cannot run {criu:?}: {e}: engine criu needs CRIU in the app image"),
+            )
+        })?;
+        // Our copy of the write end goes: the read below ends when the daemon's does.
+        drop(cmd);
+        let mut daemon = LazyPages {
+            sup: sup.clone(),
+            pid: child.id() as i32,
+            work: work.to_path_buf(),
+            started,
+            armed: true,
+            remove_work: false,
+            ready_in: Duration::ZERO,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            let _ = tx.send(matches!(std::io::Read::read(&mut ready, &mut byte), Ok(1)));
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(true) => {
+                daemon.ready_in = started.elapsed();
+                Ok(daemon)
+            }
+            Ok(false) => {
+                let log = daemon.log();
+                print_log_tail("lazy-pages", &log, "");
+                let mut f = classify_log(&log, true);
+                f.message = format!("criu lazy-pages exited before it listened: {}", f.message);
+                Err(f)
+            }
+            // Dropping the daemon kills it, which ends the reading thread.
+            Err(_) => Err(Failure::new(
+                reason::RESTORE_TIMEOUT,
+                format!(
+                    "criu lazy-pages did not listen within {}s",
+                    timeout.as_secs()
+                ),
+            )),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.work.join(LAZY_PAGES_LOG)).unwrap_or_default()
+    }
+
+    /// After the tree is resumed: a thread waits for the daemon to have copied every page in
+    /// and exit. If it fails instead, the JVM `jvm` is killed.
+    fn watch(mut self, jvm: i32) {
+        self.armed = false;
+        let (sup, pid, started, work) =
+            (self.sup.clone(), self.pid, self.started, self.work.clone());
+        std::thread::spawn(move || {
+            let status = sup.wait(pid, None, false);
+            let ok = status.as_ref().is_some_and(|s| s.as_exit_code() == 0);
+            if ok {
+                eprintln!(
+                    "crac-agent: lazy pages: every page copied in, daemon exited {} ms after it started",
+                    started.elapsed().as_millis()
+                );
+                let _ = std::fs::remove_dir_all(&work);
+            } else if !sup.has_exited(jvm) && crate::sys::process_exists(jvm) {
+                let _ = crate::sys::kill(jvm, libc::SIGKILL);
+                eprintln!(
+                    "crac-agent: criu lazy-pages failed ({}) before it copied every page in: killed the JVM (pid {jvm}), which would read zeros there; log kept in {}",
+                    status.map(|s| s.to_string()).unwrap_or_default(),
+                    work.display()
+                );
+            }
+        });
+    }
+}
+
+impl Drop for LazyPages {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let _ = crate::sys::kill(self.pid, libc::SIGKILL);
+        let _ = self.sup.wait(self.pid, Some(Duration::from_secs(5)), false);
+        // Dropped after a restore that succeeded but never ran (its page data failed the
+        // check): the work directory goes, as an eager restore's does. A failed restore
+        // has kept its copy for the logs (`restore` decides before this runs).
+        if self.remove_work {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
+/// Restores the image in `images`, leaving the tree stopped: call [`Restored::resume`] to run
+/// it. `lazy`: with `criu lazy-pages` beside CRIU (see the module's doc).
 pub fn restore(
     sup: &Supervisor,
     criu: &str,
     images: &Path,
     stdio: &[StdioPipe],
     timeout: Duration,
+    lazy: bool,
 ) -> Result<Restored, Failure> {
     let fail = |m: String| Failure::new(reason::CRIU_RESTORE_FAILED, m);
     let work = std::env::temp_dir().join(format!(
@@ -293,13 +465,27 @@ pub fn restore(
     ));
     std::fs::create_dir_all(&work)
         .map_err(|e| fail(format!("cannot create {}: {e}", work.display())))?;
+    let t_start = Instant::now();
+    let mut daemon = if lazy {
+        match LazyPages::start(sup, criu, images, &work, timeout) {
+            Ok(d) => Some(d),
+            Err(f) => {
+                eprintln!("crac-agent: criu lazy-pages log kept in {}", work.display());
+                return Err(f);
+            }
+        }
+    } else {
+        None
+    };
+    let timeout = timeout.saturating_sub(t_start.elapsed());
     let pipes = jvm::output_pipes().map_err(|e| fail(format!("cannot create pipes: {e}")))?;
     let mut cmd = command(criu);
-    cmd.args(restore_args(images, &work, stdio))
+    cmd.args(restore_args(images, &work, stdio, lazy))
         .stdin(Stdio::null())
         .stdout(pipes.stdout)
         .stderr(pipes.stderr);
-    let kdat_dir = KdatDir::from_image(criu, images);
+    // The cache is an unprivileged CRIU's (the dump's): CRIU's full mode would not read it.
+    let kdat_dir = (!lazy).then(|| KdatDir::from_image(criu, images)).flatten();
     if let Some(k) = &kdat_dir {
         cmd.env("XDG_RUNTIME_DIR", &k.path);
     }
@@ -320,12 +506,24 @@ pub fn restore(
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok());
     let result = match (status, pid) {
-        (Some(s), Some(pid)) if s.as_exit_code() == 0 => Ok(Restored {
-            pid,
-            tail: pipes.tail,
-            criu_wall,
-            phases: parse_restore_phases(&log),
-            kdat_cached: log.contains("Loaded kdat cache"),
+        (Some(s), Some(pid)) if s.as_exit_code() == 0 => Ok({
+            if let Some(d) = &mut daemon {
+                d.remove_work = true;
+                let pages = parse_lazy_pages(&log);
+                eprintln!(
+                    "crac-agent: lazy restore: criu lazy-pages listened after {} ms; {pages} pages ({} MiB) left to it",
+                    d.ready_in.as_millis(),
+                    pages * 4096 / (1 << 20)
+                );
+            }
+            Restored {
+                pid,
+                tail: pipes.tail,
+                criu_wall,
+                phases: parse_restore_phases(&log),
+                kdat_cached: log.contains("Loaded kdat cache"),
+                lazy: daemon,
+            }
         }),
         (Some(s), _) => {
             print_log_tail("restore", &log, "");
@@ -341,9 +539,10 @@ pub fn restore(
             ))
         }
     };
-    if result.is_ok() {
+    // A lazy restore's daemon still works in `work` (its log, its socket): it goes with it.
+    if result.as_ref().is_ok_and(|r| r.lazy.is_none()) {
         let _ = std::fs::remove_dir_all(&work);
-    } else {
+    } else if result.is_err() {
         eprintln!("crac-agent: criu restore log kept in {}", work.display());
     }
     result
@@ -370,6 +569,14 @@ pub struct Phases {
     pub memory_us: u64,
     /// Threads, signals, seccomp and detaching: to `Restore finished successfully`.
     pub resume_us: u64,
+}
+
+/// Pages a `criu restore --lazy-pages` left to the daemon: the sum of its `nr_lazy:` lines.
+pub fn parse_lazy_pages(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.split_once("nr_lazy:"))
+        .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// Splits a successful `criu restore -v4` log into [`Phases`].
@@ -547,7 +754,8 @@ mod tests {
             StdioPipe { fd: 1, inode: 11 },
             StdioPipe { fd: 2, inode: 12 },
         ];
-        let args = restore_args(Path::new("/crac/abc"), Path::new("/tmp/w"), &pipes).join(" ");
+        let args =
+            restore_args(Path::new("/crac/abc"), Path::new("/tmp/w"), &pipes, false).join(" ");
         assert!(args.starts_with("restore --images-dir /crac/abc --work-dir /tmp/w"));
         assert!(args.contains(
             "-v4 --tcp-close --restore-detached --restore-sibling --leave-stopped --unprivileged"
@@ -562,11 +770,25 @@ mod tests {
             StdioPipe { fd: 2, inode: 11 },
         ];
         assert_eq!(
-            restore_args(Path::new("/i"), Path::new("/w"), &same)
+            restore_args(Path::new("/i"), Path::new("/w"), &same, false)
                 .iter()
                 .filter(|a| *a == "--inherit-fd")
                 .count(),
             1
+        );
+    }
+
+    #[test]
+    fn builds_lazy_restore_commands() {
+        let args = restore_args(Path::new("/crac/abc"), Path::new("/tmp/w"), &[], true);
+        assert!(args.iter().any(|a| a == "--lazy-pages"), "{args:?}");
+        // CRIU's unprivileged mode refuses lazy pages.
+        assert!(!args.iter().any(|a| a == UNPRIVILEGED), "{args:?}");
+        assert!(args.iter().any(|a| a == "--leave-stopped"), "{args:?}");
+        // The daemon shares the restore's work directory (its socket) and reads the same images.
+        assert_eq!(
+            lazy_pages_args(Path::new("/crac/abc"), Path::new("/tmp/w")).join(" "),
+            "lazy-pages --images-dir /crac/abc --work-dir /tmp/w --log-file lazy-pages.log -v3 --status-fd 1"
         );
     }
 
@@ -595,6 +817,13 @@ task_args->pid: 201
                 resume_us: 43_610,
             })
         );
+        assert_eq!(
+            parse_lazy_pages(
+                "(00.1) nr_restored: 10\n(00.1) nr_lazy:           4096\n(00.2) nr_lazy: 2\n"
+            ),
+            4098
+        );
+        assert_eq!(parse_lazy_pages(log), 0);
         // No page data: an empty memory phase. No end marker: no phases.
         let none = "(00.010000) Reading image tree\n(00.020000) Restore finished successfully.\n";
         assert_eq!(parse_restore_phases(none).unwrap().memory_us, 0);

@@ -808,8 +808,15 @@ fn restore_checked(
             let r = image::verify_hashes(dir, meta, beside);
             (r, t.elapsed(), Instant::now())
         });
-        let restored = criu::restore(&ctx.sup, &ctx.cfg.criu, dir, &meta.stdio_pipes, remaining)
-            .map(|r| (r, Instant::now()));
+        let restored = criu::restore(
+            &ctx.sup,
+            &ctx.cfg.criu,
+            dir,
+            &meta.stdio_pipes,
+            remaining,
+            ctx.cfg.lazy_pages,
+        )
+        .map(|r| (r, Instant::now()));
         let pages = pages.join().unwrap_or_else(|_| {
             (
                 Err(Failure::new(
@@ -822,7 +829,7 @@ fn restore_checked(
         });
         (restored, pages)
     });
-    let (restored, criu_exit) = match (restored, pages) {
+    let (mut restored, criu_exit) = match (restored, pages) {
         (Ok((r, exit)), Ok(())) => (r, exit),
         (Ok((r, _)), Err(f)) => {
             // Restored from page data that is not the checkpoint's: it never runs.
@@ -848,7 +855,7 @@ fn restore_checked(
         ms(check_before),
         ms(pages_took)
     ));
-    if let Err(e) = criu::resume_tree(restored.pid) {
+    if let Err(e) = restored.resume() {
         drop(JvmGuard {
             sup: &ctx.sup,
             pid: restored.pid,

@@ -651,3 +651,112 @@ fn restore_from_a_read_only_image_writes_nothing_there() {
         );
     }
 }
+
+/// The `criu lazy-pages` daemons (by command line) still running for the images of `s`.
+fn lazy_daemons(s: &Scratch) -> Vec<String> {
+    let images = s.images().to_string_lossy().into_owned();
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let pid = e.ok()?.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmd = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.contains(" lazy-pages ") && cmd.contains(&images)).then(|| format!("{pid}: {cmd}"))
+        })
+        .collect()
+}
+
+/// Lazy restore (`CRAC_LAZY_PAGES=true`): CRIU leaves the heap to `criu lazy-pages`, the JVM
+/// answers from the checkpoint's heap, the daemon copies the rest in and exits, and the image
+/// (mounted read-only, as in a restore pod) is left as it was.
+#[test]
+fn lazy_restore_keeps_heap_state_and_its_daemon_finishes() {
+    let _g = serial();
+    let s = Scratch::new("lazy");
+    let port = free_port();
+    checkpoint(&s, "c1", port, &[]);
+    let before = tree_state(&s.images());
+
+    let mut r = restore_run(&s, "restore", "c1", port)
+        .env("CRAC_LAZY_PAGES", "true")
+        .read_only_images()
+        .start();
+    assert_eq!(
+        r.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 201",
+        "log:\n{}",
+        r.log()
+    );
+    assert_eq!(http_get(port, "/").unwrap().1.trim(), "hello 202");
+    assert_eq!(r.summary().outcome, Some(Outcome::Restored), "{}", r.log());
+    // CRIU left pages to the daemon: the restore really was lazy.
+    let log = r.log();
+    let pages: u64 = log
+        .lines()
+        .find_map(|l| l.split_once("pages (").map(|(a, _)| a.to_string()))
+        .and_then(|a| a.split_whitespace().last().and_then(|n| n.parse().ok()))
+        .unwrap_or_else(|| panic!("no lazy restore line:\n{log}"));
+    assert!(pages > 100, "only {pages} pages were lazy:\n{log}");
+    assert!(log.contains("restore timing: "), "{log}");
+    // The daemon copies the rest in and exits by itself; the JVM keeps running.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !r.log().contains("lazy pages: every page copied in") {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never finished:\n{}",
+            r.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(lazy_daemons(&s).is_empty(), "{:?}", lazy_daemons(&s));
+    assert_eq!(http_get(port, "/").unwrap().1.trim(), "hello 203");
+    assert_eq!(r.stop(), 143);
+    assert!(
+        fs::read_to_string(s.dir.join("shutdown-c1"))
+            .unwrap()
+            .starts_with("stopped 203"),
+        "SIGTERM did not reach the lazily restored JVM"
+    );
+    assert_eq!(tree_state(&s.images()), before, "restore changed the image");
+}
+
+/// Lazy restore keeps the page-data check: the tree CRIU restored from a tampered pages file
+/// is killed before it runs, the daemon with it, and the JVM is started cold.
+#[test]
+fn lazy_restore_of_tampered_page_data_is_killed_before_it_runs() {
+    let _g = serial();
+    let s = Scratch::new("lazy-tampered");
+    let port = free_port();
+    checkpoint(&s, "c1", port, &[]);
+    corrupt_byte(&s.images().join("c1/pages-1.img"), 4096 * 10 + 7);
+
+    let r = restore_run(&s, "restore", "c1", port)
+        .env("CRAC_LAZY_PAGES", "true")
+        .start();
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        match http_get(port, "/") {
+            Ok((200, body)) => {
+                answers.push(body.trim().to_string());
+                break;
+            }
+            Ok((code, body)) => answers.push(format!("{code} {body}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    assert_eq!(answers, vec!["hello 1".to_string()], "log:\n{}", r.log());
+    let sum = r.summary();
+    assert_eq!(sum.outcome, Some(Outcome::ColdStarted), "{sum:?}");
+    assert_eq!(sum.reason.as_deref(), Some("ImageCorrupt"), "{sum:?}");
+    let log = r.log();
+    // CRIU ran lazily (the daemon listened) and the tree it restored was killed unresumed.
+    assert!(
+        log.contains("lazy restore: criu lazy-pages listened"),
+        "{log}"
+    );
+    assert!(log.contains("killed the restored tree"), "{log}");
+    assert!(!log.contains("restore timing:"), "{log}");
+    assert!(lazy_daemons(&s).is_empty(), "{:?}", lazy_daemons(&s));
+    assert_eq!(r.stop(), 143);
+}

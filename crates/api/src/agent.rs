@@ -32,6 +32,12 @@ pub const ENV_SPEC_GENERATION: &str = "CRAC_SPEC_GENERATION";
 pub const ENV_TRIAL_RESTORE: &str = "CRAC_TRIAL_RESTORE";
 /// `ColdStart` or `Fail`: what restore does when the image cannot be restored.
 pub const ENV_FALLBACK: &str = "CRAC_FALLBACK";
+/// Restore, engine criu: `true` restores memory lazily (`criu lazy-pages` beside `criu restore
+/// --lazy-pages`: the JVM resumes before its heap is copied in, and pages arrive on first
+/// touch or in the background). Default `false`. The operator never sets it: CRIU 4.2 can use
+/// userfaultfd only when it runs without `--unprivileged`, which needs more privileges than
+/// restore pods get (docs/agent.md, "Lazy restore").
+pub const ENV_LAZY_PAGES: &str = "CRAC_LAZY_PAGES";
 /// Deadline for the whole checkpoint, in seconds.
 pub const ENV_TIMEOUT_SECONDS: &str = "CRAC_TIMEOUT_SECONDS";
 /// TCP port the app serves on; activity is measured on it.
