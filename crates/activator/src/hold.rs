@@ -3,13 +3,14 @@
 //! with their deadline, and the single wake task that asks the operator to wake the app.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::early::{self, AppProbe};
 use crate::metrics::AppMetrics;
 use crate::routes::{AppKey, RoundRobin, Serving};
 use crate::wake::WakeClient;
@@ -66,11 +67,37 @@ pub struct AppState {
     pub key: AppKey,
     wake_timeout_ms: AtomicU64,
     backends: watch::Sender<Backends>,
+    /// Where the backends come from: the pods the watch says are Ready, and those the
+    /// activator found answering itself before that ([`crate::early`]).
+    pods: Mutex<PodSets>,
     rr: RoundRobin,
     held: AtomicUsize,
     waking: AtomicBool,
+    probing: AtomicBool,
     pub metrics: AppMetrics,
 }
+
+#[derive(Default)]
+struct PodSets {
+    ready: Vec<IpAddr>,
+    /// Running, not Ready yet.
+    starting: Vec<IpAddr>,
+    /// Starting pods whose app answered the activator's probe.
+    answered: Vec<IpAddr>,
+    probe: Option<AppProbe>,
+}
+
+impl PodSets {
+    /// Ready pods first (first-ready first), then those that answered early.
+    fn backends(&self) -> Vec<IpAddr> {
+        let early = self.answered.iter().filter(|ip| !self.ready.contains(ip));
+        self.ready.iter().chain(early).copied().collect()
+    }
+}
+
+/// How often a starting pod is probed while requests are held, and how long one probe may take.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
+const PROBE_LIMIT: Duration = Duration::from_millis(300);
 
 impl AppState {
     pub fn new(
@@ -81,7 +108,7 @@ impl AppState {
         metrics: AppMetrics,
     ) -> Self {
         let (backends, _) = watch::channel(Backends {
-            ips: ips.into(),
+            ips: ips.clone().into(),
             serving: Some(serving),
             ..Default::default()
         });
@@ -89,11 +116,20 @@ impl AppState {
             key,
             wake_timeout_ms: AtomicU64::new(duration_ms(wake_timeout)),
             backends,
+            pods: Mutex::new(PodSets {
+                ready: ips,
+                ..Default::default()
+            }),
             rr: RoundRobin::default(),
             held: AtomicUsize::new(0),
             waking: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
             metrics,
         }
+    }
+
+    fn pod_sets(&self) -> std::sync::MutexGuard<'_, PodSets> {
+        self.pods.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn wake_timeout(&self) -> Duration {
@@ -107,6 +143,27 @@ impl AppState {
 
     /// Replaces the ready pods; held requests see the change at once.
     pub fn set_backends(&self, ips: Vec<IpAddr>) {
+        let mut pods = self.pod_sets();
+        pods.ready = ips;
+        self.publish(&pods);
+    }
+
+    /// Replaces the pods that run but are not Ready yet. One that answered early and is no
+    /// longer starting (gone, or Ready now and listed as such) stops being an early backend.
+    pub fn set_starting(&self, ips: Vec<IpAddr>) {
+        let mut pods = self.pod_sets();
+        pods.answered.retain(|ip| ips.contains(ip));
+        pods.starting = ips;
+        self.publish(&pods);
+    }
+
+    /// How to probe a starting pod of this app (`None`: wait for the kubelet's Ready).
+    pub fn set_probe(&self, probe: Option<AppProbe>) {
+        self.pod_sets().probe = probe;
+    }
+
+    fn publish(&self, pods: &PodSets) {
+        let ips = pods.backends();
         self.backends.send_if_modified(|b| {
             if *b.ips == *ips {
                 return false;
@@ -257,6 +314,7 @@ impl AppState {
                 if no_pods {
                     // Also when the pods this request was refused by have gone since.
                     self.ensure_waking(ctx);
+                    self.ensure_probing();
                 }
                 if honour_exclude {
                     tokio::select! {
@@ -312,6 +370,80 @@ impl AppState {
                 }
             }
         });
+    }
+
+    /// Whether requests wait for a pod: held, none listed, the app not deleted.
+    fn needs_pods(&self) -> bool {
+        let b = self.backends.borrow();
+        self.held() > 0 && b.ips.is_empty() && !b.removed
+    }
+
+    /// Starts the app's prober unless it runs already: while requests are held and no pod is
+    /// listed, every starting pod is probed every [`PROBE_EVERY`]; the first that answers
+    /// becomes a backend, and the held requests go to it.
+    fn ensure_probing(self: &Arc<Self>) {
+        if self.pod_sets().probe.is_none()
+            || self
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+        let app = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                // Bounded by the held requests' own deadline: none outlives the wake timeout.
+                let until = Instant::now() + app.wake_timeout();
+                while app.needs_pods() && Instant::now() < until {
+                    app.probe_starting().await;
+                    tokio::time::sleep(PROBE_EVERY).await;
+                }
+                app.probing.store(false, Ordering::Release);
+                // A request that started holding as this prober finished saw it running.
+                if !app.needs_pods()
+                    || app
+                        .probing
+                        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Probes every starting pod that has not answered yet, at once.
+    async fn probe_starting(&self) {
+        let (probe, candidates) = {
+            let pods = self.pod_sets();
+            let candidates: Vec<IpAddr> = pods
+                .starting
+                .iter()
+                .filter(|ip| !pods.answered.contains(ip))
+                .copied()
+                .collect();
+            (pods.probe.clone(), candidates)
+        };
+        let Some(probe) = probe.filter(|_| !candidates.is_empty()) else {
+            return;
+        };
+        let results = futures::future::join_all(
+            candidates
+                .iter()
+                .map(|ip| early::answers(*ip, &probe, PROBE_LIMIT)),
+        )
+        .await;
+        let mut pods = self.pod_sets();
+        for (ip, answered) in candidates.into_iter().zip(results) {
+            // Still starting (not gone meanwhile), and not counted twice.
+            if answered && pods.starting.contains(&ip) && !pods.answered.contains(&ip) {
+                pods.answered.push(ip);
+                self.metrics.answered_early.inc();
+                tracing::info!(app = %self.key, %ip, "pod answered before it was Ready; forwarding");
+            }
+        }
+        self.publish(&pods);
     }
 
     /// Asks for the wake, repeating every `wake_resend_interval` while requests are still

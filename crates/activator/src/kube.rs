@@ -15,7 +15,7 @@ use kube::runtime::watcher::{self, Event};
 
 use crate::access::{CallerIndex, CallerPod, pod_addresses};
 use crate::registry::Registry;
-use crate::routes::{AppConfig, PodIndex, app_config, pod_entry};
+use crate::routes::{AppConfig, PodEntry, PodIndex, StartingPods, app_config, pod_entry};
 
 /// Watches CracApps in every namespace and keeps the registry's apps and ports current.
 /// Returns only if the watch stream ends (it retries errors with backoff itself).
@@ -66,26 +66,47 @@ pub async fn watch_pods(client: Client, registry: Arc<Registry>) {
     let config = watcher::Config::default().labels(&selector);
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
     let mut index = PodIndex::default();
+    // Pods running but not Ready yet: probed by the activator itself while requests are held.
+    let mut starting = StartingPods::default();
+    let mut relisted: Vec<PodEntry> = Vec::new();
     loop {
         match events.try_next().await {
             Ok(Some(event)) => match event {
                 Event::Apply(pod) => {
-                    if let Some(app) = pod_entry(&pod).and_then(|e| index.apply(e)) {
-                        registry.set_ready_pods(&app, index.ready_ips(&app));
+                    if let Some(entry) = pod_entry(&pod) {
+                        if let Some(app) = starting.apply(&entry) {
+                            registry.set_starting_pods(&app, starting.ips(&app));
+                        }
+                        if let Some(app) = index.apply(entry) {
+                            registry.set_ready_pods(&app, index.ready_ips(&app));
+                        }
                     }
                 }
                 Event::Delete(pod) => {
-                    if let Some(app) = pod_entry(&pod).and_then(|e| index.delete(&e)) {
-                        registry.set_ready_pods(&app, index.ready_ips(&app));
+                    if let Some(mut entry) = pod_entry(&pod) {
+                        entry.starting_ip = None;
+                        if let Some(app) = starting.apply(&entry) {
+                            registry.set_starting_pods(&app, starting.ips(&app));
+                        }
+                        if let Some(app) = index.delete(&entry) {
+                            registry.set_ready_pods(&app, index.ready_ips(&app));
+                        }
                     }
                 }
-                Event::Init => index.start_relist(),
+                Event::Init => {
+                    index.start_relist();
+                    relisted.clear();
+                }
                 Event::InitApply(pod) => {
                     if let Some(entry) = pod_entry(&pod) {
+                        relisted.push(entry.clone());
                         index.relist_pod(entry);
                     }
                 }
                 Event::InitDone => {
+                    for app in starting.replace(&std::mem::take(&mut relisted)) {
+                        registry.set_starting_pods(&app, starting.ips(&app));
+                    }
                     for app in index.finish_relist() {
                         registry.set_ready_pods(&app, index.ready_ips(&app));
                     }

@@ -9,6 +9,7 @@
 //! - [`access`]: pure caller check (trusted ranges, pod IP to namespace), unit-tested;
 //! - [`registry`]: that state shared with the request path, fed by the watches;
 //! - [`hold`]: bounded per-app queue with a deadline, and the one wake task per app;
+//! - [`early`]: probing a woken pod itself, so held requests go as soon as the app answers;
 //! - [`proxy`]: forwarding (HTTP/1.1, h2c, upgrades, streaming bodies) over pooled connections;
 //! - [`server`]: listeners per port, connections, graceful shutdown;
 //! - [`tracker`]: the count of connections and tunnels a graceful shutdown waits for;
@@ -18,6 +19,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod early;
 pub mod early_answer;
 pub mod hold;
 pub mod kube;

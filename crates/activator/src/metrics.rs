@@ -106,6 +106,7 @@ pub struct Metrics {
     wakes: Family<AppLabels, Counter>,
     wake_requests_failed: Family<AppLabels, Counter>,
     wake_seconds: Family<AppLabels, Histogram, fn() -> Histogram>,
+    answered_early: Family<AppLabels, Counter>,
     outcomes: Family<OutcomeLabels, Counter>,
     /// Connections for a port no app owns (an app deleted while its callers were connected).
     pub unknown_port: Counter,
@@ -132,6 +133,7 @@ pub struct AppMetrics {
     pub wakes: Counter,
     pub wake_requests_failed: Counter,
     pub wake_seconds: Histogram,
+    pub answered_early: Counter,
     outcomes: [Counter; 8],
 }
 
@@ -155,6 +157,7 @@ impl Metrics {
         let wake_requests_failed = Family::<AppLabels, Counter>::default();
         let wake_seconds =
             Family::<AppLabels, Histogram, fn() -> Histogram>::new_with_constructor(wake_histogram);
+        let answered_early = Family::<AppLabels, Counter>::default();
         let outcomes = Family::<OutcomeLabels, Counter>::default();
         let unknown_port = Counter::default();
         let bind_failures = Family::<PortLabels, Counter>::default();
@@ -199,6 +202,11 @@ impl Metrics {
             "wake_duration_seconds",
             "From the first held request of a wake to the first ready pod: the cold-start cost callers saw",
             wake_seconds.clone(),
+        );
+        registry.register(
+            "pods_answered_early",
+            "Woken pods whose app answered the activator's own probe before the pod was Ready, taking the held requests then",
+            answered_early.clone(),
         );
         registry.register("requests", "Requests by how they ended", outcomes.clone());
         registry.register(
@@ -247,6 +255,7 @@ impl Metrics {
             wakes,
             wake_requests_failed,
             wake_seconds,
+            answered_early,
             outcomes,
             unknown_port,
             bind_failures,
@@ -286,6 +295,7 @@ impl Metrics {
             wakes: self.wakes.get_or_create(&labels).clone(),
             wake_requests_failed: self.wake_requests_failed.get_or_create(&labels).clone(),
             wake_seconds: self.wake_seconds.get_or_create(&labels).clone(),
+            answered_early: self.answered_early.get_or_create(&labels).clone(),
             outcomes: OUTCOMES.map(outcome),
         }
     }
@@ -300,6 +310,7 @@ impl Metrics {
         self.wakes.remove(&labels);
         self.wake_requests_failed.remove(&labels);
         self.wake_seconds.remove(&labels);
+        self.answered_early.remove(&labels);
         for outcome in OUTCOMES {
             self.outcomes.remove(&OutcomeLabels {
                 namespace: app.namespace.clone(),

@@ -39,6 +39,8 @@ struct Inner {
     /// Ready pods per app, kept even for apps not (yet) seen, since the two watches deliver in
     /// any order.
     pods: HashMap<AppKey, Vec<IpAddr>>,
+    /// Pods running but not Ready yet, per app (kept the same way).
+    starting: HashMap<AppKey, Vec<IpAddr>>,
     /// Ports claimed by more than one app, as last logged.
     contested: BTreeMap<u16, BTreeSet<AppKey>>,
 }
@@ -133,6 +135,19 @@ impl Registry {
         }
     }
 
+    /// The pods of an app that run but are not Ready yet changed.
+    pub fn set_starting_pods(&self, key: &AppKey, ips: Vec<IpAddr>) {
+        let mut inner = self.lock();
+        if let Some(app) = inner.apps.get(key) {
+            app.set_starting(ips.clone());
+        }
+        if ips.is_empty() {
+            inner.starting.remove(key);
+        } else {
+            inner.starting.insert(key.clone(), ips);
+        }
+    }
+
     /// The namespace of the pod with this IP; `None` when no pod (or pods of two namespaces)
     /// has it.
     pub fn caller_namespace(&self, ip: IpAddr) -> Option<Arc<str>> {
@@ -191,6 +206,7 @@ impl Registry {
             Some(app) => {
                 app.set_wake_timeout(config.wake_timeout);
                 app.observe_serving_mode(config.serving_mode, Instant::now());
+                app.set_probe(config.probe.clone());
             }
             None => {
                 let ips = inner.pods.get(&config.key).cloned().unwrap_or_default();
@@ -201,6 +217,10 @@ impl Registry {
                     Serving::first_seen(config.serving_mode),
                     self.metrics.for_app(&config.key),
                 );
+                app.set_probe(config.probe.clone());
+                if let Some(starting) = inner.starting.get(&config.key) {
+                    app.set_starting(starting.clone());
+                }
                 inner.apps.insert(config.key.clone(), Arc::new(app));
             }
         }

@@ -56,6 +56,8 @@ pub struct AppConfig {
     /// `spec.scaleToZero.callerNamespaces`: namespaces besides the app's own whose pods may
     /// call it through the activator.
     pub caller_namespaces: Vec<String>,
+    /// How to ask a woken pod, before it is Ready, whether its app answers ([`crate::early`]).
+    pub probe: Option<crate::early::AppProbe>,
 }
 
 /// Default wake deadline when `spec.scaleToZero.wakeTimeout` is unset (the CRD's documented
@@ -75,7 +77,7 @@ pub fn app_config(app: &CracApp, default_wake_timeout: Duration) -> Option<AppCo
         .filter(|d| !d.is_zero())
         .unwrap_or(default_wake_timeout);
     let status = app.status.as_ref();
-    let ports = status
+    let ports: Vec<PortMapping> = status
         .map(|s| {
             s.activator_ports
                 .iter()
@@ -93,7 +95,6 @@ pub fn app_config(app: &CracApp, default_wake_timeout: Duration) -> Option<AppCo
         .unwrap_or_default();
     Some(AppConfig {
         key: AppKey::new(namespace, name),
-        ports,
         wake_timeout,
         serving_mode: status.and_then(|s| s.serving_mode),
         // The operator's resolution of the app's list and its policy's. A tenant who writes its
@@ -101,6 +102,8 @@ pub fn app_config(app: &CracApp, default_wake_timeout: Duration) -> Option<AppCo
         caller_namespaces: status
             .map(|s| s.caller_namespaces.clone())
             .unwrap_or_default(),
+        probe: crate::early::app_probe(app, ports.first().map(|p| p.target_port)),
+        ports,
     })
 }
 
@@ -202,6 +205,8 @@ pub struct PodEntry {
     pub app: AppKey,
     pub pod: String,
     pub ready_ip: Option<IpAddr>,
+    /// The pod runs and has an address but is not Ready yet (see [`starting_ip`]).
+    pub starting_ip: Option<IpAddr>,
 }
 
 /// Reads a pod. `None` when it has no `crac.dev/app` label (or no name or namespace).
@@ -218,12 +223,75 @@ pub fn pod_entry(pod: &Pod) -> Option<PodEntry> {
         app: AppKey::new(namespace, app),
         pod: pod_name,
         ready_ip: ready_ip(pod),
+        starting_ip: starting_ip(pod),
     })
 }
 
 /// The pod's IP if it should receive traffic (the rule shared with the operator).
 pub fn ready_ip(pod: &Pod) -> Option<IpAddr> {
     crac_api::serving::serving_address(pod)?.parse().ok()
+}
+
+/// The pod's IP while its containers run and it is not Ready yet, nor being deleted: a woken
+/// pod the activator may probe itself ([`crate::early`]).
+pub fn starting_ip(pod: &Pod) -> Option<IpAddr> {
+    if pod.metadata.deletion_timestamp.is_some() || ready_ip(pod).is_some() {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() != Some("Running") {
+        return None;
+    }
+    status.pod_ip.as_deref()?.parse().ok()
+}
+
+/// Pods that run but are not Ready yet, per app (no order: any of them may answer first).
+#[derive(Debug, Default)]
+pub struct StartingPods {
+    pods: HashMap<AppKey, BTreeMap<String, IpAddr>>,
+}
+
+impl StartingPods {
+    pub fn ips(&self, app: &AppKey) -> Vec<IpAddr> {
+        self.pods
+            .get(app)
+            .map(|p| p.values().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// A pod was added, changed or (with `starting_ip: None`) deleted. Returns the app whose
+    /// starting pods changed, if any.
+    pub fn apply(&mut self, entry: &PodEntry) -> Option<AppKey> {
+        let pods = self.pods.entry(entry.app.clone()).or_default();
+        let changed = match entry.starting_ip {
+            Some(ip) => pods.insert(entry.pod.clone(), ip) != Some(ip),
+            None => pods.remove(&entry.pod).is_some(),
+        };
+        if pods.is_empty() {
+            self.pods.remove(&entry.app);
+        }
+        changed.then(|| entry.app.clone())
+    }
+
+    /// A relist's pods replace everything. Returns every app whose starting pods changed.
+    pub fn replace(&mut self, entries: &[PodEntry]) -> Vec<AppKey> {
+        let mut next: HashMap<AppKey, BTreeMap<String, IpAddr>> = HashMap::new();
+        for e in entries {
+            if let Some(ip) = e.starting_ip {
+                next.entry(e.app.clone())
+                    .or_default()
+                    .insert(e.pod.clone(), ip);
+            }
+        }
+        let mut changed: BTreeSet<AppKey> = BTreeSet::new();
+        for app in self.pods.keys().chain(next.keys()) {
+            if self.pods.get(app) != next.get(app) {
+                changed.insert(app.clone());
+            }
+        }
+        self.pods = next;
+        changed.into_iter().collect()
+    }
 }
 
 /// Ready pods per app, each app's list in the order its pods became ready, so "the first ready
@@ -275,6 +343,7 @@ impl PodIndex {
     pub fn delete(&mut self, entry: &PodEntry) -> Option<AppKey> {
         self.apply(PodEntry {
             ready_ip: None,
+            starting_ip: None,
             ..entry.clone()
         })
     }
@@ -431,7 +500,50 @@ mod tests {
             app: AppKey::new("ns", app),
             pod: pod.into(),
             ready_ip: ip_.map(ip),
+            starting_ip: None,
         }
+    }
+
+    #[test]
+    fn a_pod_is_starting_while_it_runs_unready_and_is_not_being_deleted() {
+        let running =
+            |ready, deleting| pod("ns", "p", Some("a"), ready, Some("10.0.0.7"), deleting);
+        assert_eq!(starting_ip(&running(false, false)), Some(ip("10.0.0.7")));
+        assert_eq!(starting_ip(&running(true, false)), None, "ready");
+        assert_eq!(starting_ip(&running(false, true)), None, "deleting");
+        let mut pending = running(false, false);
+        pending.status.as_mut().unwrap().phase = Some("Pending".into());
+        assert_eq!(starting_ip(&pending), None);
+        let e = pod_entry(&running(false, false)).unwrap();
+        assert_eq!((e.ready_ip, e.starting_ip), (None, Some(ip("10.0.0.7"))));
+    }
+
+    #[test]
+    fn starting_pods_follow_applies_deletes_and_relists() {
+        let mut s = StartingPods::default();
+        let a = AppKey::new("ns", "a");
+        let starting = |pod: &str, ip_: Option<&str>| PodEntry {
+            starting_ip: ip_.map(ip),
+            ..entry("a", pod, None)
+        };
+        assert_eq!(s.apply(&starting("p1", Some("10.0.0.1"))), Some(a.clone()));
+        assert_eq!(
+            s.apply(&starting("p1", Some("10.0.0.1"))),
+            None,
+            "no change"
+        );
+        assert_eq!(s.apply(&starting("p2", Some("10.0.0.2"))), Some(a.clone()));
+        assert_eq!(s.ips(&a), vec![ip("10.0.0.1"), ip("10.0.0.2")]);
+        assert_eq!(s.apply(&starting("p1", None)), Some(a.clone()));
+        assert_eq!(s.ips(&a), vec![ip("10.0.0.2")]);
+        assert_eq!(
+            s.replace(&[starting("p3", Some("10.0.0.3"))]),
+            vec![a.clone()]
+        );
+        assert_eq!(s.ips(&a), vec![ip("10.0.0.3")]);
+        assert_eq!(s.replace(&[]), vec![a.clone()]);
+        assert!(s.ips(&a).is_empty());
+        assert_eq!(s.apply(&starting("p4", None)), None, "an unknown pod gone");
     }
 
     #[test]

@@ -1526,3 +1526,77 @@ async fn held_uploads_get_a_graceful_apps_early_answer_whole_after_the_wake() {
 async fn held_uploads_get_an_early_answer_whole_after_the_wake_from_an_app_that_resets() {
     early_answer_to_held_uploads(EarlyClose::Abrupt).await;
 }
+
+/// A woken pod that runs but is not Ready yet: the activator probes its app itself (here the
+/// readiness path, an HTTP GET) and sends the held requests there the moment it answers,
+/// although the watch never reports the pod Ready. Without a probe they wait for Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_go_to_a_starting_pod_as_soon_as_its_app_answers() {
+    use crac_activator::early::AppProbe;
+    let backend_port = free_port();
+    // The cluster never says the pod is Ready.
+    let waker = TestWaker::new(OnWake::Never);
+    let (activator, port) = start_activator(test_config(), &waker, backend_port, LONG).await;
+    let key = app_key();
+    activator.registry().upsert_app(AppConfig {
+        probe: Some(AppProbe::Http {
+            port: backend_port,
+            path: "/echo/ready".into(),
+        }),
+        ..app_config(port, backend_port, LONG)
+    });
+    let held = tokio::spawn(futures::future::join_all(
+        (0..3).map(move |i| get(port, format!("/echo/{i}"))),
+    ));
+    wait_held(&activator, 3).await;
+    // The pod has an address; its app is still restoring.
+    activator
+        .registry()
+        .set_starting_pods(&key, vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "answered before the app was up");
+    // The app comes up: the held requests are answered, Ready or not.
+    let backend = start_backend(Some(backend_port)).await;
+    let answers = within(Duration::from_secs(5), "the held requests", held)
+        .await
+        .unwrap();
+    for (i, answer) in answers.into_iter().enumerate() {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, format!("id:{i}"));
+    }
+    assert_eq!(
+        metric(
+            &activator,
+            "crac_activator_pods_answered_early_total{namespace=\"shop\",app=\"demo\"}"
+        ),
+        1.0
+    );
+    assert!(
+        backend.state.requests.load(Ordering::SeqCst) > 3,
+        "the probe reached the app too"
+    );
+
+    // The pod goes away before it is Ready: it is no backend any more, and a new request
+    // waits (for a wake) instead of going there.
+    activator.registry().set_starting_pods(&key, vec![]);
+    let answer = get(port, "/echo/late");
+    let late = tokio::time::timeout(Duration::from_millis(500), answer).await;
+    assert!(late.is_err(), "sent to a pod that is gone: {late:?}");
+}
+
+/// Without a probe (an app with no port to ask), a starting pod is left to the kubelet: held
+/// requests wait for Ready, here until their deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_probe_held_requests_wait_for_ready() {
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Never);
+    let (activator, port) =
+        start_activator(test_config(), &waker, backend.port, Duration::from_secs(1)).await;
+    activator
+        .registry()
+        .set_starting_pods(&app_key(), vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let answer = get(port, "/echo/x").await.unwrap();
+    assert_eq!(answer.status, 503, "{:?}", answer.body);
+    assert_eq!(backend.state.requests.load(Ordering::SeqCst), 0);
+}

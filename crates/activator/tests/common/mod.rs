@@ -315,6 +315,7 @@ pub fn app_config(activator_port: u16, target_port: u16, wake_timeout: Duration)
         wake_timeout,
         serving_mode: Some(crac_api::cracapp::ServingMode::Activator),
         caller_namespaces: Vec::new(),
+        probe: None,
     }
 }
 
