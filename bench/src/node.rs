@@ -7,8 +7,9 @@
 //!   address (scheduling, sandbox and network), → first HTTP 200 (polled every 5 ms), → Ready;
 //! - a wake end to end: a request at zero sent to the activator pod → first byte, split into
 //!   wake request and scale-up (→ pod created), scheduling, sandbox and network (→ address),
-//!   container start and restore (→ Ready; the agent's own restore time from its log),
-//!   Ready → first byte.
+//!   container start and restore (→ Ready; the agent's own restore time from its log), address
+//!   → first byte, and how long before Ready the first byte came (the activator forwards once
+//!   the app answers its own probe).
 //!
 //! The operator and the activator must already run (scripts/bench installs the chart onto the
 //! real node, watching `--namespace`). Prints a Markdown block on stdout, progress on stderr.
@@ -326,7 +327,7 @@ async fn main() -> Result<()> {
         crac_api::labels::APP,
         crac_api::labels::COMPONENT
     ));
-    let mut parts: Vec<[f64; 6]> = Vec::new();
+    let mut parts: Vec<[f64; 7]> = Vec::new();
     for i in 0..args.wakes {
         eprintln!("node bench: {name}: wake {}/{}", i + 1, args.wakes);
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
@@ -400,7 +401,10 @@ async fn main() -> Result<()> {
             ms(t_ip - t_created),
             ms(t_ready - t_ip),
             restored_ms,
-            ms(first_byte.saturating_sub(t_ready)),
+            ms(first_byte.saturating_sub(t_ip)),
+            // Signed: the activator forwards once the app answers its own probe, which is
+            // usually before the kubelet's Ready reaches the API server.
+            ms(t_ready) - ms(first_byte),
             ms(first_byte),
         ]);
         until("awake on its pods", || async {
@@ -419,7 +423,8 @@ async fn main() -> Result<()> {
         "pod created → address (scheduling, sandbox, network)",
         "address → Ready (container start, agent, restore, probe)",
         "… of which the agent: start → restored and ready (its log)",
-        "Ready → first byte (activator sees the pod ready, forwards)",
+        "address → first byte (the activator's probe finds the app answering, forwards)",
+        "first byte came this much before Ready (saved by probing, not waiting for Ready)",
         "**request at zero → first byte**",
     ];
     for (i, label) in labels.iter().enumerate() {
