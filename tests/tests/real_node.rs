@@ -699,6 +699,14 @@ async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app()
     .await;
     assert!(status.last_wake.is_some(), "the wake is recorded");
     eprintln!("request at zero answered in {:?}", started.elapsed());
+    // The operator pod asked the woken pod's agent how it started: the wake's split.
+    let wake = wait_for("the wake's split in the status", DEADLINE, || async {
+        let wake = status_of(&apps, "nap").await.last_wake?;
+        wake.outcome.is_some().then_some(wake)
+    })
+    .await;
+    assert_eq!(wake.outcome.as_deref(), Some("restored"), "{wake:?}");
+    assert!(wake.restore_ms.is_some_and(|ms| ms > 0), "{wake:?}");
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

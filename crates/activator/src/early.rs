@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crac_api::CracApp;
+use crac_api::agent::{ACTIVITY_PATH, ActivityReport, DEFAULT_ACTIVITY_PORT};
 use crac_api::cracapp::APP_CONTAINER;
 use k8s_openapi::api::core::v1::{Container, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -127,6 +128,23 @@ async fn ask(ip: IpAddr, probe: &AppProbe) -> bool {
         }
     }
     status_ok(&answer)
+}
+
+/// What the agent of the pod on `ip` says about how its app started (`GET /activity` on the
+/// agent's port): one bounded exchange (64 KiB, `limit`). `None` when it does not answer so.
+pub async fn agent_report(ip: IpAddr, limit: Duration) -> Option<ActivityReport> {
+    let exchange = async {
+        let addr = SocketAddr::new(ip, DEFAULT_ACTIVITY_PORT);
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {ACTIVITY_PATH} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = Vec::new();
+        stream.take(64 * 1024).read_to_end(&mut answer).await.ok()?;
+        let split = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
+        status_ok(&answer[..split]).then_some(())?;
+        serde_json::from_slice(&answer[split + 4..]).ok()
+    };
+    tokio::time::timeout(limit, exchange).await.ok().flatten()
 }
 
 /// Whether an HTTP answer's status line says 2xx or 3xx.

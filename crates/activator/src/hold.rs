@@ -2,6 +2,7 @@
 //! wake the instant a pod turns ready, with no polling), the bounded count of held requests
 //! with their deadline, and the single wake task that asks the operator to wake the app.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -11,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::early::{self, AppProbe};
-use crate::metrics::AppMetrics;
+use crate::metrics::{AppMetrics, WakeOutcome, WakePart};
 use crate::routes::{AppKey, RoundRobin, Serving};
 use crate::wake::WakeClient;
 
@@ -74,7 +75,16 @@ pub struct AppState {
     held: AtomicUsize,
     waking: AtomicBool,
     probing: AtomicBool,
+    /// How each pod that answered a request at zero started, as its agent said.
+    starts: Mutex<HashMap<IpAddr, PodStart>>,
     pub metrics: AppMetrics,
+}
+
+/// How a pod's app started: restored or cold, and the agent's start → ready, in seconds.
+#[derive(Clone, Copy, Debug)]
+struct PodStart {
+    outcome: WakeOutcome,
+    restore: Option<f64>,
 }
 
 #[derive(Default)]
@@ -94,6 +104,14 @@ impl PodSets {
         self.ready.iter().chain(early).copied().collect()
     }
 }
+
+/// Whether an agent's answer was had (an agent that did not answer is asked again next time).
+fn report_known(start: PodStart) -> bool {
+    start.outcome != WakeOutcome::unknown
+}
+
+/// How long the agent of a pod that answered a request at zero is given to say how it started.
+const AGENT_ASK_LIMIT: Duration = Duration::from_secs(2);
 
 /// How often a starting pod is probed while requests are held, and how long one probe may take.
 const PROBE_EVERY: Duration = Duration::from_millis(20);
@@ -124,6 +142,7 @@ impl AppState {
             held: AtomicUsize::new(0),
             waking: AtomicBool::new(false),
             probing: AtomicBool::new(false),
+            starts: Mutex::default(),
             metrics,
         }
     }
@@ -370,6 +389,61 @@ impl AppState {
                 }
             }
         });
+    }
+
+    /// A request that arrived at zero was answered by the pod on `ip`: `first_byte` after it
+    /// arrived, of which `held` waiting for a pod. Recorded with how that pod's app started,
+    /// asked of its agent once per pod (in the background: the answer is on its way already).
+    pub fn answered_at_zero(self: &Arc<Self>, ip: IpAddr, first_byte: Duration, held: Duration) {
+        let app = Arc::clone(self);
+        tokio::spawn(async move {
+            let known = app.lock_starts().get(&ip).copied();
+            let start = match known {
+                Some(start) => start,
+                None => {
+                    let report = early::agent_report(ip, AGENT_ASK_LIMIT).await;
+                    let start = PodStart {
+                        outcome: match report.as_ref().map(|r| r.mode.as_str()) {
+                            Some("restored") => WakeOutcome::restored,
+                            Some("coldStarted") => WakeOutcome::cold_started,
+                            _ => WakeOutcome::unknown,
+                        },
+                        restore: report.and_then(|r| r.start_ms).map(|ms| ms as f64 / 1e3),
+                    };
+                    let backends = app.ready_ips();
+                    let mut starts = app.lock_starts();
+                    // Only pods that still serve are remembered.
+                    starts.retain(|known, _| backends.contains(known));
+                    if report_known(start) {
+                        starts.insert(ip, start);
+                    }
+                    start
+                }
+            };
+            let m = &app.metrics;
+            m.at_zero(
+                start.outcome,
+                WakePart::first_byte,
+                first_byte.as_secs_f64(),
+            );
+            m.at_zero(start.outcome, WakePart::held, held.as_secs_f64());
+            if let Some(restore) = start.restore {
+                m.at_zero(start.outcome, WakePart::restore, restore);
+            }
+        });
+    }
+
+    /// A request that arrived at zero got a 503 after `waited` (deadline, or the wake failed).
+    pub fn failed_at_zero(&self, waited: Duration) {
+        let secs = waited.as_secs_f64();
+        self.metrics
+            .at_zero(WakeOutcome::failed, WakePart::first_byte, secs);
+        self.metrics
+            .at_zero(WakeOutcome::failed, WakePart::held, secs);
+    }
+
+    fn lock_starts(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, PodStart>> {
+        self.starts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether requests wait for a pod: held, none listed, the app not deleted.

@@ -94,6 +94,60 @@ pub struct PortLabels {
     pub port: u16,
 }
 
+/// How the app slept before a request arrived at zero (`mode` label). Today its pods are
+/// deleted and created again on wake; sleeping in place will be the other mode.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SleepMode {
+    recreate,
+}
+
+/// How a request that arrived at zero ended (`outcome` label).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum WakeOutcome {
+    /// Answered by a pod whose agent restored the image.
+    restored,
+    /// Answered by a pod whose agent could not restore and started the JVM cold.
+    cold_started,
+    /// Answered, by a pod whose agent did not say how it started.
+    unknown,
+    /// Not answered: the wake deadline passed or the wake failed (503).
+    failed,
+}
+
+const WAKE_OUTCOMES: [WakeOutcome; 4] = [
+    WakeOutcome::restored,
+    WakeOutcome::cold_started,
+    WakeOutcome::unknown,
+    WakeOutcome::failed,
+];
+
+/// Which span of a request at zero (`part` label).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum WakePart {
+    /// Arrival → the first byte of the app's answer (or the 503): what the caller waited.
+    first_byte,
+    /// Arrival → a pod to send it to (held while the app woke).
+    held,
+    /// The answering pod's agent: its start → the app restored (or started cold) and ready.
+    restore,
+}
+
+const WAKE_PARTS: [WakePart; 3] = [WakePart::first_byte, WakePart::held, WakePart::restore];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AtZeroLabels {
+    pub namespace: String,
+    pub app: String,
+    pub mode: SleepMode,
+    pub outcome: WakeOutcome,
+    pub part: WakePart,
+}
+
+type AtZeroFamily = Family<AtZeroLabels, Histogram, fn() -> Histogram>;
+
 fn wake_histogram() -> Histogram {
     Histogram::new([
         0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
@@ -107,6 +161,7 @@ pub struct Metrics {
     wake_requests_failed: Family<AppLabels, Counter>,
     wake_seconds: Family<AppLabels, Histogram, fn() -> Histogram>,
     answered_early: Family<AppLabels, Counter>,
+    at_zero: AtZeroFamily,
     outcomes: Family<OutcomeLabels, Counter>,
     /// Connections for a port no app owns (an app deleted while its callers were connected).
     pub unknown_port: Counter,
@@ -135,9 +190,24 @@ pub struct AppMetrics {
     pub wake_seconds: Histogram,
     pub answered_early: Counter,
     outcomes: [Counter; 8],
+    at_zero: AtZeroFamily,
+    key: AppKey,
 }
 
 impl AppMetrics {
+    /// One span of one request that arrived at zero.
+    pub fn at_zero(&self, outcome: WakeOutcome, part: WakePart, seconds: f64) {
+        self.at_zero
+            .get_or_create(&AtZeroLabels {
+                namespace: self.key.namespace.clone(),
+                app: self.key.name.clone(),
+                mode: SleepMode::recreate,
+                outcome,
+                part,
+            })
+            .observe(seconds);
+    }
+
     pub fn outcome(&self, outcome: Outcome) -> &Counter {
         &self.outcomes[outcome as usize]
     }
@@ -158,6 +228,7 @@ impl Metrics {
         let wake_seconds =
             Family::<AppLabels, Histogram, fn() -> Histogram>::new_with_constructor(wake_histogram);
         let answered_early = Family::<AppLabels, Counter>::default();
+        let at_zero = AtZeroFamily::new_with_constructor(wake_histogram);
         let outcomes = Family::<OutcomeLabels, Counter>::default();
         let unknown_port = Counter::default();
         let bind_failures = Family::<PortLabels, Counter>::default();
@@ -208,6 +279,11 @@ impl Metrics {
             "Woken pods whose app answered the activator's own probe before the pod was Ready, taking the held requests then",
             answered_early.clone(),
         );
+        registry.register(
+            "request_at_zero_seconds",
+            "Requests that arrived while their app had no ready pod, by how the app slept (mode) and how the request ended (outcome): arrival to first byte, the time held, and the answering pod's restore",
+            at_zero.clone(),
+        );
         registry.register("requests", "Requests by how they ended", outcomes.clone());
         registry.register(
             "unknown_port_requests",
@@ -256,6 +332,7 @@ impl Metrics {
             wake_requests_failed,
             wake_seconds,
             answered_early,
+            at_zero,
             outcomes,
             unknown_port,
             bind_failures,
@@ -297,6 +374,8 @@ impl Metrics {
             wake_seconds: self.wake_seconds.get_or_create(&labels).clone(),
             answered_early: self.answered_early.get_or_create(&labels).clone(),
             outcomes: OUTCOMES.map(outcome),
+            at_zero: self.at_zero.clone(),
+            key: app.clone(),
         }
     }
 
@@ -311,6 +390,17 @@ impl Metrics {
         self.wake_requests_failed.remove(&labels);
         self.wake_seconds.remove(&labels);
         self.answered_early.remove(&labels);
+        for outcome in WAKE_OUTCOMES {
+            for part in WAKE_PARTS {
+                self.at_zero.remove(&AtZeroLabels {
+                    namespace: app.namespace.clone(),
+                    app: app.name.clone(),
+                    mode: SleepMode::recreate,
+                    outcome,
+                    part,
+                });
+            }
+        }
         for outcome in OUTCOMES {
             self.outcomes.remove(&OutcomeLabels {
                 namespace: app.namespace.clone(),

@@ -155,7 +155,9 @@ impl Proxy {
 
         let mut refused: Vec<IpAddr> = Vec::new();
         loop {
-            let (ip, held) = match app.pick(&self.hold, &refused, arrived).await {
+            let pick = app.pick(&self.hold, &refused, arrived).await;
+            let picked = arrived.elapsed();
+            let (ip, held) = match pick {
                 Pick::Ready { ip, held } => (ip, held),
                 Pick::QueueFull => {
                     app.metrics.outcome(Outcome::queue_full).inc();
@@ -169,11 +171,13 @@ impl Proxy {
                 }
                 Pick::Timeout => {
                     app.metrics.outcome(Outcome::wake_timeout).inc();
+                    app.failed_at_zero(picked);
                     tracing::warn!(app = %app.key, "no ready pod before the wake deadline");
                     return self.unavailable("the app did not wake in time\n");
                 }
                 Pick::Failed(reason) => {
                     app.metrics.outcome(Outcome::wake_failed).inc();
+                    app.failed_at_zero(picked);
                     tracing::warn!(app = %app.key, %reason, "wake failed");
                     return self.unavailable("the app could not be woken\n");
                 }
@@ -182,6 +186,8 @@ impl Proxy {
             match self.pool.send(addr, req, h2, upgrade).await {
                 Ok(mut resp) => {
                     let outcome = if held {
+                        // The answer's head is here: its first byte, as the caller will see it.
+                        app.answered_at_zero(ip, arrived.elapsed(), picked);
                         Outcome::woken
                     } else {
                         Outcome::forwarded

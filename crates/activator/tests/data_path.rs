@@ -1600,3 +1600,71 @@ async fn without_a_probe_held_requests_wait_for_ready() {
     assert_eq!(answer.status, 503, "{:?}", answer.body);
     assert_eq!(backend.state.requests.load(Ordering::SeqCst), 0);
 }
+
+/// A request at zero is recorded in one histogram, by how the answering pod's app started (its
+/// agent says, on the agent's port): arrival → first byte, the time held, and the restore.
+/// One that got a 503 is recorded as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_at_zero_is_recorded_with_how_the_pod_started() {
+    let agent = tokio::net::TcpListener::bind(("127.0.0.1", 9901))
+        .await
+        .expect("the agent's port on 127.0.0.1 is free");
+    let agent_task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = agent.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let body = r#"{"mode":"restored","openConnections":0,"startMs":120}"#;
+            let _ = s
+                .write_all(format!("HTTP/1.0 200 OK\r\n\r\n{body}").as_bytes())
+                .await;
+        }
+    });
+    let backend = start_backend(None).await;
+    let waker = TestWaker::new(OnWake::Ready {
+        delay: Duration::from_millis(200),
+    });
+    let (activator, port) = start_activator(test_config(), &waker, backend.port, LONG).await;
+    let answer = get(port, "/echo/zero").await.unwrap();
+    assert_eq!(answer.status, 200);
+    let series = |outcome: &str, part: &str, what: &str| {
+        format!(
+            "crac_activator_request_at_zero_seconds_{what}{{namespace=\"shop\",app=\"demo\",mode=\"recreate\",outcome=\"{outcome}\",part=\"{part}\"}}"
+        )
+    };
+    within(Duration::from_secs(5), "the wake recorded", async {
+        while metric(&activator, &series("restored", "restore", "count")) < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        metric(&activator, &series("restored", "first_byte", "count")),
+        1.0
+    );
+    assert!(
+        metric(&activator, &series("restored", "held", "sum")) >= 0.2,
+        "held through the wake"
+    );
+    assert!(
+        metric(&activator, &series("restored", "first_byte", "sum"))
+            >= metric(&activator, &series("restored", "held", "sum"))
+    );
+    assert_eq!(
+        metric(&activator, &series("restored", "restore", "sum")),
+        0.12
+    );
+    agent_task.abort();
+
+    // The app goes back to sleep and its wake never comes: a 503, recorded as failed.
+    *waker.on_wake.lock().unwrap() = OnWake::Never;
+    waker.set_pods(&app_key(), vec![]);
+    activator
+        .registry()
+        .upsert_app(app_config(port, backend.port, Duration::from_millis(500)));
+    let answer = get(port, "/echo/never").await.unwrap();
+    assert_eq!(answer.status, 503);
+    assert_eq!(
+        metric(&activator, &series("failed", "first_byte", "count")),
+        1.0
+    );
+}

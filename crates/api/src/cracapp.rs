@@ -653,4 +653,11 @@ pub struct WakeStatus {
     /// From the wake request to the first ready pod, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<i64>,
+    /// How the woken pod's app started, as its agent said: `restored` or `coldStarted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// Of the latency, the woken pod's agent: its start → the app restored (or started cold)
+    /// and ready, in milliseconds. The rest is the control plane's and the kubelet's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_ms: Option<i64>,
 }

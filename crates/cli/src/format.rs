@@ -110,9 +110,16 @@ pub fn status_table(apps: &[CracApp], all_namespaces: bool, now: Timestamp) -> S
                 status
                     .last_wake
                     .as_ref()
-                    .map(|w| match w.latency_ms {
-                        Some(ms) => format!("{} ago ({ms}ms)", age(Some(w.at.0), now)),
-                        None => format!("{} ago", age(Some(w.at.0), now)),
+                    .map(|w| {
+                        let split = match (w.outcome.as_deref(), w.restore_ms) {
+                            (Some("coldStarted"), Some(ms)) => format!(", cold start {ms}ms"),
+                            (Some(_), Some(ms)) => format!(", restore {ms}ms"),
+                            _ => String::new(),
+                        };
+                        match w.latency_ms {
+                            Some(ms) => format!("{} ago ({ms}ms{split})", age(Some(w.at.0), now)),
+                            None => format!("{} ago", age(Some(w.at.0), now)),
+                        }
                     })
                     .unwrap_or_else(|| "-".into()),
             ]);
@@ -352,6 +359,19 @@ mod tests {
             "new   Pending  0/2    -           -       -              -"
         );
         assert!(status_table(&apps, true, now).starts_with("NAMESPACE  NAME"));
+        // With the woken pod's split.
+        let split = app(
+            "web",
+            serde_json::json!({
+                "lastWake": { "at": "2026-11-24T11:50:00Z", "latencyMs": 900,
+                              "outcome": "restored", "restoreMs": 140 }
+            }),
+        );
+        assert!(
+            status_table(&[split], false, now).contains("10m ago (900ms, restore 140ms)"),
+            "{}",
+            status_table(&[], false, now)
+        );
     }
 
     #[test]

@@ -210,6 +210,9 @@ pub fn record(
                     next.last_wake = Some(WakeStatus {
                         at: MicroTime(*at),
                         latency_ms: Some(i64::try_from(latency).unwrap_or(i64::MAX)),
+                        // Filled in from the woken pod's agent (decide::split_wake).
+                        outcome: None,
+                        restore_ms: None,
                     });
                     Some((
                         "Woken".into(),
@@ -376,6 +379,8 @@ mod tests {
             last_wake: Some(WakeStatus {
                 at: MicroTime(at(20_900)),
                 latency_ms: Some(300),
+                outcome: None,
+                restore_ms: None,
             }),
             ..Default::default()
         });

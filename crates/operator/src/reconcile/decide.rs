@@ -143,6 +143,7 @@ pub fn decide(
         seen.now,
     );
     let cycle_event = cycle::record(&plan, &seen.previous, &mut next, seen.now);
+    split_wake(seen, &mut next);
     next.caller_namespaces = plan.settings.caller_namespaces.clone();
 
     let (deployment, scale, rollout) = restore(app, seen, spec, &next, &plan, config);
@@ -217,6 +218,26 @@ pub fn decide(
                 .min(stale_requeue)
                 .min(RESYNC),
         ),
+    }
+}
+
+/// The last wake's split, once known: how the woken pod started and its agent's part of the
+/// latency, from the first ready pod whose agent said (the pods that ended the wake are the
+/// ready ones; an agent not asked yet is asked at a later look).
+fn split_wake(seen: &Observed, next: &mut CracAppStatus) {
+    let Some(wake) = next.last_wake.as_mut().filter(|w| w.outcome.is_none()) else {
+        return;
+    };
+    if let Some(start) = seen.restore_starts.iter().find(|s| s.start_ms.is_some()) {
+        wake.outcome = Some(
+            if start.cold {
+                "coldStarted"
+            } else {
+                "restored"
+            }
+            .into(),
+        );
+        wake.restore_ms = start.start_ms.and_then(|ms| i64::try_from(ms).ok());
     }
 }
 
@@ -432,7 +453,7 @@ mod tests {
     use crate::reconcile::cycle::{CycleSeen, Requests};
     use crate::scale::{Activity, Settings};
     use crate::validate::{tests::app, validate};
-    use crac_api::cracapp::{ActivatorPort, CheckpointStatus, Phase};
+    use crac_api::cracapp::{ActivatorPort, CheckpointStatus, Phase, WakeStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
     use k8s_openapi::jiff::Timestamp;
     use std::sync::Arc;
@@ -579,6 +600,7 @@ mod tests {
             pod: pod.into(),
             cold: true,
             reason: Some("CpuFeaturesMissing".into()),
+            start_ms: None,
         };
         seen.restore_starts = vec![cold("demo-1"), cold("demo-2")];
         let d = decide(&app, &seen, &config(), BASE);
@@ -604,6 +626,39 @@ mod tests {
             decide(&app, &seen, &config(), BASE).requeue,
             Some(STARTS_RETRY)
         );
+    }
+
+    #[test]
+    fn the_last_wake_is_split_once_the_woken_pods_agent_said_how_it_started() {
+        let app = app();
+        let mut seen = observed(&app, CracAppStatus::default());
+        let wake = WakeStatus {
+            at: MicroTime(now()),
+            latency_ms: Some(900),
+            outcome: None,
+            restore_ms: None,
+        };
+        let mut next = CracAppStatus {
+            last_wake: Some(wake.clone()),
+            ..Default::default()
+        };
+        // Its agent not asked yet: nothing to add.
+        split_wake(&seen, &mut next);
+        assert_eq!(next.last_wake.as_ref(), Some(&wake));
+        seen.restore_starts = vec![fallbacks::RestoreStart {
+            pod: "demo-1".into(),
+            cold: false,
+            reason: None,
+            start_ms: Some(140),
+        }];
+        split_wake(&seen, &mut next);
+        let split = next.last_wake.clone().unwrap();
+        assert_eq!(split.outcome.as_deref(), Some("restored"));
+        assert_eq!(split.restore_ms, Some(140));
+        // Once said, it stays: a later pod does not rewrite the wake.
+        seen.restore_starts[0].cold = true;
+        split_wake(&seen, &mut next);
+        assert_eq!(next.last_wake, Some(split));
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct RestoreStart {
     pub cold: bool,
     /// Why the restore did not happen (a known agent reason, else `None`).
     pub reason: Option<String>,
+    /// The agent's start → the app ready, in milliseconds.
+    pub start_ms: Option<u64>,
 }
 
 /// What the count says, for one reconcile.
@@ -125,6 +127,7 @@ mod tests {
             pod: pod.into(),
             cold: true,
             reason: Some("CpuFeaturesMissing".into()),
+            start_ms: None,
         }
     }
 
@@ -133,6 +136,7 @@ mod tests {
             pod: pod.into(),
             cold: false,
             reason: None,
+            start_ms: None,
         }
     }
 

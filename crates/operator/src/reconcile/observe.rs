@@ -281,6 +281,7 @@ async fn starts_of(
         let seen = match answer {
             Some(report) => StartSeen::Known(StartMode {
                 cold: report.mode == "coldStarted",
+                start_ms: report.start_ms,
                 reason: report
                     .reason
                     .filter(|r| crac_api::agent::reason::ALL.contains(&r.as_str())),
@@ -306,6 +307,7 @@ async fn starts_of(
                 pod: name.clone(),
                 cold: m.cold,
                 reason: m.reason.clone(),
+                start_ms: m.start_ms,
             }),
             StartSeen::Unknown { asked, .. } => {
                 unsettled |= *asked < START_ASKS;
@@ -338,6 +340,7 @@ pub enum StartSeen {
 pub struct StartMode {
     pub cold: bool,
     pub reason: Option<String>,
+    pub start_ms: Option<u64>,
 }
 
 /// A problem with the images volume that the user must fix, if any.
