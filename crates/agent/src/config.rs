@@ -313,6 +313,16 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
             None => Ok(default),
         }
     };
+    let flag = |var: &str, default: bool| -> Result<bool, Failure> {
+        match get(var).map(str::trim) {
+            None => Ok(default),
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            Some(other) => Err(Failure::config(format!(
+                "{var}={other:?} must be true or false"
+            ))),
+        }
+    };
     let app_port = match get(api::ENV_APP_PORT) {
         Some(_) => Some(num(api::ENV_APP_PORT, 0)? as u16).filter(|p| *p != 0),
         None => None,
@@ -363,26 +373,8 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
             .unwrap_or_else(default_criu),
         min_pid: num("CRAC_MIN_PID", DEFAULT_MIN_PID as u64)? as u32,
         image_digest: get(api::ENV_IMAGE_DIGEST).map(str::to_string),
-        trial_restore: match get(api::ENV_TRIAL_RESTORE).map(str::trim) {
-            None | Some("true") => true,
-            Some("false") => false,
-            Some(other) => {
-                return Err(Failure::config(format!(
-                    "{}={other:?} must be true or false",
-                    api::ENV_TRIAL_RESTORE
-                )));
-            }
-        },
-        lazy_pages: match get(api::ENV_LAZY_PAGES).map(str::trim) {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(v) => {
-                return Err(Failure::config(format!(
-                    "{}={v:?} is not true or false",
-                    api::ENV_LAZY_PAGES
-                )));
-            }
-        },
+        trial_restore: flag(api::ENV_TRIAL_RESTORE, true)?,
+        lazy_pages: flag(api::ENV_LAZY_PAGES, false)?,
     })
 }
 

@@ -34,6 +34,24 @@ fn activity(r: &Running) -> ActivityReport {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Every answer to `GET /` on `port` until the first 200 (polled every 2 ms, 30 s at most):
+/// a restore that must never serve shows here as anything before the cold start's answer.
+fn answers_until_the_first_200(port: u16) -> Vec<String> {
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        match http_get(port, "/") {
+            Ok((200, body)) => {
+                answers.push(body.trim().to_string());
+                break;
+            }
+            Ok((code, body)) => answers.push(format!("{code} {body}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    answers
+}
+
 fn image_dirs(s: &Scratch) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(s.images())
         .unwrap()
@@ -204,18 +222,7 @@ fn tampered_page_data_is_killed_before_it_runs_and_never_served() {
     corrupt_byte(&s.images().join("c1/pages-1.img"), 4096 * 10 + 7);
 
     let r = restore_run(&s, "restore", "c1", port).start();
-    let started = Instant::now();
-    let mut answers = Vec::new();
-    while started.elapsed() < Duration::from_secs(30) {
-        match http_get(port, "/") {
-            Ok((200, body)) => {
-                answers.push(body.trim().to_string());
-                break;
-            }
-            Ok((code, body)) => answers.push(format!("{code} {body}")),
-            Err(_) => std::thread::sleep(Duration::from_millis(2)),
-        }
-    }
+    let answers = answers_until_the_first_200(port);
     assert_eq!(answers, vec!["hello 1".to_string()], "log:\n{}", r.log());
     let sum = r.summary();
     assert_eq!(sum.outcome, Some(Outcome::ColdStarted), "{sum:?}");
@@ -733,18 +740,7 @@ fn lazy_restore_of_tampered_page_data_is_killed_before_it_runs() {
     let r = restore_run(&s, "restore", "c1", port)
         .env("CRAC_LAZY_PAGES", "true")
         .start();
-    let started = Instant::now();
-    let mut answers = Vec::new();
-    while started.elapsed() < Duration::from_secs(30) {
-        match http_get(port, "/") {
-            Ok((200, body)) => {
-                answers.push(body.trim().to_string());
-                break;
-            }
-            Ok((code, body)) => answers.push(format!("{code} {body}")),
-            Err(_) => std::thread::sleep(Duration::from_millis(2)),
-        }
-    }
+    let answers = answers_until_the_first_200(port);
     assert_eq!(answers, vec!["hello 1".to_string()], "log:\n{}", r.log());
     let sum = r.summary();
     assert_eq!(sum.outcome, Some(Outcome::ColdStarted), "{sum:?}");
