@@ -7,6 +7,10 @@
 //! once; more are closed at once), the request head must arrive whole within [`HEAD_TIMEOUT`]
 //! and fit in [`MAX_HEAD_BYTES`], and the answer must be taken within [`WRITE_TIMEOUT`]. The
 //! port is bound before the JVM starts and held for the pod's life ([`listen`]).
+//!
+//! In restore mode the same port serves `POST /sleep` and `POST /wake` (sleep in place), which
+//! the `control` module decides; this module only parses the request for it ([`Request`]) and
+//! reads and drops a body of at most [`MAX_BODY_BYTES`], within the same deadline as the head.
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
@@ -15,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crac_api::agent::{ACTIVITY_PATH, ActivityReport};
+use crac_api::agent::{ACTIVITY_PATH, ActivityReport, mode};
 
 const TCP_ESTABLISHED: u8 = 0x01;
 const TCP_LISTEN: u8 = 0x0A;
@@ -164,6 +168,22 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest request head read; the rest is not.
 pub const MAX_HEAD_BYTES: usize = 2048;
+/// Largest request body read (and dropped) for the control endpoints; a larger one gets 413.
+pub const MAX_BODY_BYTES: u64 = 1024;
+
+/// A request the control endpoints may answer, as parsed from its head.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The value of the first `Authorization` header, if any.
+    pub authorization: Option<&'a str>,
+    /// When its head had arrived whole.
+    pub received: Instant,
+}
+
+/// Answers a request (status and JSON body), or `None` for "not mine" (the usual 404).
+pub type Handler = Arc<dyn Fn(&Request<'_>) -> Option<(u16, String)> + Send + Sync>;
 
 /// Binds the activity port on every address (IPv4 and IPv6) before the JVM starts: the app can
 /// then never bind it (no `SO_REUSEPORT`), so it cannot answer in the agent's name. The
@@ -176,18 +196,22 @@ pub fn listen(activity_port: u16) -> io::Result<TcpListener> {
 #[derive(Clone)]
 pub struct Activity {
     report: Arc<Mutex<ActivityReport>>,
+    control: Option<Handler>,
 }
 
 impl Activity {
-    /// Starts polling `app_port` (if known) and serving `/activity` on `listener` (if any).
-    /// Called once the JVM is up: no thread is spawned (and no pid spent) before a restore.
+    /// Starts polling `app_port` (if known) and serving `/activity` on `listener` (if any),
+    /// with `control` (if any) asked about every other request. Called once the JVM is up: no
+    /// thread is spawned (and no pid spent) before a restore.
     pub fn start(
         base: ActivityReport,
         app_port: Option<u16>,
         listener: Option<TcpListener>,
+        control: Option<Handler>,
     ) -> io::Result<Activity> {
         let a = Activity {
             report: Arc::new(Mutex::new(base)),
+            control,
         };
         if let Some(port) = app_port {
             let me = a.clone();
@@ -210,6 +234,14 @@ impl Activity {
             let now = read_sample(port);
             {
                 let mut r = self.report.lock().unwrap_or_else(|e| e.into_inner());
+                // Asleep, no JVM holds the port: what lingers there (TIME_WAIT) is not traffic.
+                if r.mode == mode::SLEEPING {
+                    r.open_connections = 0;
+                    prev = now;
+                    drop(r);
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
                 r.open_connections = now.established;
                 if is_activity(&prev, &now) {
                     r.last_activity_time = Some(rfc3339(SystemTime::now()));
@@ -218,6 +250,11 @@ impl Activity {
             prev = now;
             std::thread::sleep(Duration::from_secs(1));
         }
+    }
+
+    /// Changes the report (sleep and wake in place).
+    pub fn update(&self, change: impl FnOnce(&mut ActivityReport)) {
+        change(&mut self.report.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     pub fn snapshot(&self) -> ActivityReport {
@@ -256,29 +293,115 @@ impl Activity {
     }
 
     fn answer(&self, mut s: TcpStream) -> io::Result<()> {
-        let head = read_head(&mut s, Instant::now() + HEAD_TIMEOUT)?;
+        let deadline = Instant::now() + HEAD_TIMEOUT;
+        let raw = read_head(&mut s, deadline)?;
+        let received = Instant::now();
         s.set_write_timeout(Some(WRITE_TIMEOUT))?;
-        let head = String::from_utf8_lossy(&head);
+        let text = String::from_utf8_lossy(&raw);
+        let head_len = text.find("\r\n\r\n").map(|i| i + 4);
+        let head = &text[..head_len.unwrap_or(text.len())];
         let mut parts = head.split_whitespace();
         let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         let path = target.split('?').next().unwrap_or("");
         let (status, body) = if method == "GET" && path == ACTIVITY_PATH {
             (
-                "200 OK",
+                200,
                 serde_json::to_string(&self.snapshot()).unwrap_or_else(|_| "{}".into()),
             )
         } else {
-            (
-                "404 Not Found",
-                "{\"error\":\"try GET /activity\"}".to_string(),
-            )
+            let req = Request {
+                method,
+                path,
+                authorization: header(head, "authorization"),
+                received,
+            };
+            match self.control.as_ref() {
+                Some(c) => match body_within_limit(&mut s, head, raw.len(), head_len, deadline) {
+                    Err(status) => (status, error_body(status)),
+                    Ok(()) => c(&req).unwrap_or_else(|| (404, NOT_FOUND.into())),
+                },
+                None => (404, NOT_FOUND.into()),
+            }
         };
         write!(
             s,
-            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
+            "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n{body}",
+            reason_phrase(status),
+            body.len(),
+            if status == 401 {
+                "WWW-Authenticate: Bearer\r\n"
+            } else {
+                ""
+            },
         )
     }
+}
+
+const NOT_FOUND: &str = "{\"error\":\"try GET /activity\"}";
+
+fn error_body(status: u16) -> String {
+    format!("{{\"error\":\"{}\"}}", reason_phrase(status))
+}
+
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// The value of header `name` (lowercase) in `head`: the first one, trimmed.
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n").skip(1).find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Reads and drops the request's body (`Content-Length`, at most [`MAX_BODY_BYTES`]) before
+/// `deadline`, so that the answer is not lost to a reset for unread bytes. A chunked body gets
+/// 411, a larger one 413, a malformed length 400, one not there in time 400.
+fn body_within_limit(
+    s: &mut TcpStream,
+    head: &str,
+    read: usize,
+    head_len: Option<usize>,
+    deadline: Instant,
+) -> Result<(), u16> {
+    if header(head, "transfer-encoding").is_some() {
+        return Err(411);
+    }
+    let length: u64 = match header(head, "content-length") {
+        None => 0,
+        Some(v) => v.parse().map_err(|_| 400u16)?,
+    };
+    if length > MAX_BODY_BYTES {
+        return Err(413);
+    }
+    let Some(head_len) = head_len else {
+        // The head never ended (cut at MAX_HEAD_BYTES or at the caller's end): nothing to read.
+        return Ok(());
+    };
+    let mut left = length.saturating_sub(read.saturating_sub(head_len) as u64);
+    let mut buf = [0u8; MAX_BODY_BYTES as usize];
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() || s.set_read_timeout(Some(wait)).is_err() {
+            return Err(400);
+        }
+        match s.read(&mut buf[..left as usize]) {
+            Ok(0) | Err(_) => return Err(400),
+            Ok(n) => left -= n as u64,
+        }
+    }
+    Ok(())
 }
 
 /// A connection's place among the [`MAX_CONNECTIONS`], given back when its thread ends.
@@ -406,7 +529,10 @@ garbage
             mode: "running".into(),
             ..Default::default()
         };
-        (Activity::start(report, None, Some(listener)).unwrap(), port)
+        (
+            Activity::start(report, None, Some(listener), None).unwrap(),
+            port,
+        )
     }
 
     fn get(port: u16, path: &str) -> io::Result<String> {
@@ -502,6 +628,97 @@ garbage
         if !out.is_empty() {
             assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
         }
+    }
+
+    /// Serves with a control that answers `POST /x` (counting its calls) and nothing else.
+    fn serving_control() -> (Activity, u16, Arc<AtomicUsize>) {
+        let listener = listen(0).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let control: Handler = Arc::new(move |r: &Request<'_>| {
+            (r.path == "/x").then(|| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let auth = r.authorization.unwrap_or("-");
+                (
+                    if auth == "Bearer t" { 200 } else { 401 },
+                    format!("{{\"method\":\"{}\"}}", r.method),
+                )
+            })
+        });
+        let report = ActivityReport {
+            mode: "restored".into(),
+            ..Default::default()
+        };
+        let a = Activity::start(report, None, Some(listener), Some(control)).unwrap();
+        (a, port, calls)
+    }
+
+    fn send(port: u16, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    #[test]
+    fn control_requests_reach_the_handler_with_small_bodies_only() {
+        let (a, port, calls) = serving_control();
+        let ok = send(
+            port,
+            b"POST /x HTTP/1.1\r\nauthorization:  Bearer t \r\nContent-Length: 5\r\n\r\nhello",
+        );
+        assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+        assert!(ok.ends_with("{\"method\":\"POST\"}"), "{ok}");
+        let denied = send(port, b"POST /x HTTP/1.1\r\n\r\n");
+        assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
+        assert!(denied.contains("WWW-Authenticate: Bearer\r\n"), "{denied}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Too large, chunked or malformed: answered without asking the handler.
+        for (req, status) in [
+            (
+                &b"POST /x HTTP/1.1\r\nContent-Length: 4096\r\n\r\n"[..],
+                "413",
+            ),
+            (
+                b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "411",
+            ),
+            (b"POST /x HTTP/1.1\r\nContent-Length: x\r\n\r\n", "400"),
+        ] {
+            let out = send(port, req);
+            assert!(out.starts_with(&format!("HTTP/1.1 {status}")), "{out}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Not the control's: the usual 404; and GET /activity is never the control's.
+        assert!(send(port, b"POST /y HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+        let act = send(port, b"GET /activity HTTP/1.1\r\n\r\n");
+        assert!(act.contains("\"mode\":\"restored\""), "{act}");
+        // The report changes in place (sleep and wake).
+        a.update(|r| r.mode = "sleeping".into());
+        let act = send(port, b"GET /activity HTTP/1.1\r\n\r\n");
+        assert!(act.contains("\"mode\":\"sleeping\""), "{act}");
+    }
+
+    #[test]
+    fn without_a_control_every_post_is_not_found() {
+        let (_a, port) = serving();
+        let out = send(
+            port,
+            b"POST /wake HTTP/1.1\r\nAuthorization: Bearer t\r\n\r\n",
+        );
+        assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    }
+
+    #[test]
+    fn headers_are_found_case_insensitively() {
+        let head = "POST /x HTTP/1.1\r\nHost: a\r\nAUTHORIZATION: Bearer z \r\n\r\n";
+        assert_eq!(header(head, "authorization"), Some("Bearer z"));
+        assert_eq!(header(head, "content-length"), None);
+        // The request line is not a header.
+        assert_eq!(header("POST /x: HTTP/1.1\r\n\r\n", "post /x"), None);
     }
 
     #[test]

@@ -201,6 +201,9 @@ pub struct Config {
     pub trial_restore: bool,
     /// Restore, engine criu: copy memory in lazily (`criu lazy-pages`), see `criu::restore`.
     pub lazy_pages: bool,
+    /// Restore: the file holding the token of `POST /sleep` and `POST /wake` (read once at
+    /// start, see `control::read_token`); `None`: the endpoints are off.
+    pub control_token_file: Option<PathBuf>,
 }
 
 /// Default for `--min-pid`: the checkpointed JVM gets PIDs above this, which the agent (PID 1,
@@ -234,9 +237,11 @@ flags (each overrides its environment variable):
   --trial-restore B      CRAC_TRIAL_RESTORE (checkpoint: true (default) or false; restore the
                          new image once, to readiness, before publishing it)
   --lazy-pages BOOL      CRAC_LAZY_PAGES (restore, engine criu: true copies memory in lazily,
-                         with criu lazy-pages; needs root with full privileges; default false)";
+                         with criu lazy-pages; needs root with full privileges; default false)
+  --control-token-file P CRAC_CONTROL_TOKEN_FILE (restore: the bearer token of POST /sleep and
+                         POST /wake on the activity port; unset: both answer 404)";
 
-const FLAGS: [(&str, &str); 17] = [
+const FLAGS: [(&str, &str); 18] = [
     ("--image-dir", api::ENV_IMAGE_DIR),
     ("--checkpoint-id", api::ENV_CHECKPOINT_ID),
     ("--engine", api::ENV_ENGINE),
@@ -254,6 +259,7 @@ const FLAGS: [(&str, &str); 17] = [
     ("--image-digest", api::ENV_IMAGE_DIGEST),
     ("--trial-restore", api::ENV_TRIAL_RESTORE),
     ("--lazy-pages", api::ENV_LAZY_PAGES),
+    ("--control-token-file", api::ENV_CONTROL_TOKEN_FILE),
 ];
 
 /// Parses `args` (without the program name) with `env` as the source of defaults.
@@ -375,6 +381,7 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
         image_digest: get(api::ENV_IMAGE_DIGEST).map(str::to_string),
         trial_restore: flag(api::ENV_TRIAL_RESTORE, true)?,
         lazy_pages: flag(api::ENV_LAZY_PAGES, false)?,
+        control_token_file: get(api::ENV_CONTROL_TOKEN_FILE).map(PathBuf::from),
     })
 }
 

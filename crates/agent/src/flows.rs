@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use crac_api::agent::{ActivityReport, AgentSummary, Outcome};
+use crac_api::agent::{ActivityReport, AgentSummary, Outcome, mode};
 
 use crate::activity::{self, Activity};
 use crate::config::{self, Config, Engine, Fallback};
@@ -24,6 +24,11 @@ pub struct Ctx {
     /// The activity port, bound before any JVM runs and held until the agent exits (see
     /// `activity::listen`); served once the JVM is up in restore and run modes.
     pub activity_listener: Option<TcpListener>,
+    /// A wake in place (`control`): this PID namespace is not fresh, so restore first makes
+    /// sure the checkpointed PIDs are free, and times itself from the wake request.
+    pub in_place: bool,
+    /// Restore mode: the token of `POST /sleep` and `POST /wake`; `None`: both are off.
+    pub control_token: Option<crate::control::Token>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -35,7 +40,7 @@ fn log(msg: impl AsRef<str>) {
 }
 
 impl Ctx {
-    fn summary(&self) -> AgentSummary {
+    pub(crate) fn summary(&self) -> AgentSummary {
         AgentSummary {
             checkpoint_id: self.cfg.checkpoint_id.clone(),
             engine: Some(self.cfg.engine.as_str().to_string()),
@@ -43,7 +48,7 @@ impl Ctx {
         }
     }
 
-    fn write_summary(&self, s: &AgentSummary) {
+    pub(crate) fn write_summary(&self, s: &AgentSummary) {
         crate::summary::write(&self.cfg.termination_log, s);
     }
 
@@ -656,21 +661,37 @@ fn crac_checkpoint(
 // restore
 
 /// A JVM that is up: restored, cold-started or plainly run.
-struct Running {
-    pid: i32,
-    mode: &'static str,
-    start_ms: u64,
-    _lock: Option<image::ImageLock>,
+pub(crate) struct Running {
+    pub pid: i32,
+    pub mode: &'static str,
+    pub start_ms: u64,
+    /// The image's shared lock (restored only): no prune removes it while this is held.
+    pub lock: Option<image::ImageLock>,
 }
 
 pub fn restore(ctx: &Ctx) -> i32 {
     let mut s = ctx.summary();
-    let running = match try_restore(ctx, &mut s) {
+    match restore_or_fallback(ctx, &mut s) {
+        // Supervises the JVM, and sleeps and wakes it in place on request.
+        Ok(running) => crate::control::supervise(ctx, running, &mut s),
+        Err(code) => code,
+    }
+}
+
+/// Restores the image or, on failure, falls back as `CRAC_FALLBACK` says. `Err`: the agent's
+/// exit code, its summary written.
+pub(crate) fn restore_or_fallback(ctx: &Ctx, s: &mut AgentSummary) -> Result<Running, i32> {
+    let since = if ctx.in_place {
+        "the wake request"
+    } else {
+        "the agent started"
+    };
+    let running = match try_restore(ctx, s) {
         Ok(r) => {
             s.outcome = Some(Outcome::Restored);
             s.restore_ms = Some(r.start_ms);
             log(format!(
-                "restored (pid {}) and ready {} ms after the agent started",
+                "restored (pid {}) and ready {} ms after {since}",
                 r.pid, r.start_ms
             ));
             r
@@ -681,8 +702,8 @@ pub fn restore(ctx: &Ctx) -> i32 {
                 s.outcome = Some(Outcome::Failed);
                 s.reason = Some(reason::TERMINATED.into());
                 s.message = Some(format!("received signal {sig} during restore"));
-                ctx.write_summary(&s);
-                return 128 + sig;
+                ctx.write_summary(s);
+                return Err(128 + sig);
             }
             s.reason = Some(f.reason.to_string());
             match ctx.cfg.fallback {
@@ -692,8 +713,8 @@ pub fn restore(ctx: &Ctx) -> i32 {
                         "{} (fallback is Fail, so the pod does not start cold)",
                         f.message
                     ));
-                    ctx.write_summary(&s);
-                    return 1;
+                    ctx.write_summary(s);
+                    return Err(1);
                 }
                 Fallback::ColdStart => {
                     s.outcome = Some(Outcome::ColdStarted);
@@ -701,21 +722,21 @@ pub fn restore(ctx: &Ctx) -> i32 {
                         "restore did not happen, started cold: {}",
                         f.message
                     ));
-                    match start_cold(ctx, "coldStarted", &mut s) {
+                    match start_cold(ctx, mode::COLD_STARTED, s) {
                         Ok(r) => r,
                         Err(f) => {
                             s.outcome = Some(Outcome::Failed);
                             s.reason = Some(f.reason.to_string());
                             s.message = Some(f.message);
-                            ctx.write_summary(&s);
-                            return 1;
+                            ctx.write_summary(s);
+                            return Err(1);
                         }
                     }
                 }
             }
         }
     };
-    supervise(ctx, running, &mut s)
+    Ok(running)
 }
 
 fn try_restore(ctx: &Ctx, s: &mut AgentSummary) -> Result<Running, Failure> {
@@ -731,6 +752,9 @@ fn try_restore(ctx: &Ctx, s: &mut AgentSummary) -> Result<Running, Failure> {
     s.image_bytes = Some(meta.total_bytes);
     image::verify_host(&meta, &image::host_info(), &id, cfg.engine.as_str())?;
     image::verify_host_files(&meta)?;
+    if ctx.in_place && cfg.engine == Engine::Criu {
+        crate::control::free_checkpointed_pids(&ctx.sup, &meta.pids)?;
+    }
     let t_verify = Instant::now();
     image::verify_listing(&dir, &meta)?;
     let remaining = ctx
@@ -779,9 +803,9 @@ fn try_restore(ctx: &Ctx, s: &mut AgentSummary) -> Result<Running, Failure> {
     }
     Ok(Running {
         pid,
-        mode: "restored",
+        mode: mode::RESTORED,
         start_ms: ms(ctx.started.elapsed()),
-        _lock: Some(lock),
+        lock: Some(lock),
     })
 }
 
@@ -942,7 +966,7 @@ fn start_cold(ctx: &Ctx, mode: &'static str, s: &mut AgentSummary) -> Result<Run
                 pid,
                 mode,
                 start_ms,
-                _lock: None,
+                lock: None,
             })
         }
         Err(e) => {
@@ -955,7 +979,7 @@ fn start_cold(ctx: &Ctx, mode: &'static str, s: &mut AgentSummary) -> Result<Run
                 pid,
                 mode,
                 start_ms: 0,
-                _lock: None,
+                lock: None,
             })
         }
     }
@@ -964,7 +988,7 @@ fn start_cold(ctx: &Ctx, mode: &'static str, s: &mut AgentSummary) -> Result<Run
 pub fn run(ctx: &Ctx) -> i32 {
     let mut s = ctx.summary();
     s.outcome = Some(Outcome::Exited);
-    match start_cold(ctx, "running", &mut s) {
+    match start_cold(ctx, mode::RUNNING, &mut s) {
         Ok(r) => supervise(ctx, r, &mut s),
         Err(f) => {
             s.outcome = Some(Outcome::Failed);
@@ -976,11 +1000,11 @@ pub fn run(ctx: &Ctx) -> i32 {
     }
 }
 
-/// Serves activity while the JVM runs, then reports how it ended and returns its exit code.
-fn supervise(ctx: &Ctx, r: Running, s: &mut AgentSummary) -> i32 {
-    let report = ActivityReport {
+/// What `GET /activity` reports for a JVM that is up.
+pub(crate) fn activity_report(ctx: &Ctx, r: &Running, s: &AgentSummary) -> ActivityReport {
+    ActivityReport {
         mode: r.mode.to_string(),
-        checkpoint_id: if r.mode == "restored" {
+        checkpoint_id: if r.mode == mode::RESTORED {
             ctx.cfg.checkpoint_id.clone()
         } else {
             None
@@ -988,23 +1012,47 @@ fn supervise(ctx: &Ctx, r: Running, s: &mut AgentSummary) -> i32 {
         open_connections: 0,
         last_activity_time: None,
         start_ms: (r.start_ms > 0).then_some(r.start_ms),
-        reason: if r.mode == "coldStarted" {
+        reason: if r.mode == mode::COLD_STARTED {
             s.reason.clone()
         } else {
             None
         },
-    };
+        ..Default::default()
+    }
+}
+
+/// Starts serving activity on the agent's port (and `control`'s endpoints, if any).
+pub(crate) fn start_activity(
+    ctx: &Ctx,
+    r: &Running,
+    s: &AgentSummary,
+    control: Option<activity::Handler>,
+) -> Option<Activity> {
     // A second handle on the same socket: the agent's own stays open for its whole life.
     let listener = ctx
         .activity_listener
         .as_ref()
         .and_then(|l| l.try_clone().ok());
-    if let Err(e) = Activity::start(report, ctx.cfg.app_port, listener) {
-        log(format!(
-            "activity endpoint on port {} unavailable: {e}",
-            ctx.cfg.activity_port
-        ));
+    match Activity::start(
+        activity_report(ctx, r, s),
+        ctx.cfg.app_port,
+        listener,
+        control,
+    ) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            log(format!(
+                "activity endpoint on port {} unavailable: {e}",
+                ctx.cfg.activity_port
+            ));
+            None
+        }
     }
+}
+
+/// Serves activity while the JVM runs, then reports how it ended and returns its exit code.
+fn supervise(ctx: &Ctx, r: Running, s: &mut AgentSummary) -> i32 {
+    let _activity = start_activity(ctx, &r, s, None);
     // Written now too, so the operator learns how the pod started even if we are killed.
     ctx.write_summary(s);
     let status = ctx

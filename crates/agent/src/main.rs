@@ -5,6 +5,7 @@
 
 mod activity;
 mod config;
+mod control;
 mod crac;
 mod criu;
 mod error;
@@ -39,6 +40,8 @@ fn main() {
         }
         _ => {}
     }
+    // A long-lived PID 1 that may sleep in place holds as little memory as it can.
+    sys::tune_allocator();
     // Nothing we inherited may reach the JVM or CRIU.
     if let Err(e) = sys::cloexec_from_3() {
         eprintln!("crac-agent: warning: cannot mark inherited descriptors close-on-exec: {e}");
@@ -85,11 +88,33 @@ fn main() {
             }
         },
     };
+    // Read once, before any JVM runs. A bad file turns sleeping in place off for this pod (the
+    // endpoints answer 404); the app itself starts as it would without it.
+    let control_token = match (&cfg.control_token_file, cfg.mode) {
+        (Some(path), config::Mode::Restore) => match control::read_token(path) {
+            Ok(t) => {
+                eprintln!(
+                    "crac-agent: POST /sleep and /wake on the activity port: on (token from {})",
+                    path.display()
+                );
+                Some(t)
+            }
+            Err(e) => {
+                eprintln!(
+                    "crac-agent: warning: control token unusable ({e}): POST /sleep and /wake answer 404"
+                );
+                None
+            }
+        },
+        _ => None,
+    };
     let ctx = flows::Ctx {
         cfg,
         sup,
         started,
         activity_listener,
+        in_place: false,
+        control_token,
     };
     let code = match ctx.cfg.mode {
         config::Mode::Checkpoint => flows::checkpoint(&ctx),

@@ -21,6 +21,15 @@ struct State {
     terminated_by: Option<i32>,
 }
 
+/// What ended a [`Supervisor::wait_event`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    Exited(ExitStatus),
+    Interrupted,
+    /// The first termination signal (SIGTERM or SIGINT).
+    Terminated(i32),
+}
+
 #[derive(Clone)]
 pub struct Supervisor {
     state: Arc<(Mutex<State>, Condvar)>,
@@ -47,6 +56,15 @@ impl Supervisor {
             .name("signals".into())
             .spawn(move || s.signal_loop())?;
         Ok(sup)
+    }
+
+    /// A supervisor without its signal thread, for unit tests of what only queues and notifies.
+    #[cfg(test)]
+    pub fn detached() -> Supervisor {
+        Supervisor {
+            state: Arc::new((Mutex::new(State::default()), Condvar::new())),
+            spawn_lock: Arc::new(Mutex::new(())),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -189,6 +207,52 @@ impl Supervisor {
                 st = self.lock();
             }
         }
+    }
+
+    /// Waits until `pid` (if any) exits (its status is consumed), with `stop_on_signal` a
+    /// termination signal has arrived, or `interrupted()` holds; checked in that order. Whoever
+    /// makes `interrupted()` true calls [`Supervisor::notify`] afterwards. `interrupted` runs
+    /// with the supervisor's lock held: it may take other locks, but none held while calling
+    /// into the supervisor.
+    pub fn wait_event(
+        &self,
+        pid: Option<i32>,
+        stop_on_signal: bool,
+        interrupted: impl Fn() -> bool,
+    ) -> Event {
+        let mut st = self.lock();
+        loop {
+            if let Some(status) = pid.and_then(|p| st.exited.remove(&p)) {
+                return Event::Exited(status);
+            }
+            if let Some(sig) = st.terminated_by.filter(|_| stop_on_signal) {
+                return Event::Terminated(sig);
+            }
+            if interrupted() {
+                return Event::Interrupted;
+            }
+            st = self
+                .state
+                .1
+                .wait_timeout(st, Duration::from_millis(500))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+            // A lost SIGCHLD (coalesced while we held the lock) must not strand us.
+            if let Some(p) = pid
+                && !st.exited.contains_key(&p)
+                && !sys::process_exists(p)
+            {
+                drop(st);
+                self.reap_all();
+                st = self.lock();
+            }
+        }
+    }
+
+    /// Wakes every [`Supervisor::wait_event`] so that it checks its `interrupted` again.
+    pub fn notify(&self) {
+        let _st = self.lock();
+        self.state.1.notify_all();
     }
 
     /// Whether `pid` has exited (without consuming its status).

@@ -46,11 +46,45 @@ pub const ENV_APP_PORT: &str = "CRAC_APP_PORT";
 pub const ENV_ACTIVITY_PORT: &str = "CRAC_ACTIVITY_PORT";
 /// Where the summary goes (Kubernetes' default termination message path).
 pub const ENV_TERMINATION_LOG: &str = "CRAC_TERMINATION_LOG";
+/// Restore pods: a file holding the bearer token that `POST /sleep` and `POST /wake` on the
+/// activity port must carry (`Authorization: Bearer <token>`; see [`SLEEP_PATH`]). The operator
+/// generates one random token per CracApp, keeps it in a Secret and mounts that Secret into
+/// restore pods (read-only, mode 0400); the activator reads the same Secret. The agent reads
+/// the file once at start: at most [`MAX_CONTROL_TOKEN_BYTES`], and at least
+/// [`MIN_CONTROL_TOKEN_BYTES`] once surrounding whitespace is trimmed. Unset, unreadable or too
+/// short: the two endpoints answer 404 (sleeping in place is off for the pod) and the agent
+/// logs why.
+pub const ENV_CONTROL_TOKEN_FILE: &str = "CRAC_CONTROL_TOKEN_FILE";
 
 /// Default activity port (the app's own ports are the user's; this one is ours).
 pub const DEFAULT_ACTIVITY_PORT: u16 = 9901;
 /// Path of the activity endpoint.
 pub const ACTIVITY_PATH: &str = "/activity";
+/// `POST` on the activity port (restore mode, token required): end the JVM and keep the pod,
+/// with the agent as its only process. Answers 200 with a [`ControlAnswer`] once the JVM's
+/// whole tree is gone; at once when already asleep.
+pub const SLEEP_PATH: &str = "/sleep";
+/// `POST` on the activity port (restore mode, token required): restore the JVM in place as at
+/// pod start (digest and integrity checks, the fallback of `CRAC_FALLBACK`). Answers 200 with a
+/// [`ControlAnswer`] once the app passed its readiness check; at once when awake. Concurrent
+/// calls share one restore; a `/sleep` that arrives meanwhile runs after it.
+pub const WAKE_PATH: &str = "/wake";
+/// Shortest control token accepted (bytes, after trimming whitespace).
+pub const MIN_CONTROL_TOKEN_BYTES: usize = 32;
+/// Longest control token file read.
+pub const MAX_CONTROL_TOKEN_BYTES: usize = 4096;
+
+/// Values of [`ActivityReport::mode`] and [`ControlAnswer::mode`].
+pub mod mode {
+    /// The JVM was restored from the image (at pod start or by the last `/wake`).
+    pub const RESTORED: &str = "restored";
+    /// The image could not be used and the JVM was started cold.
+    pub const COLD_STARTED: &str = "coldStarted";
+    /// Plain run mode.
+    pub const RUNNING: &str = "running";
+    /// Asleep in place: no JVM runs; the agent holds the pod (and the image's lock).
+    pub const SLEEPING: &str = "sleeping";
+}
 /// Kubernetes' default termination message path.
 pub const DEFAULT_TERMINATION_LOG: &str = "/dev/termination-log";
 /// Where the init container installs the agent binary inside every app container.
@@ -120,15 +154,26 @@ pub struct AgentSummary {
     /// Exit code of the JVM, when it ran and exited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// Restore mode: how many times the pod was woken in place (`POST /wake` after a
+    /// `/sleep`). `outcome`, `reason`, `message` and `restoreMs` then describe the last wake
+    /// (`restoreMs`: the wake request received → the app ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wakes: Option<u32>,
+    /// `true` when the agent ended while the pod slept in place (no JVM ran; it exits 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asleep: Option<bool>,
 }
 
-/// What `GET /activity` on the agent's activity port returns.
+/// What `GET /activity` on the agent's activity port returns. Fields added later are optional
+/// (absent from older agents' reports, ignored by older readers).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ActivityReport {
-    /// How the JVM in this pod started: `restored`, `coldStarted` or `running` (plain run).
+    /// How the JVM in this pod started: `restored`, `coldStarted` or `running` (plain run); or
+    /// `sleeping` while the pod sleeps in place (no JVM; `openConnections` is 0). See [`mode`].
     pub mode: String,
-    /// Checkpoint id this pod restored from, if it did.
+    /// Checkpoint id this pod restored from, if it did; while sleeping, the one it will
+    /// restore from at its next wake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_id: Option<String>,
     /// Connections currently established on the app's port, from the kernel's socket tables.
@@ -142,6 +187,39 @@ pub struct ActivityReport {
     /// `coldStarted`: why the restore did not happen (one of [`reason::ALL`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `sleeping`: RFC 3339 time the pod went to sleep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleeping_since: Option<String>,
+    /// How many times this pod was woken in place (omitted when never). After a wake, `mode`,
+    /// `startMs` (the wake request received → ready) and `reason` describe that wake, and
+    /// `lastActivityTime` is at least the wake's time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wakes: Option<u32>,
+}
+
+/// The JSON body of every answer of `POST /sleep` and `POST /wake` (200, and 503 when the
+/// agent could not do it: its JVM exited on its own, it is terminating, or a wake failed with
+/// fallback `Fail`). 401 (no or wrong token), 404 (the feature is off), 405 (not `POST`) and
+/// 413 (a body over 1 KiB) carry only `{"error": "..."}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlAnswer {
+    /// After the call: `sleeping`, `restored` or `coldStarted` (see [`mode`]).
+    pub mode: String,
+    /// `/wake` that woke the pod (or waited for the wake that did): the request received →
+    /// the app passed its readiness check. Absent when the pod was already awake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_ms: Option<u64>,
+    /// `/sleep` that ended the JVM: the request received → its whole tree gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep_ms: Option<u64>,
+    /// `coldStarted`: why the wake did not restore (one of [`reason::ALL`]); on a 503, why it
+    /// failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// One human line, on 503s and cold starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Stable reason strings (never rename one: operators and dashboards match on them).
