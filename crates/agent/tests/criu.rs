@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use crac_api::agent::{ActivityReport, ENV_IMAGE_DIGEST, Outcome};
+use crac_api::agent::{ActivityReport, ENV_CONTROL_TOKEN_FILE, ENV_IMAGE_DIGEST, Outcome};
 use support::*;
 
 fn metadata(s: &Scratch, id: &str) -> serde_json::Value {
@@ -755,4 +755,313 @@ fn lazy_restore_of_tampered_page_data_is_killed_before_it_runs() {
     assert!(!log.contains("restore timing:"), "{log}");
     assert!(lazy_daemons(&s).is_empty(), "{:?}", lazy_daemons(&s));
     assert_eq!(r.stop(), 143);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sleep in place: POST /sleep and POST /wake on the activity port (docs/agent.md)
+
+/// A control call's status and JSON body.
+fn control(r: &Running, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    let (code, body) = http_post(r.activity_port, path, token)
+        .unwrap_or_else(|e| panic!("POST {path}: {e}; log:\n{}", r.log()));
+    let json = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("POST {path} answered {code} {body:?}: {e}"));
+    (code, json)
+}
+
+/// The processes of the agent's PID namespace, as its own /proc lists them.
+fn namespace_processes(agent: i32) -> Vec<i32> {
+    let mut v: Vec<i32> = fs::read_dir(format!("/proc/{agent}/root/proc"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A `kB` line of /proc/<pid>/status (`VmRSS`, `RssAnon`, `RssFile`).
+fn status_kib(pid: i32, key: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn image_pids(s: &Scratch) -> Vec<i64> {
+    metadata(s, "c1")["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_i64().unwrap())
+        .collect()
+}
+
+/// Asleep: the app's port refuses connections, the agent (PID 1) is the namespace's only
+/// process, every PID the image needs is free, and /activity says so.
+fn assert_asleep(r: &mut Running, s: &Scratch, port: u16) {
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the app's port still accepts while asleep; log:\n{}",
+        r.log()
+    );
+    assert!(r.child.try_wait().unwrap().is_none(), "the agent ended");
+    let agent = r.agent_pid();
+    assert_eq!(namespace_processes(agent), vec![1], "{}", r.log());
+    for p in image_pids(s) {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{agent}/root/proc/{p}")).exists(),
+            "pid {p} of the image is taken while asleep"
+        );
+    }
+    let a = activity(r);
+    assert_eq!(a.mode, "sleeping", "{a:?}");
+    assert_eq!(a.open_connections, 0);
+    assert!(a.sleeping_since.is_some() && a.start_ms.is_none(), "{a:?}");
+    assert_eq!(a.checkpoint_id.as_deref(), Some("c1"));
+}
+
+/// Sleep ends the JVM and keeps the agent; wake restores it in place from the image (the
+/// counter comes back at 201 each time), three times over; only the token's bearer may ask;
+/// SIGTERM while asleep ends the agent at once with 0.
+#[test]
+fn sleep_and_wake_in_place_restore_from_the_image() {
+    let _g = serial();
+    let s = Scratch::new("in-place");
+    let port = free_port();
+    checkpoint(&s, "c1", port, &[]);
+    let (token_file, token) = control_token(&s);
+    let mut r = restore_run(&s, "restore", "c1", port)
+        .env(ENV_CONTROL_TOKEN_FILE, &token_file.to_string_lossy())
+        .start();
+    assert_eq!(
+        r.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 201"
+    );
+    // Without the token, or with another, nothing happens.
+    let wrong = format!("{}x", &token[1..]);
+    for t in [None, Some(wrong.as_str()), Some(&token[..token.len() - 1])] {
+        for path in ["/sleep", "/wake"] {
+            let (code, body) = control(&r, path, t);
+            assert_eq!(code, 401, "{path} with {t:?}: {body}");
+            assert!(body.get("mode").is_none(), "{body}");
+        }
+    }
+    assert_eq!(
+        http_get(r.activity_port, "/sleep").unwrap().0,
+        401,
+        "GET without a token"
+    );
+    assert_eq!(http_get(port, "/").unwrap().1.trim(), "hello 202");
+    assert_eq!(activity(&r).mode, "restored");
+
+    let agent = r.agent_pid();
+    const ROUNDS: u32 = 3;
+    for round in 1..=ROUNDS {
+        let (code, body) = control(&r, "/sleep", Some(&token));
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["mode"], "sleeping");
+        assert!(body["sleepMs"].as_u64().is_some(), "{body}");
+        // Already asleep: answered at once, nothing done.
+        let (code, again) = control(&r, "/sleep", Some(&token));
+        assert_eq!((code, again["sleepMs"].is_null()), (200, true), "{again}");
+        assert_asleep(&mut r, &s, port);
+        let rss = status_kib(agent, "VmRSS");
+        let threads = fs::read_dir(format!("/proc/{agent}/task")).unwrap().count();
+        eprintln!(
+            "asleep (round {round}): agent VmRSS {rss} kB (anon {} kB, file {} kB), {threads} threads",
+            status_kib(agent, "RssAnon"),
+            status_kib(agent, "RssFile")
+        );
+        // The agent alone, its heap given back after each sleep (and not growing with them).
+        assert!(rss < 16 * 1024, "the sleeping agent holds {rss} kB");
+        let anon = status_kib(agent, "RssAnon");
+        assert!(anon < 2 * 1024, "the sleeping agent's heap is {anon} kB");
+
+        let t = Instant::now();
+        let (code, body) = control(&r, "/wake", Some(&token));
+        let took = t.elapsed();
+        assert_eq!(code, 200, "{body}; log:\n{}", r.log());
+        assert_eq!(body["mode"], "restored", "{body}");
+        let restore_ms = body["restoreMs"].as_u64().unwrap();
+        assert!(restore_ms <= took.as_millis() as u64 + 1, "{body} {took:?}");
+        eprintln!(
+            "in-place wake {round}: restoreMs {restore_ms}, answered after {} ms",
+            took.as_millis()
+        );
+        // Ready when it answers, and from the image's memory: 200 requests before the dump.
+        assert_eq!(http_get(port, "/").unwrap().1.trim(), "hello 201");
+        // Awake: answered at once, with no new restore.
+        let (code, again) = control(&r, "/wake", Some(&token));
+        assert_eq!(code, 200);
+        assert_eq!(again["mode"], "restored");
+        assert!(again["restoreMs"].is_null(), "{again}");
+        assert_eq!(http_get(port, "/").unwrap().1.trim(), "hello 202");
+        let a = activity(&r);
+        assert_eq!(
+            (a.mode.as_str(), a.wakes),
+            ("restored", Some(round)),
+            "{a:?}"
+        );
+        assert!(a.sleeping_since.is_none() && a.last_activity_time.is_some());
+        let sum = r.summary();
+        assert_eq!(sum.outcome, Some(Outcome::Restored), "{sum:?}");
+        assert_eq!((sum.wakes, sum.asleep), (Some(round), None), "{sum:?}");
+    }
+    let log = r.log();
+    for l in log.lines().filter(|l| {
+        l.contains("restore timing: ") || l.contains("ns_last_pid") || l.contains("asleep ")
+    }) {
+        eprintln!("{l}");
+    }
+    assert_eq!(
+        log.matches("restore timing: ").count(),
+        ROUNDS as usize + 1,
+        "{log}"
+    );
+
+    // SIGTERM while asleep: no JVM to stop, the agent exits 0 at once.
+    assert_eq!(control(&r, "/sleep", Some(&token)).0, 200);
+    let t = Instant::now();
+    r.signal("TERM");
+    assert_eq!(r.wait(Duration::from_secs(10)), 0, "{}", r.log());
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let sum = read_summary(&r.summary, &r.log());
+    assert_eq!(sum.asleep, Some(true), "{sum:?}");
+    assert_eq!(sum.wakes, Some(ROUNDS));
+    assert_eq!(sum.exit_code, None);
+}
+
+/// Wakes that arrive together share one restore; a sleep that arrives during a wake waits for
+/// it, then sleeps: never two JVMs, never none with a mode that says awake.
+#[test]
+fn concurrent_wakes_share_one_restore_and_a_sleep_waits_for_the_wake() {
+    let _g = serial();
+    let s = Scratch::new("in-place-races");
+    let port = free_port();
+    checkpoint(&s, "c1", port, &[]);
+    let (token_file, token) = control_token(&s);
+    let mut r = restore_run(&s, "restore", "c1", port)
+        .env(ENV_CONTROL_TOKEN_FILE, &token_file.to_string_lossy())
+        .start();
+    assert_eq!(
+        r.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 201"
+    );
+    assert_eq!(control(&r, "/sleep", Some(&token)).0, 200);
+
+    let wakes: Vec<_> = (0..4)
+        .map(|_| {
+            let (ap, token) = (r.activity_port, token.clone());
+            std::thread::spawn(move || http_post(ap, "/wake", Some(&token)).unwrap())
+        })
+        .collect();
+    let answers: Vec<(u16, String)> = wakes.into_iter().map(|h| h.join().unwrap()).collect();
+    for (code, body) in &answers {
+        assert_eq!(*code, 200, "{body}");
+        // The same wake's answer, restoreMs included.
+        assert_eq!(body, &answers[0].1);
+    }
+    let first: serde_json::Value = serde_json::from_str(&answers[0].1).unwrap();
+    assert_eq!(first["mode"], "restored");
+    assert!(first["restoreMs"].as_u64().is_some(), "{first}");
+    let log = r.log();
+    assert_eq!(log.matches("waking in place").count(), 1, "{log}");
+    assert_eq!(log.matches("restore timing: ").count(), 2, "{log}");
+    assert_eq!(activity(&r).wakes, Some(1));
+    assert_eq!(http_get(port, "/").unwrap().1.trim(), "hello 201");
+
+    // A sleep during a wake.
+    assert_eq!(control(&r, "/sleep", Some(&token)).0, 200);
+    let (ap, t2) = (r.activity_port, token.clone());
+    let wake = std::thread::spawn(move || {
+        let a = http_post(ap, "/wake", Some(&t2)).unwrap();
+        (a, Instant::now())
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !r.log().contains("waking in place (wake 2)") {
+        assert!(Instant::now() < deadline, "{}", r.log());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (code, slept) = control(&r, "/sleep", Some(&token));
+    let slept_at = Instant::now();
+    let ((wcode, woke), woke_at) = wake.join().unwrap();
+    assert_eq!((wcode, code), (200, 200), "{woke} {slept}");
+    assert!(woke.contains("\"restored\""), "{woke}");
+    assert_eq!(slept["mode"], "sleeping");
+    assert!(
+        slept["sleepMs"].as_u64().is_some(),
+        "the sleep ended a JVM: {slept}"
+    );
+    assert!(woke_at <= slept_at, "the sleep answered before the wake");
+    assert_asleep(&mut r, &s, port);
+    assert_eq!(r.log().matches("restore timing: ").count(), 3);
+    r.signal("TERM");
+    assert_eq!(r.wait(Duration::from_secs(10)), 0);
+}
+
+/// Without a token file the endpoints are off (404). A wake whose image was damaged while the
+/// pod slept starts the app cold in place, as a pod start would; a cold pod sleeps and wakes
+/// too. A JVM that exits on its own still ends the agent with its status.
+#[test]
+fn a_wake_from_a_damaged_image_starts_cold_in_place() {
+    let _g = serial();
+    let s = Scratch::new("in-place-cold");
+    let port = free_port();
+    checkpoint(&s, "c1", port, &[]);
+    let (token_file, token) = control_token(&s);
+
+    let mut off = restore_run(&s, "restore-off", "c1", port).start();
+    assert_eq!(
+        off.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 201"
+    );
+    for path in ["/sleep", "/wake"] {
+        assert_eq!(
+            http_post(off.activity_port, path, Some(&token)).unwrap().0,
+            404
+        );
+    }
+    assert_eq!(http_get(port, "/").unwrap().1.trim(), "hello 202");
+    assert_eq!(off.stop(), 143);
+
+    let mut r = restore_run(&s, "restore", "c1", port)
+        .env(ENV_CONTROL_TOKEN_FILE, &token_file.to_string_lossy())
+        .start();
+    assert_eq!(
+        r.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 201"
+    );
+    assert_eq!(control(&r, "/sleep", Some(&token)).0, 200);
+    corrupt_byte(&s.images().join("c1/pages-1.img"), 4096 * 10 + 7);
+    for round in 1..=2u32 {
+        let (code, body) = control(&r, "/wake", Some(&token));
+        assert_eq!(code, 200, "{body}; log:\n{}", r.log());
+        assert_eq!(body["mode"], "coldStarted", "{body}");
+        assert_eq!(body["reason"], "ImageCorrupt", "{body}");
+        assert!(body["restoreMs"].as_u64().is_some(), "{body}");
+        assert_eq!(http_get(port, "/").unwrap().1.trim(), "hello 1");
+        let a = activity(&r);
+        assert_eq!(a.mode, "coldStarted");
+        assert_eq!(a.reason.as_deref(), Some("ImageCorrupt"));
+        assert_eq!(a.wakes, Some(round));
+        let sum = r.summary();
+        assert_eq!(sum.outcome, Some(Outcome::ColdStarted), "{sum:?}");
+        assert_eq!(sum.reason.as_deref(), Some("ImageCorrupt"));
+        if round == 1 {
+            // The cold JVM sleeps like a restored one.
+            assert_eq!(control(&r, "/sleep", Some(&token)).0, 200);
+            assert_asleep(&mut r, &s, port);
+        }
+    }
+    // The JVM exits on its own (hello-app's /exit-on-next-ready makes its next readiness
+    // answer halt it with status 3): the agent ends with its status.
+    assert_eq!(http_get(port, "/exit-on-next-ready").unwrap().0, 200);
+    let _ = http_get(port, "/ready");
+    let code = r.wait(Duration::from_secs(10));
+    assert_eq!(code, 3, "{}", r.log());
+    let sum = read_summary(&r.summary, &r.log());
+    assert_eq!(sum.exit_code, Some(code));
+    assert_eq!(sum.asleep, None);
 }

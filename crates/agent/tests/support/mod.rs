@@ -460,6 +460,39 @@ pub fn restore_run(s: &Scratch, name: &str, id: &str, port: u16) -> AgentRun {
     AgentRun::new(s, name, "restore", id, port).env(ENV_IMAGE_DIGEST, &digest)
 }
 
+/// A plain HTTP POST on loopback with no body (and a bearer token, if any): status and body.
+pub fn http_post(port: u16, path: &str, token: Option<&str>) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_string()))
+}
+
+/// Writes a control token file (0600) in the scratch dir, as the operator's Secret would
+/// provide it, and returns the token.
+pub fn control_token(s: &Scratch) -> (PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let token: String = digest_of(s.dir.to_string_lossy().as_bytes())[7..55].to_string();
+    let path = s.dir.join("control-token");
+    fs::write(&path, format!("{token}\n")).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    (path, token)
+}
+
 pub fn corrupt_byte(file: &Path, at: u64) {
     let mut bytes = fs::read(file).unwrap();
     let i = (at as usize).min(bytes.len() - 1);
