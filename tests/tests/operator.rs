@@ -370,12 +370,12 @@ async fn restore_pods_run_the_checkpointed_image_pinned_by_digest() {
     )
     .await;
     let pinned = format!("reg.example:5000/team/shop@{}", digest('a'));
-    wait_for("the pods to run the pinned image", DEADLINE, || async {
-        (restore_image(&deployments, "pinned").await? == pinned).then_some(())
+    // The Deployment is applied before the status is written: wait for both.
+    let image = wait_for("the pods to run the pinned image", DEADLINE, || async {
+        let image = status_of(&apps, "pinned").await.checkpoint?;
+        (restore_image(&deployments, "pinned").await? == pinned).then_some(image)
     })
     .await;
-    let status = status_of(&apps, "pinned").await;
-    let image = status.checkpoint.unwrap();
     assert_eq!(image.id, first);
     assert_eq!(image.app_image.as_deref(), Some(pinned.as_str()));
 
@@ -396,11 +396,13 @@ async fn restore_pods_run_the_checkpointed_image_pinned_by_digest() {
     .await;
     assert_ne!(first, second);
     let repinned = format!("reg.example:5000/team/shop@{}", digest('b'));
-    wait_for("the pods to run the new digest", DEADLINE, || async {
-        (restore_image(&deployments, "pinned").await? == repinned).then_some(())
+    // The Deployment is applied before the status is written: wait for both.
+    let image = wait_for("the pods to run the new digest", DEADLINE, || async {
+        let image = status_of(&apps, "pinned").await.checkpoint?;
+        (restore_image(&deployments, "pinned").await? == repinned && image.id == second)
+            .then_some(image)
     })
     .await;
-    let image = status_of(&apps, "pinned").await.checkpoint.unwrap();
     assert_eq!(
         (image.id.as_str(), image.app_image.as_deref()),
         (second.as_str(), Some(repinned.as_str()))

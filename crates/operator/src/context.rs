@@ -7,11 +7,9 @@ use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::pod_security::PodAllowance;
 use crate::ports::PortTable;
-use crate::reconcile::cycle::AppKey;
-use crate::reconcile::observe::StartSeen;
+use crate::restore_starts::RestoreStarts;
 use crac_api::labels;
 use kube::Client;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,7 +84,7 @@ pub struct Context {
     pub caches: Caches,
     /// How each app's restore pods started, by pod uid, as their agents said (only pods that
     /// still exist are kept).
-    pub restore_starts: Mutex<HashMap<AppKey, HashMap<String, StartSeen>>>,
+    pub restore_starts: RestoreStarts,
 }
 
 impl Context {

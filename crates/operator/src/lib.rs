@@ -21,6 +21,7 @@ pub mod pod_security;
 pub mod policies;
 pub mod ports;
 pub mod reconcile;
+pub mod restore_starts;
 pub mod scale;
 pub mod server;
 pub mod validate;

@@ -13,6 +13,7 @@ use crate::checkpoint_id::{checkpoint_id, short};
 use crate::context::Context;
 use crate::error::Result;
 use crate::ports::{ports_held, reserve};
+use crate::restore_starts::{StartMode, StartSeen};
 use crate::scale::{Activity, governing_policy, settings_for};
 use crate::validate::{SpecError, ValidatedApp, validate};
 use crac_api::agent::{ACTIVITY_PATH, ActivityReport, DEFAULT_ACTIVITY_PORT};
@@ -323,24 +324,6 @@ fn forget_starts(ctx: &Context, key: &AppKey) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(key);
-}
-
-/// What the operator knows of how one restore pod started.
-#[derive(Clone, Debug)]
-pub enum StartSeen {
-    Known(StartMode),
-    /// Its agent has not answered yet: asked so many times, next no sooner than then.
-    Unknown {
-        asked: u8,
-        next: std::time::Instant,
-    },
-}
-
-#[derive(Clone, Debug)]
-pub struct StartMode {
-    pub cold: bool,
-    pub reason: Option<String>,
-    pub start_ms: Option<u64>,
 }
 
 /// A problem with the images volume that the user must fix, if any.
