@@ -74,11 +74,14 @@ pub async fn watch_pods(client: Client, registry: Arc<Registry>) {
             Ok(Some(event)) => match event {
                 Event::Apply(pod) => {
                     if let Some(entry) = pod_entry(&pod) {
-                        if let Some(app) = starting.apply(&entry) {
-                            registry.set_starting_pods(&app, starting.ips(&app));
-                        }
+                        // Ready first: a pod that answered early and is now Ready stays a
+                        // backend throughout, never missing for a moment in between.
+                        let started = starting.apply(&entry);
                         if let Some(app) = index.apply(entry) {
                             registry.set_ready_pods(&app, index.ready_ips(&app));
+                        }
+                        if let Some(app) = started {
+                            registry.set_starting_pods(&app, starting.ips(&app));
                         }
                     }
                 }
