@@ -47,6 +47,26 @@ async fn ready(ns: &TestNamespace, name: &str, replicas: usize) -> Vec<(String, 
     .await
 }
 
+/// Waits for the app's `CheckpointReady=False` with `reason`, and returns that condition.
+async fn checkpoint_failed_with(
+    apps: &Api<CracApp>,
+    app: &str,
+    reason: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    wait_for(
+        &format!("{app}: CheckpointReady=False, {reason}"),
+        DEADLINE,
+        || async {
+            let status = status_of(apps, app).await;
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "CheckpointReady" && c.status == "False" && c.reason == reason)
+        },
+    )
+    .await
+}
+
 /// The summary the agent wrote as the termination message of a finished checkpoint pod.
 async fn checkpoint_summaries(ns: &TestNamespace, app: &str) -> Vec<AgentSummary> {
     let pods: Api<Pod> = ns.api();
@@ -295,19 +315,7 @@ async fn a_checkpoint_that_fails_in_the_container_is_reported_and_retried_with_b
     app.spec.checkpoint.timeout = "30s".into();
     apps.create(&PostParams::default(), &app).await.unwrap();
 
-    let condition = wait_for(
-        "CheckpointReady=False with the agent's reason",
-        DEADLINE,
-        || async {
-            let status = status_of(&apps, "never").await;
-            status.conditions.into_iter().find(|c| {
-                c.type_ == "CheckpointReady"
-                    && c.status == "False"
-                    && c.reason == "ReadinessTimeout"
-            })
-        },
-    )
-    .await;
+    let condition = checkpoint_failed_with(&apps, "never", "ReadinessTimeout").await;
     assert!(
         condition.message.contains("/never") || condition.message.contains("ready"),
         "{condition:?}"
@@ -370,19 +378,7 @@ async fn an_image_that_fails_its_trial_restore_is_never_rolled_out() {
     .unwrap();
     apps.create(&PostParams::default(), &app).await.unwrap();
 
-    let condition = wait_for(
-        "CheckpointReady=False, TrialRestoreFailed",
-        DEADLINE,
-        || async {
-            let status = status_of(&apps, "trial").await;
-            status.conditions.into_iter().find(|c| {
-                c.type_ == "CheckpointReady"
-                    && c.status == "False"
-                    && c.reason == "TrialRestoreFailed"
-            })
-        },
-    )
-    .await;
+    let condition = checkpoint_failed_with(&apps, "trial", "TrialRestoreFailed").await;
     assert!(condition.message.contains("JvmExited"), "{condition:?}");
     // Nothing was published, so nothing restores from it: no image, no restore pods.
     let status = status_of(&apps, "trial").await;

@@ -761,6 +761,21 @@ fn lazy_restore_of_tampered_page_data_is_killed_before_it_runs() {
 // Sleep in place: POST /sleep and POST /wake on the activity port (docs/agent.md)
 
 /// A control call's status and JSON body.
+/// hello-app checkpointed as `c1`, then restored by an agent given a control token: the
+/// restore (answering "hello 201") and the token.
+fn restored_with_control(s: &Scratch, port: u16) -> (Running, String) {
+    checkpoint(s, "c1", port, &[]);
+    let (token_file, token) = control_token(s);
+    let mut r = restore_run(s, "restore", "c1", port)
+        .env(ENV_CONTROL_TOKEN_FILE, &token_file.to_string_lossy())
+        .start();
+    assert_eq!(
+        r.get_when_up("/", Duration::from_secs(20)).trim(),
+        "hello 201"
+    );
+    (r, token)
+}
+
 fn control(r: &Running, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
     let (code, body) = http_post(r.activity_port, path, token)
         .unwrap_or_else(|e| panic!("POST {path}: {e}; log:\n{}", r.log()));
@@ -830,15 +845,7 @@ fn sleep_and_wake_in_place_restore_from_the_image() {
     let _g = serial();
     let s = Scratch::new("in-place");
     let port = free_port();
-    checkpoint(&s, "c1", port, &[]);
-    let (token_file, token) = control_token(&s);
-    let mut r = restore_run(&s, "restore", "c1", port)
-        .env(ENV_CONTROL_TOKEN_FILE, &token_file.to_string_lossy())
-        .start();
-    assert_eq!(
-        r.get_when_up("/", Duration::from_secs(20)).trim(),
-        "hello 201"
-    );
+    let (mut r, token) = restored_with_control(&s, port);
     // Without the token, or with another, nothing happens.
     let wrong = format!("{}x", &token[1..]);
     for t in [None, Some(wrong.as_str()), Some(&token[..token.len() - 1])] {
@@ -940,15 +947,7 @@ fn concurrent_wakes_share_one_restore_and_a_sleep_waits_for_the_wake() {
     let _g = serial();
     let s = Scratch::new("in-place-races");
     let port = free_port();
-    checkpoint(&s, "c1", port, &[]);
-    let (token_file, token) = control_token(&s);
-    let mut r = restore_run(&s, "restore", "c1", port)
-        .env(ENV_CONTROL_TOKEN_FILE, &token_file.to_string_lossy())
-        .start();
-    assert_eq!(
-        r.get_when_up("/", Duration::from_secs(20)).trim(),
-        "hello 201"
-    );
+    let (mut r, token) = restored_with_control(&s, port);
     assert_eq!(control(&r, "/sleep", Some(&token)).0, 200);
 
     let wakes: Vec<_> = (0..4)

@@ -399,11 +399,22 @@ impl Drop for Running {
 
 /// A plain HTTP GET on loopback: status and body.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    exchange(port, &format!("GET {path}"), "", Duration::from_secs(5))
+}
+
+/// One HTTP/1.1 request on loopback (`request_line` without the version, extra header lines
+/// each ending in CRLF), read to the end within `limit`: status and body.
+fn exchange(
+    port: u16,
+    request_line: &str,
+    headers: &str,
+    limit: Duration,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(limit))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "{request_line} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Connection: close\r\n\r\n"
     )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
@@ -462,24 +473,15 @@ pub fn restore_run(s: &Scratch, name: &str, id: &str, port: u16) -> AgentRun {
 
 /// A plain HTTP POST on loopback with no body (and a bearer token, if any): status and body.
 pub fn http_post(port: u16, path: &str, token: Option<&str>) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((code, body.to_string()))
+    exchange(
+        port,
+        &format!("POST {path}"),
+        &format!("{auth}Content-Length: 0\r\n"),
+        Duration::from_secs(60),
+    )
 }
 
 /// Writes a control token file (0600) in the scratch dir, as the operator's Secret would
