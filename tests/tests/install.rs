@@ -948,7 +948,17 @@ fn operator_pods(app: &CracApp) -> Vec<(&'static str, Pod)> {
         (
             "restore",
             as_pod(
-                deployment::restore_deployment_for(app, &validated, &image, 1, &config)
+                deployment::restore_deployment_for(app, &validated, &image, 1, false, &config)
+                    .spec
+                    .unwrap()
+                    .template,
+            ),
+        ),
+        (
+            // Sleeping in place adds only a Secret volume and an env var: no privilege.
+            "restore, sleeping in place",
+            as_pod(
+                deployment::restore_deployment_for(app, &validated, &image, 1, true, &config)
                     .spec
                     .unwrap()
                     .template,

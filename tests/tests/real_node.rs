@@ -613,6 +613,7 @@ async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app()
         caller_namespaces: Vec::new(),
         idle_after: Some("30m".into()),
         wake_timeout: Some("60s".into()),
+        mode: None,
     });
     apps.create(&PostParams::default(), &app).await.unwrap();
     ready(&ns, "nap", 1).await;

@@ -34,6 +34,7 @@ fn sleepy_app(name: &str, idle_after: &str) -> CracApp {
         caller_namespaces: Vec::new(),
         idle_after: Some(idle_after.into()),
         wake_timeout: Some("30s".into()),
+        mode: None,
     });
     app
 }

@@ -427,6 +427,7 @@ async fn add_app(activator: &Activator, key: AppKey, target_port: u16) -> u16 {
         serving_mode: Some(crac_api::cracapp::ServingMode::Activator),
         caller_namespaces: Vec::new(),
         probe: None,
+        in_place_uid: None,
     });
     assert!(activator.wait_listening(port, Duration::from_secs(5)).await);
     activator.registry().set_ready_pods(&key, vec![LOOPBACK]);

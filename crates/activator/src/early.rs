@@ -13,7 +13,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crac_api::CracApp;
-use crac_api::agent::{ACTIVITY_PATH, ActivityReport, DEFAULT_ACTIVITY_PORT};
+use crac_api::agent::{
+    ACTIVITY_PATH, ActivityReport, ControlAnswer, DEFAULT_ACTIVITY_PORT, WAKE_PATH, mode,
+};
 use crac_api::cracapp::APP_CONTAINER;
 use k8s_openapi::api::core::v1::{Container, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -133,10 +135,34 @@ async fn ask(ip: IpAddr, probe: &AppProbe) -> bool {
 /// What the agent of the pod on `ip` says about how its app started (`GET /activity` on the
 /// agent's port): one bounded exchange (64 KiB, `limit`). `None` when it does not answer so.
 pub async fn agent_report(ip: IpAddr, limit: Duration) -> Option<ActivityReport> {
+    agent_exchange(ip, &format!("GET {ACTIVITY_PATH}"), None, limit).await
+}
+
+/// Wakes a pod that sleeps in place (`POST /wake` with the app's control token), waiting at
+/// most `limit` for its agent to restore the JVM and see it ready. `None` when the wake did not
+/// happen (no answer, or an error: the operator falls back for that pod).
+pub async fn wake_in_place(ip: IpAddr, token: &str, limit: Duration) -> Option<ControlAnswer> {
+    let answer: ControlAnswer =
+        agent_exchange(ip, &format!("POST {WAKE_PATH}"), Some(token), limit).await?;
+    [mode::RESTORED, mode::COLD_STARTED]
+        .contains(&answer.mode.as_str())
+        .then_some(answer)
+}
+
+/// One bounded HTTP/1.0 exchange with a pod's agent (64 KiB, `limit`): the JSON body of a 2xx.
+async fn agent_exchange<T: serde::de::DeserializeOwned>(
+    ip: IpAddr,
+    request_line: &str,
+    token: Option<&str>,
+    limit: Duration,
+) -> Option<T> {
     let exchange = async {
         let addr = SocketAddr::new(ip, DEFAULT_ACTIVITY_PORT);
         let mut stream = TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {ACTIVITY_PATH} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        let authorization = token
+            .map(|t| format!("Authorization: Bearer {t}\r\nContent-Length: 0\r\n"))
+            .unwrap_or_default();
+        let request = format!("{request_line} HTTP/1.0\r\nHost: {addr}\r\n{authorization}\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut answer = Vec::new();
         stream.take(64 * 1024).read_to_end(&mut answer).await.ok()?;

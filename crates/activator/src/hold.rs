@@ -2,7 +2,7 @@
 //! wake the instant a pod turns ready, with no polling), the bounded count of held requests
 //! with their deadline, and the single wake task that asks the operator to wake the app.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::early::{self, AppProbe};
-use crate::metrics::{AppMetrics, WakeOutcome, WakePart};
+use crate::metrics::{AppMetrics, SleepMode, WakeOutcome, WakePart};
 use crate::routes::{AppKey, RoundRobin, Serving};
 use crate::wake::WakeClient;
 
@@ -77,6 +77,8 @@ pub struct AppState {
     probing: AtomicBool,
     /// How each pod that answered a request at zero started, as its agent said.
     starts: Mutex<HashMap<IpAddr, PodStart>>,
+    /// Pods sleeping in place whose `/wake` is under way.
+    waking_in_place: Mutex<HashSet<IpAddr>>,
     pub metrics: AppMetrics,
 }
 
@@ -85,6 +87,8 @@ pub struct AppState {
 struct PodStart {
     outcome: WakeOutcome,
     restore: Option<f64>,
+    /// Woken in place by this activator (else started as a new pod).
+    in_place: bool,
 }
 
 #[derive(Default)]
@@ -92,9 +96,13 @@ struct PodSets {
     ready: Vec<IpAddr>,
     /// Running, not Ready yet.
     starting: Vec<IpAddr>,
-    /// Starting pods whose app answered the activator's probe.
+    /// Starting pods whose app answered the activator's probe, or that it woke in place.
     answered: Vec<IpAddr>,
+    /// Starting pods the operator marked asleep in place.
+    asleep: Vec<IpAddr>,
     probe: Option<AppProbe>,
+    /// The app's control token, when it sleeps in place and the cluster key is known.
+    token: Option<Arc<str>>,
 }
 
 impl PodSets {
@@ -143,6 +151,7 @@ impl AppState {
             waking: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             starts: Mutex::default(),
+            waking_in_place: Mutex::default(),
             metrics,
         }
     }
@@ -169,16 +178,22 @@ impl AppState {
 
     /// Replaces the pods that run but are not Ready yet. One that answered early and is no
     /// longer starting (gone, or Ready now and listed as such) stops being an early backend.
-    pub fn set_starting(&self, ips: Vec<IpAddr>) {
+    pub fn set_starting(&self, ips: Vec<IpAddr>, asleep: Vec<IpAddr>) {
         let mut pods = self.pod_sets();
         pods.answered.retain(|ip| ips.contains(ip));
         pods.starting = ips;
+        pods.asleep = asleep;
         self.publish(&pods);
     }
 
     /// How to probe a starting pod of this app (`None`: wait for the kubelet's Ready).
     pub fn set_probe(&self, probe: Option<AppProbe>) {
         self.pod_sets().probe = probe;
+    }
+
+    /// The app's control token (`None`: it does not sleep in place, or the key is unknown).
+    pub fn set_control_token(&self, token: Option<String>) {
+        self.pod_sets().token = token.map(Into::into);
     }
 
     fn publish(&self, pods: &PodSets) {
@@ -334,6 +349,10 @@ impl AppState {
                     // Also when the pods this request was refused by have gone since.
                     self.ensure_waking(ctx);
                     self.ensure_probing();
+                } else if honour_exclude {
+                    // Listed ready but refusing: pods that have just gone to sleep in place,
+                    // before the kubelet noticed. Woken where they are.
+                    self.wake_in_place(exclude);
                 }
                 if honour_exclude {
                     tokio::select! {
@@ -409,6 +428,7 @@ impl AppState {
                             _ => WakeOutcome::unknown,
                         },
                         restore: report.and_then(|r| r.start_ms).map(|ms| ms as f64 / 1e3),
+                        in_place: false,
                     };
                     let backends = app.ready_ips();
                     let mut starts = app.lock_starts();
@@ -421,14 +441,20 @@ impl AppState {
                 }
             };
             let m = &app.metrics;
+            let mode = if start.in_place {
+                SleepMode::in_place
+            } else {
+                SleepMode::recreate
+            };
             m.at_zero(
+                mode,
                 start.outcome,
                 WakePart::first_byte,
                 first_byte.as_secs_f64(),
             );
-            m.at_zero(start.outcome, WakePart::held, held.as_secs_f64());
+            m.at_zero(mode, start.outcome, WakePart::held, held.as_secs_f64());
             if let Some(restore) = start.restore {
-                m.at_zero(start.outcome, WakePart::restore, restore);
+                m.at_zero(mode, start.outcome, WakePart::restore, restore);
             }
         });
     }
@@ -436,10 +462,15 @@ impl AppState {
     /// A request that arrived at zero got a 503 after `waited` (deadline, or the wake failed).
     pub fn failed_at_zero(&self, waited: Duration) {
         let secs = waited.as_secs_f64();
+        let mode = if self.pod_sets().token.is_some() {
+            SleepMode::in_place
+        } else {
+            SleepMode::recreate
+        };
         self.metrics
-            .at_zero(WakeOutcome::failed, WakePart::first_byte, secs);
+            .at_zero(mode, WakeOutcome::failed, WakePart::first_byte, secs);
         self.metrics
-            .at_zero(WakeOutcome::failed, WakePart::held, secs);
+            .at_zero(mode, WakeOutcome::failed, WakePart::held, secs);
     }
 
     fn lock_starts(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, PodStart>> {
@@ -456,7 +487,11 @@ impl AppState {
     /// listed, every starting pod is probed every [`PROBE_EVERY`]; the first that answers
     /// becomes a backend, and the held requests go to it.
     fn ensure_probing(self: &Arc<Self>) {
-        if self.pod_sets().probe.is_none()
+        let can_probe = {
+            let pods = self.pod_sets();
+            pods.probe.is_some() || pods.token.is_some()
+        };
+        if !can_probe
             || self
                 .probing
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -487,8 +522,11 @@ impl AppState {
         });
     }
 
-    /// Probes every starting pod that has not answered yet, at once.
-    async fn probe_starting(&self) {
+    /// Wakes the sleeping pods in place, probes every other starting pod that has not answered
+    /// yet, at once.
+    async fn probe_starting(self: &Arc<Self>) {
+        let asleep = self.pod_sets().asleep.clone();
+        self.wake_in_place(&asleep);
         let (probe, candidates) = {
             let pods = self.pod_sets();
             let candidates: Vec<IpAddr> = pods
@@ -518,6 +556,57 @@ impl AppState {
             }
         }
         self.publish(&pods);
+    }
+
+    /// Asks each of `ips` not being woken already to wake in place (`POST /wake` with the app's
+    /// control token), in the background; a pod that woke takes the held requests at once.
+    /// Nothing when the app does not sleep in place. A pod that cannot be woken is left to the
+    /// operator, which replaces it.
+    fn wake_in_place(self: &Arc<Self>, ips: &[IpAddr]) {
+        let Some(token) = self.pod_sets().token.clone() else {
+            return;
+        };
+        for &ip in ips {
+            if !self.lock_waking_in_place().insert(ip) {
+                continue;
+            }
+            let app = Arc::clone(self);
+            let token = token.clone();
+            tokio::spawn(async move {
+                let answer = early::wake_in_place(ip, &token, app.wake_timeout()).await;
+                match answer {
+                    Some(a) => {
+                        let start = PodStart {
+                            outcome: if a.mode == crac_api::agent::mode::RESTORED {
+                                WakeOutcome::restored
+                            } else {
+                                WakeOutcome::cold_started
+                            },
+                            restore: a.restore_ms.map(|ms| ms as f64 / 1e3),
+                            in_place: true,
+                        };
+                        app.lock_starts().insert(ip, start);
+                        app.metrics.woken_in_place.inc();
+                        tracing::info!(app = %app.key, %ip, mode = %a.mode, restore_ms = ?a.restore_ms, "pod woken in place");
+                        let mut pods = app.pod_sets();
+                        if pods.starting.contains(&ip) && !pods.answered.contains(&ip) {
+                            pods.answered.push(ip);
+                        }
+                        app.publish(&pods);
+                    }
+                    None => {
+                        tracing::warn!(app = %app.key, %ip, "a pod asleep in place did not wake; the operator replaces it");
+                    }
+                }
+                app.lock_waking_in_place().remove(&ip);
+            });
+        }
+    }
+
+    fn lock_waking_in_place(&self) -> std::sync::MutexGuard<'_, HashSet<IpAddr>> {
+        self.waking_in_place
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Asks for the wake, repeating every `wake_resend_interval` while requests are still

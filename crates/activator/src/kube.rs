@@ -81,7 +81,11 @@ pub async fn watch_pods(client: Client, registry: Arc<Registry>) {
                             registry.set_ready_pods(&app, index.ready_ips(&app));
                         }
                         if let Some(app) = started {
-                            registry.set_starting_pods(&app, starting.ips(&app));
+                            registry.set_starting_pods(
+                                &app,
+                                starting.ips(&app),
+                                starting.asleep_ips(&app),
+                            );
                         }
                     }
                 }
@@ -89,7 +93,11 @@ pub async fn watch_pods(client: Client, registry: Arc<Registry>) {
                     if let Some(mut entry) = pod_entry(&pod) {
                         entry.starting_ip = None;
                         if let Some(app) = starting.apply(&entry) {
-                            registry.set_starting_pods(&app, starting.ips(&app));
+                            registry.set_starting_pods(
+                                &app,
+                                starting.ips(&app),
+                                starting.asleep_ips(&app),
+                            );
                         }
                         if let Some(app) = index.delete(&entry) {
                             registry.set_ready_pods(&app, index.ready_ips(&app));
@@ -108,7 +116,11 @@ pub async fn watch_pods(client: Client, registry: Arc<Registry>) {
                 }
                 Event::InitDone => {
                     for app in starting.replace(&std::mem::take(&mut relisted)) {
-                        registry.set_starting_pods(&app, starting.ips(&app));
+                        registry.set_starting_pods(
+                            &app,
+                            starting.ips(&app),
+                            starting.asleep_ips(&app),
+                        );
                     }
                     for app in index.finish_relist() {
                         registry.set_ready_pods(&app, index.ready_ips(&app));
@@ -160,5 +172,44 @@ pub async fn watch_callers(client: Client, registry: Arc<Registry>) {
             Ok(None) => return,
             Err(err) => tracing::warn!(error = %err, "caller pod watch failed; retrying"),
         }
+    }
+}
+
+/// How often the control key is looked for until it exists.
+const CONTROL_KEY_RETRY: Duration = Duration::from_secs(5);
+
+/// Reads the cluster key of sleeping in place ([`crac_api::control::KEY_SECRET`] in
+/// `namespace`), retrying until the operator has created it; then hands it to the registry.
+/// Only apps that sleep in place need it: until it is read, their sleeping pods are woken by
+/// the operator alone (slower, never wrong).
+pub async fn load_control_key(client: Client, namespace: String, registry: Arc<Registry>) {
+    use crac_api::control::{KEY_FIELD, KEY_SECRET, MIN_KEY_BYTES};
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, &namespace);
+    let mut said = false;
+    loop {
+        match api.get_opt(KEY_SECRET).await {
+            Ok(Some(secret)) => {
+                let key = secret
+                    .data
+                    .and_then(|mut d| d.remove(KEY_FIELD))
+                    .map(|b| b.0)
+                    .unwrap_or_default();
+                if key.len() >= MIN_KEY_BYTES {
+                    tracing::info!(%namespace, "control key read: pods sleeping in place are woken here");
+                    registry.set_control_key(key.into());
+                    return;
+                }
+                if !said {
+                    tracing::warn!(%namespace, "the control key Secret holds no usable key");
+                }
+            }
+            Ok(None) => {}
+            Err(err) if !said => {
+                tracing::warn!(%namespace, error = %err, "cannot read the control key; will retry");
+            }
+            Err(_) => {}
+        }
+        said = true;
+        tokio::time::sleep(CONTROL_KEY_RETRY).await;
     }
 }

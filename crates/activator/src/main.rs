@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use crac_activator::access::{Cidr, parse_cidrs};
-use crac_activator::kube::{watch_apps, watch_callers, watch_pods};
+use crac_activator::kube::{load_control_key, watch_apps, watch_callers, watch_pods};
 use crac_activator::wake::KubeWaker;
 use crac_activator::{Activator, Config, ConnectionLimits};
 
@@ -121,6 +121,14 @@ struct Args {
     /// propagation, requests held during the wake); later ones get 503 and are told to reconnect.
     #[arg(long, default_value = "30s", value_parser = duration)]
     awake_grace: Duration,
+    /// Namespace of the Secret holding the cluster key apps' control tokens derive from
+    /// (sleeping in place; the operator creates it there, in the activator's namespace).
+    #[arg(
+        long,
+        default_value = "crac-system",
+        env = "CRAC_CONTROL_KEY_NAMESPACE"
+    )]
+    control_key_namespace: String,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -208,6 +216,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.default_wake_timeout,
     ));
     tokio::spawn(watch_pods(client.clone(), Arc::clone(activator.registry())));
+    tokio::spawn(load_control_key(
+        client.clone(),
+        args.control_key_namespace.clone(),
+        Arc::clone(activator.registry()),
+    ));
     tokio::spawn(watch_callers(client, Arc::clone(activator.registry())));
 
     shutdown_signal().await?;

@@ -94,12 +94,13 @@ pub struct PortLabels {
     pub port: u16,
 }
 
-/// How the app slept before a request arrived at zero (`mode` label). Today its pods are
-/// deleted and created again on wake; sleeping in place will be the other mode.
+/// How the app slept before a request arrived at zero (`mode` label): its pods deleted and
+/// created again on wake, or kept with their JVMs ended and woken in place.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum SleepMode {
     recreate,
+    in_place,
 }
 
 /// How a request that arrived at zero ended (`outcome` label).
@@ -161,6 +162,7 @@ pub struct Metrics {
     wake_requests_failed: Family<AppLabels, Counter>,
     wake_seconds: Family<AppLabels, Histogram, fn() -> Histogram>,
     answered_early: Family<AppLabels, Counter>,
+    woken_in_place: Family<AppLabels, Counter>,
     at_zero: AtZeroFamily,
     outcomes: Family<OutcomeLabels, Counter>,
     /// Connections for a port no app owns (an app deleted while its callers were connected).
@@ -189,6 +191,7 @@ pub struct AppMetrics {
     pub wake_requests_failed: Counter,
     pub wake_seconds: Histogram,
     pub answered_early: Counter,
+    pub woken_in_place: Counter,
     outcomes: [Counter; 8],
     at_zero: AtZeroFamily,
     key: AppKey,
@@ -196,12 +199,12 @@ pub struct AppMetrics {
 
 impl AppMetrics {
     /// One span of one request that arrived at zero.
-    pub fn at_zero(&self, outcome: WakeOutcome, part: WakePart, seconds: f64) {
+    pub fn at_zero(&self, mode: SleepMode, outcome: WakeOutcome, part: WakePart, seconds: f64) {
         self.at_zero
             .get_or_create(&AtZeroLabels {
                 namespace: self.key.namespace.clone(),
                 app: self.key.name.clone(),
-                mode: SleepMode::recreate,
+                mode,
                 outcome,
                 part,
             })
@@ -228,6 +231,7 @@ impl Metrics {
         let wake_seconds =
             Family::<AppLabels, Histogram, fn() -> Histogram>::new_with_constructor(wake_histogram);
         let answered_early = Family::<AppLabels, Counter>::default();
+        let woken_in_place = Family::<AppLabels, Counter>::default();
         let at_zero = AtZeroFamily::new_with_constructor(wake_histogram);
         let outcomes = Family::<OutcomeLabels, Counter>::default();
         let unknown_port = Counter::default();
@@ -278,6 +282,11 @@ impl Metrics {
             "pods_answered_early",
             "Woken pods whose app answered the activator's own probe before the pod was Ready, taking the held requests then",
             answered_early.clone(),
+        );
+        registry.register(
+            "pods_woken_in_place",
+            "Pods sleeping in place that the activator woke itself (POST /wake to their agent) for held requests",
+            woken_in_place.clone(),
         );
         registry.register(
             "request_at_zero_seconds",
@@ -332,6 +341,7 @@ impl Metrics {
             wake_requests_failed,
             wake_seconds,
             answered_early,
+            woken_in_place,
             at_zero,
             outcomes,
             unknown_port,
@@ -373,6 +383,7 @@ impl Metrics {
             wake_requests_failed: self.wake_requests_failed.get_or_create(&labels).clone(),
             wake_seconds: self.wake_seconds.get_or_create(&labels).clone(),
             answered_early: self.answered_early.get_or_create(&labels).clone(),
+            woken_in_place: self.woken_in_place.get_or_create(&labels).clone(),
             outcomes: OUTCOMES.map(outcome),
             at_zero: self.at_zero.clone(),
             key: app.clone(),
@@ -390,15 +401,18 @@ impl Metrics {
         self.wake_requests_failed.remove(&labels);
         self.wake_seconds.remove(&labels);
         self.answered_early.remove(&labels);
-        for outcome in WAKE_OUTCOMES {
-            for part in WAKE_PARTS {
-                self.at_zero.remove(&AtZeroLabels {
-                    namespace: app.namespace.clone(),
-                    app: app.name.clone(),
-                    mode: SleepMode::recreate,
-                    outcome,
-                    part,
-                });
+        self.woken_in_place.remove(&labels);
+        for mode in [SleepMode::recreate, SleepMode::in_place] {
+            for outcome in WAKE_OUTCOMES {
+                for part in WAKE_PARTS {
+                    self.at_zero.remove(&AtZeroLabels {
+                        namespace: app.namespace.clone(),
+                        app: app.name.clone(),
+                        mode,
+                        outcome,
+                        part,
+                    });
+                }
             }
         }
         for outcome in OUTCOMES {

@@ -39,8 +39,9 @@ struct Inner {
     /// Ready pods per app, kept even for apps not (yet) seen, since the two watches deliver in
     /// any order.
     pods: HashMap<AppKey, Vec<IpAddr>>,
-    /// Pods running but not Ready yet, per app (kept the same way).
-    starting: HashMap<AppKey, Vec<IpAddr>>,
+    /// Pods running but not Ready yet, and those of them asleep in place, per app (kept the
+    /// same way).
+    starting: HashMap<AppKey, (Vec<IpAddr>, Vec<IpAddr>)>,
     /// Ports claimed by more than one app, as last logged.
     contested: BTreeMap<u16, BTreeSet<AppKey>>,
 }
@@ -54,6 +55,7 @@ pub struct Registry {
     apps_synced: AtomicBool,
     pods_synced: AtomicBool,
     callers_synced: AtomicBool,
+    control_key: RwLock<Option<Arc<[u8]>>>,
 }
 
 impl Registry {
@@ -67,6 +69,7 @@ impl Registry {
             apps_synced: AtomicBool::new(false),
             pods_synced: AtomicBool::new(false),
             callers_synced: AtomicBool::new(false),
+            control_key: RwLock::default(),
         }
     }
 
@@ -136,16 +139,42 @@ impl Registry {
     }
 
     /// The pods of an app that run but are not Ready yet changed.
-    pub fn set_starting_pods(&self, key: &AppKey, ips: Vec<IpAddr>) {
+    /// The app's pods that run but are not Ready, and those of them asleep in place.
+    pub fn set_starting_pods(&self, key: &AppKey, ips: Vec<IpAddr>, asleep: Vec<IpAddr>) {
         let mut inner = self.lock();
         if let Some(app) = inner.apps.get(key) {
-            app.set_starting(ips.clone());
+            app.set_starting(ips.clone(), asleep.clone());
         }
         if ips.is_empty() {
             inner.starting.remove(key);
         } else {
-            inner.starting.insert(key.clone(), ips);
+            inner.starting.insert(key.clone(), (ips, asleep));
         }
+    }
+
+    /// The cluster key control tokens derive from ([`crac_api::control`]), once read: every
+    /// app that sleeps in place gets its token.
+    pub fn set_control_key(&self, key: Arc<[u8]>) {
+        let inner = self.lock();
+        *self
+            .control_key
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(key);
+        for config in inner.configs.values() {
+            if let Some(app) = inner.apps.get(&config.key) {
+                app.set_control_token(self.token_for(config));
+            }
+        }
+    }
+
+    fn token_for(&self, config: &AppConfig) -> Option<String> {
+        let uid = config.in_place_uid.as_deref()?;
+        let key = self
+            .control_key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        Some(crac_api::control::app_token(&key, uid))
     }
 
     /// The namespace of the pod with this IP; `None` when no pod (or pods of two namespaces)
@@ -207,6 +236,7 @@ impl Registry {
                 app.set_wake_timeout(config.wake_timeout);
                 app.observe_serving_mode(config.serving_mode, Instant::now());
                 app.set_probe(config.probe.clone());
+                app.set_control_token(self.token_for(&config));
             }
             None => {
                 let ips = inner.pods.get(&config.key).cloned().unwrap_or_default();
@@ -218,8 +248,9 @@ impl Registry {
                     self.metrics.for_app(&config.key),
                 );
                 app.set_probe(config.probe.clone());
-                if let Some(starting) = inner.starting.get(&config.key) {
-                    app.set_starting(starting.clone());
+                app.set_control_token(self.token_for(&config));
+                if let Some((starting, asleep)) = inner.starting.get(&config.key) {
+                    app.set_starting(starting.clone(), asleep.clone());
                 }
                 inner.apps.insert(config.key.clone(), Arc::new(app));
             }

@@ -58,6 +58,9 @@ pub struct AppConfig {
     pub caller_namespaces: Vec<String>,
     /// How to ask a woken pod, before it is Ready, whether its app answers ([`crate::early`]).
     pub probe: Option<crate::early::AppProbe>,
+    /// The app's UID when it sleeps in place (its `status.sleepMode`): its pods' control
+    /// token is derived from it, and the activator wakes sleeping pods itself.
+    pub in_place_uid: Option<String>,
 }
 
 /// Default wake deadline when `spec.scaleToZero.wakeTimeout` is unset (the CRD's documented
@@ -103,6 +106,10 @@ pub fn app_config(app: &CracApp, default_wake_timeout: Duration) -> Option<AppCo
             .map(|s| s.caller_namespaces.clone())
             .unwrap_or_default(),
         probe: crate::early::app_probe(app, ports.first().map(|p| p.target_port)),
+        in_place_uid: status
+            .and_then(|s| s.sleep_mode)
+            .filter(|m| *m == crac_api::cracapp::SleepMode::InPlace)
+            .and(app.metadata.uid.clone()),
         ports,
     })
 }
@@ -207,6 +214,8 @@ pub struct PodEntry {
     pub ready_ip: Option<IpAddr>,
     /// The pod runs and has an address but is not Ready yet (see [`starting_ip`]).
     pub starting_ip: Option<IpAddr>,
+    /// The operator marked it asleep in place ([`crac_api::labels::ASLEEP_IN_PLACE_SINCE`]).
+    pub asleep: bool,
 }
 
 /// Reads a pod. `None` when it has no `crac.dev/app` label (or no name or namespace).
@@ -224,6 +233,11 @@ pub fn pod_entry(pod: &Pod) -> Option<PodEntry> {
         pod: pod_name,
         ready_ip: ready_ip(pod),
         starting_ip: starting_ip(pod),
+        asleep: pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(crac_api::labels::ASLEEP_IN_PLACE_SINCE)),
     })
 }
 
@@ -245,17 +259,31 @@ pub fn starting_ip(pod: &Pod) -> Option<IpAddr> {
     status.pod_ip.as_deref()?.parse().ok()
 }
 
-/// Pods that run but are not Ready yet, per app (no order: any of them may answer first).
+/// Pods that run but are not Ready yet, per app (no order: any of them may answer first), and
+/// whether each sleeps in place.
 #[derive(Debug, Default)]
 pub struct StartingPods {
-    pods: HashMap<AppKey, BTreeMap<String, IpAddr>>,
+    pods: HashMap<AppKey, BTreeMap<String, (IpAddr, bool)>>,
 }
 
 impl StartingPods {
     pub fn ips(&self, app: &AppKey) -> Vec<IpAddr> {
         self.pods
             .get(app)
-            .map(|p| p.values().copied().collect())
+            .map(|p| p.values().map(|(ip, _)| *ip).collect())
+            .unwrap_or_default()
+    }
+
+    /// Those the operator marked asleep in place.
+    pub fn asleep_ips(&self, app: &AppKey) -> Vec<IpAddr> {
+        self.pods
+            .get(app)
+            .map(|p| {
+                p.values()
+                    .filter(|(_, asleep)| *asleep)
+                    .map(|(ip, _)| *ip)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -264,7 +292,10 @@ impl StartingPods {
     pub fn apply(&mut self, entry: &PodEntry) -> Option<AppKey> {
         let pods = self.pods.entry(entry.app.clone()).or_default();
         let changed = match entry.starting_ip {
-            Some(ip) => pods.insert(entry.pod.clone(), ip) != Some(ip),
+            Some(ip) => {
+                let value = (ip, entry.asleep);
+                pods.insert(entry.pod.clone(), value) != Some(value)
+            }
             None => pods.remove(&entry.pod).is_some(),
         };
         if pods.is_empty() {
@@ -275,12 +306,12 @@ impl StartingPods {
 
     /// A relist's pods replace everything. Returns every app whose starting pods changed.
     pub fn replace(&mut self, entries: &[PodEntry]) -> Vec<AppKey> {
-        let mut next: HashMap<AppKey, BTreeMap<String, IpAddr>> = HashMap::new();
+        let mut next: HashMap<AppKey, BTreeMap<String, (IpAddr, bool)>> = HashMap::new();
         for e in entries {
             if let Some(ip) = e.starting_ip {
                 next.entry(e.app.clone())
                     .or_default()
-                    .insert(e.pod.clone(), ip);
+                    .insert(e.pod.clone(), (ip, e.asleep));
             }
         }
         let mut changed: BTreeSet<AppKey> = BTreeSet::new();
@@ -501,6 +532,7 @@ mod tests {
             pod: pod.into(),
             ready_ip: ip_.map(ip),
             starting_ip: None,
+            asleep: false,
         }
     }
 
@@ -541,6 +573,14 @@ mod tests {
             vec![a.clone()]
         );
         assert_eq!(s.ips(&a), vec![ip("10.0.0.3")]);
+        assert!(s.asleep_ips(&a).is_empty());
+        // Marked asleep in place by the operator: a change, and listed as such.
+        let asleep = PodEntry {
+            asleep: true,
+            ..starting("p3", Some("10.0.0.3"))
+        };
+        assert_eq!(s.apply(&asleep), Some(a.clone()));
+        assert_eq!(s.asleep_ips(&a), vec![ip("10.0.0.3")]);
         assert_eq!(s.replace(&[]), vec![a.clone()]);
         assert!(s.ips(&a).is_empty());
         assert_eq!(s.apply(&starting("p4", None)), None, "an unknown pod gone");

@@ -1552,7 +1552,7 @@ async fn held_requests_go_to_a_starting_pod_as_soon_as_its_app_answers() {
     // The pod has an address; its app is still restoring.
     activator
         .registry()
-        .set_starting_pods(&key, vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+        .set_starting_pods(&key, vec![IpAddr::V4(Ipv4Addr::LOCALHOST)], vec![]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!held.is_finished(), "answered before the app was up");
     // The app comes up: the held requests are answered, Ready or not.
@@ -1579,7 +1579,7 @@ async fn held_requests_go_to_a_starting_pod_as_soon_as_its_app_answers() {
 
     // The pod goes away before it is Ready: it is no backend any more, and a new request
     // waits (for a wake) instead of going there.
-    activator.registry().set_starting_pods(&key, vec![]);
+    activator.registry().set_starting_pods(&key, vec![], vec![]);
     let answer = get(port, "/echo/late");
     let late = tokio::time::timeout(Duration::from_millis(500), answer).await;
     assert!(late.is_err(), "sent to a pod that is gone: {late:?}");
@@ -1593,9 +1593,11 @@ async fn without_a_probe_held_requests_wait_for_ready() {
     let waker = TestWaker::new(OnWake::Never);
     let (activator, port) =
         start_activator(test_config(), &waker, backend.port, Duration::from_secs(1)).await;
-    activator
-        .registry()
-        .set_starting_pods(&app_key(), vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    activator.registry().set_starting_pods(
+        &app_key(),
+        vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        vec![],
+    );
     let answer = get(port, "/echo/x").await.unwrap();
     assert_eq!(answer.status, 503, "{:?}", answer.body);
     assert_eq!(backend.state.requests.load(Ordering::SeqCst), 0);
@@ -1667,4 +1669,109 @@ async fn a_request_at_zero_is_recorded_with_how_the_pod_started() {
         metric(&activator, &series("failed", "first_byte", "count")),
         1.0
     );
+}
+
+/// A fake agent on `ip`'s agent port: `POST /wake` carrying `Bearer <token>` starts the app
+/// (an echo backend on `ip:app_port`) and answers as a restore in place does; anything else
+/// gets 401. Returns the calls it saw (their Authorization headers) and the backend, once up.
+async fn agent_sleeping_in_place(
+    ip: IpAddr,
+    app_port: u16,
+    token: String,
+) -> (
+    Arc<std::sync::Mutex<Vec<String>>>,
+    Arc<tokio::sync::OnceCell<Backend>>,
+) {
+    let listener = tokio::net::TcpListener::bind((ip, 9901))
+        .await
+        .expect("the agent port on this loopback address is free");
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = Arc::new(tokio::sync::OnceCell::new());
+    let (seen, started) = (Arc::clone(&calls), Arc::clone(&app));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]).to_string();
+            let auth = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Authorization: "))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            seen.lock().unwrap().push(auth.clone());
+            let answer = if head.starts_with("POST /wake ") && auth == format!("Bearer {token}") {
+                started.get_or_init(|| start_backend_on(ip, app_port)).await;
+                "HTTP/1.0 200 OK\r\n\r\n{\"mode\":\"restored\",\"restoreMs\":80}"
+            } else {
+                "HTTP/1.0 401 Unauthorized\r\n\r\n{\"error\":\"a valid bearer token is required\"}"
+            };
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    });
+    (calls, app)
+}
+
+/// An app that sleeps in place: its pods stay, each with only its agent running. A request at
+/// zero makes the activator wake them itself (`POST /wake` with the app's control token, the
+/// HMAC of its UID under the cluster key) and go to the pod the moment the agent says the JVM
+/// is back, the cluster never saying the pod is Ready. Under another key the token is wrong:
+/// the agent wakes nothing and the request gets its 503 at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_wake_pods_sleeping_in_place_with_the_apps_token() {
+    let key: Arc<[u8]> = Arc::from(&b"0123456789abcdef0123456789abcdef"[..]);
+    for (pod, cluster_key, woken) in [
+        ("127.0.0.3", Arc::clone(&key), true),
+        (
+            "127.0.0.4",
+            Arc::from(&b"another cluster's key, not ours"[..]),
+            false,
+        ),
+    ] {
+        let pod: IpAddr = pod.parse().unwrap();
+        let backend_port = free_port();
+        let waker = TestWaker::new(OnWake::Never);
+        let deadline = if woken { LONG } else { Duration::from_secs(2) };
+        let (activator, port) =
+            start_activator(test_config(), &waker, backend_port, deadline).await;
+        let registry = activator.registry();
+        registry.upsert_app(AppConfig {
+            in_place_uid: Some("uid-1".into()),
+            ..app_config(port, backend_port, deadline)
+        });
+        let token = crac_api::control::app_token(&key, "uid-1");
+        let (calls, app) = agent_sleeping_in_place(pod, backend_port, token.clone()).await;
+        registry.set_control_key(cluster_key);
+        registry.set_starting_pods(&app_key(), vec![pod], vec![pod]);
+
+        let answer = within(
+            deadline + Duration::from_secs(3),
+            "the held request",
+            get(port, "/echo/7"),
+        )
+        .await
+        .unwrap();
+        let calls = calls.lock().unwrap().clone();
+        assert!(!calls.is_empty(), "the agent was asked");
+        if woken {
+            assert_eq!(answer.status, 200, "{:?}", answer.body);
+            assert_eq!(answer.body, "id:7");
+            assert_eq!(
+                calls,
+                vec![format!("Bearer {token}")],
+                "one wake, with the app's token"
+            );
+            assert_eq!(
+                metric(
+                    &activator,
+                    "crac_activator_pods_woken_in_place_total{namespace=\"shop\",app=\"demo\"}"
+                ),
+                1.0
+            );
+        } else {
+            assert_eq!(answer.status, 503, "{:?}", answer.body);
+            assert!(app.get().is_none(), "the app was started without the token");
+            assert!(calls.iter().all(|c| c != &format!("Bearer {token}")));
+        }
+    }
 }

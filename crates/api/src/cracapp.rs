@@ -442,6 +442,34 @@ pub struct ScaleToZeroSpec {
         )
     )]
     pub caller_namespaces: Vec<String>,
+
+    /// How the app sleeps: `Recreate` (default) scales it to zero and a wake starts new pods;
+    /// `InPlace` keeps its pods, ends the JVMs (each agent stays, holding a few MB), shrinks the
+    /// pods' requests, and a wake restores the JVM inside the same pods. `InPlace` needs an app
+    /// container without a liveness probe (nothing answers it while asleep).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<SleepMode>,
+}
+
+/// How an app sleeps (`spec.scaleToZero.mode`).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum SleepMode {
+    /// Scale to zero; a wake schedules and starts new pods, which restore.
+    #[default]
+    Recreate,
+    /// Keep the pods with only the agent running; a wake restores the JVM in them.
+    InPlace,
+}
+
+impl SleepMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SleepMode::Recreate => "Recreate",
+            SleepMode::InPlace => "InPlace",
+        }
+    }
 }
 
 /// Where an app is in its life.
@@ -455,7 +483,8 @@ pub enum Phase {
     Restoring,
     /// Every wanted pod is ready.
     Ready,
-    /// Asleep: no pods; the first request wakes the app.
+    /// Asleep: no pods (or, sleeping in place, pods with no JVM); the first request wakes
+    /// the app.
     ScaledToZero,
     /// Cannot proceed without a change; the conditions say why.
     Failed,
@@ -537,6 +566,11 @@ pub struct CracAppStatus {
     /// activator.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub caller_namespaces: Vec<String>,
+
+    /// How the app sleeps, as resolved from its `scaleToZero.mode` and its policy's (absent:
+    /// `Recreate`). Written by the operator for the activator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep_mode: Option<SleepMode>,
 
     /// The last time a pod of the app saw traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -25,3 +25,8 @@ pub const CHECKPOINT_REQUESTED_AT: &str = "crac.dev/checkpoint-requested-at";
 /// restoring the image (`spec.restore.recheckpointAfterColdStarts`): joins the checkpoint id,
 /// so a new image is taken, and spaces such checkpoints an hour apart.
 pub const STALE_IMAGE_AT: &str = "crac.dev/stale-image-at";
+
+/// Annotation on a restore pod that sleeps in place: when the operator put it to sleep. The
+/// operator removes it once the pod is awake and Ready again; the activator wakes only pods
+/// that carry it (or that refused a request).
+pub const ASLEEP_IN_PLACE_SINCE: &str = "crac.dev/asleep-in-place-since";

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod conditions;
+pub mod control;
 pub mod cracapp;
 pub mod duration;
 pub mod labels;

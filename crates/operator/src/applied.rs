@@ -178,6 +178,16 @@ impl Applied {
         })
     }
 
+    /// Whether this process applied exactly `hash` as the object last (for objects the caches
+    /// do not hold: the control Secret, which the operator may write but not read).
+    pub fn sent(&self, app: &AppKey, key: &ObjectKey, hash: u64) -> bool {
+        self.apps.lock().is_ok_and(|apps| {
+            apps.get(app)
+                .and_then(|objects| objects.get(key))
+                .is_some_and(|sent| sent.hash == hash)
+        })
+    }
+
     /// Forgets an app (it is being deleted).
     pub fn forget(&self, app: &AppKey) {
         if let Ok(mut apps) = self.apps.lock() {

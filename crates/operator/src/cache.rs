@@ -248,13 +248,29 @@ pub fn slim_pod(pod: &mut Pod) {
         .labels()
         .get(crac_api::labels::COMPONENT)
         .is_some_and(|c| c == crate::build::job::CHECKPOINT_COMPONENT);
-    pod.spec = None;
+    // Of the spec, only what sleeping in place resizes: the app container's requests and
+    // resize policy.
+    pod.spec = pod.spec.take().and_then(|spec| {
+        let app = spec
+            .containers
+            .into_iter()
+            .find(|c| c.name == crac_api::cracapp::APP_CONTAINER)?;
+        Some(k8s_openapi::api::core::v1::PodSpec {
+            containers: vec![k8s_openapi::api::core::v1::Container {
+                name: app.name,
+                resources: app.resources,
+                resize_policy: app.resize_policy,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    });
     if let Some(status) = pod.status.as_mut() {
-        // Kept: phase, reason, message, podIP, the Ready condition, how containers ended.
+        // Kept: phase, reason, message, podIP, QoS class, the Ready condition, how containers
+        // ended.
         status.host_ip = None;
         status.host_ips = None;
         status.pod_ips = None;
-        status.qos_class = None;
         status.start_time = None;
         status.init_container_statuses = None;
         status.ephemeral_container_statuses = None;
@@ -349,7 +365,12 @@ mod tests {
         }))
         .expect("test pod parses");
         slim_pod(&mut pod);
-        assert!(pod.spec.is_none());
+        let spec = pod.spec.as_ref().expect("the app container kept");
+        assert_eq!(spec.containers.len(), 1);
+        assert_eq!(
+            spec.containers[0].image, None,
+            "only its resources are kept"
+        );
         assert!(
             pod.metadata.owner_references.is_some(),
             "owners find the app to reconcile"
@@ -409,7 +430,7 @@ mod tests {
             id: "abc".into(),
             ..Default::default()
         };
-        let mut d = restore_deployment_for(&app, &validated, &image, 2, &config);
+        let mut d = restore_deployment_for(&app, &validated, &image, 2, false, &config);
         d.metadata.generation = Some(4);
         d.status = Some(serde_json::from_value(serde_json::json!({ "readyReplicas": 2 })).unwrap());
         let whole = serde_json::to_vec(&d).unwrap().len();

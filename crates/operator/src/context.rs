@@ -85,6 +85,8 @@ pub struct Context {
     /// How each app's restore pods started, by pod uid, as their agents said (only pods that
     /// still exist are kept).
     pub restore_starts: RestoreStarts,
+    /// The key apps' control tokens are derived from (sleep in place), once first needed.
+    pub control_key: crate::control_key::ControlKey,
 }
 
 impl Context {
@@ -101,6 +103,7 @@ impl Context {
             pod_allowance: settings.pod_allowance,
             caches: Caches::default(),
             restore_starts: Mutex::default(),
+            control_key: Default::default(),
         }
     }
 }

@@ -15,6 +15,9 @@ pub enum Error {
         "{kind} {name:?} exists and does not belong to this CracApp; the operator does not take it over: delete or rename it, or rename the CracApp"
     )]
     NameTaken { kind: String, name: String },
+    /// The cluster key of sleeping in place cannot be read or created.
+    #[error("the sleep-in-place control key: {0}")]
+    ControlKey(String),
 }
 
 impl Error {
@@ -26,6 +29,7 @@ impl Error {
             Error::CleanupPending { .. } => "cleanup_pending",
             Error::CacheGone => "cache_gone",
             Error::NameTaken { .. } => "name_taken",
+            Error::ControlKey(_) => "control_key",
         }
     }
 }

@@ -4,6 +4,7 @@
 //! [`scale`], the decisions) have no client in sight; the binary only parses flags, builds a
 //! [`context::Context`] and runs.
 
+pub mod agent_control;
 pub mod api_requests;
 pub mod applied;
 pub mod build;
@@ -11,10 +12,12 @@ pub mod cache;
 pub mod checkpoint_id;
 pub mod checkpoint_pod;
 pub mod context;
+pub mod control_key;
 pub mod crds;
 pub mod error;
 pub mod events;
 pub mod image_ref;
+pub mod in_place;
 pub mod leader;
 pub mod metrics;
 pub mod pod_security;

@@ -10,7 +10,7 @@
 //! - waking: asleep with a wake request newer than `sleptAt`: Deployment back at
 //!   `spec.replicas`, the Service still on the activator until a pod is ready.
 
-use crac_api::cracapp::{ScaleToZeroSpec, ServingMode};
+use crac_api::cracapp::{ScaleToZeroSpec, ServingMode, SleepMode};
 use crac_api::duration;
 use crac_api::policy::{CracScalePolicy, QuietHours};
 use crac_api::{CracApp, CracAppStatus};
@@ -45,6 +45,29 @@ pub struct Settings {
     pub max_awake: Option<i32>,
     /// Namespaces whose pods may call the app through the activator, besides its own.
     pub caller_namespaces: Vec<String>,
+    /// How the app sleeps (see [`sleep_mode`]).
+    pub mode: SleepMode,
+}
+
+/// How an app sleeps: its own `mode`, else its policy's, else `Recreate`. An app container
+/// with a liveness probe sleeps the recreate way whatever a policy says (the kubelet would
+/// restart a container whose JVM sleeps); the app's own `InPlace` with one is refused by
+/// validation instead.
+pub fn sleep_mode(
+    own: Option<&ScaleToZeroSpec>,
+    policy: Option<&CracScalePolicy>,
+    has_liveness_probe: bool,
+) -> SleepMode {
+    let theirs = policy.and_then(|p| p.spec.scale_to_zero.as_ref());
+    let wanted = own
+        .and_then(|s| s.mode)
+        .or_else(|| theirs.and_then(|s| s.mode))
+        .unwrap_or_default();
+    if has_liveness_probe {
+        SleepMode::Recreate
+    } else {
+        wanted
+    }
 }
 
 /// Whether `labels` satisfy `selector` (matchLabels and matchExpressions).
@@ -142,6 +165,7 @@ pub fn settings_for(
             .or_else(|| theirs.map(|s| &s.caller_namespaces))
             .cloned()
             .unwrap_or_default(),
+        mode: SleepMode::Recreate,
     }
 }
 
@@ -351,6 +375,7 @@ mod tests {
             policy: None,
             max_awake: None,
             caller_namespaces: Vec::new(),
+            mode: SleepMode::Recreate,
         }
     }
 
@@ -565,6 +590,7 @@ mod tests {
                 idle_after: Some(idle.into()),
                 wake_timeout: None,
                 caller_namespaces: vec!["ingress".into()],
+                mode: Some(SleepMode::InPlace),
             });
             p
         };
@@ -585,8 +611,27 @@ mod tests {
             idle_after: Some("45s".into()),
             wake_timeout: None,
             caller_namespaces: Vec::new(),
+            mode: None,
         };
         let s = settings_for(Some(&own), Some(chosen), t(0));
+        // The policy's mode, unless the app says otherwise or has a liveness probe.
+        assert_eq!(
+            sleep_mode(Some(&own), Some(chosen), false),
+            SleepMode::InPlace
+        );
+        assert_eq!(
+            sleep_mode(Some(&own), Some(chosen), true),
+            SleepMode::Recreate
+        );
+        let recreate = ScaleToZeroSpec {
+            mode: Some(SleepMode::Recreate),
+            ..own.clone()
+        };
+        assert_eq!(
+            sleep_mode(Some(&recreate), Some(chosen), false),
+            SleepMode::Recreate
+        );
+        assert_eq!(sleep_mode(None, None, false), SleepMode::Recreate);
         assert!(s.enabled, "from the policy");
         assert_eq!(s.caller_namespaces, ["ingress"], "from the policy");
         let mut mine = own.clone();

@@ -89,6 +89,21 @@ pub fn validate(app: &CracApp, allowance: &PodAllowance) -> Result<ValidatedApp,
         .and_then(|ports| ports.first())
         .map(|p| p.container_port);
     let (readiness, probe_port) = readiness_of(&container, first_port)?;
+    let in_place = app
+        .spec
+        .scale_to_zero
+        .as_ref()
+        .and_then(|s| s.mode)
+        .is_some_and(|m| m == crac_api::cracapp::SleepMode::InPlace);
+    if in_place && container.liveness_probe.is_some() {
+        return Err(SpecError::Invalid {
+            field: "spec.scaleToZero.mode".into(),
+            problem: "InPlace needs the 'app' container without a livenessProbe: while the pod \
+                      sleeps no JVM answers it, and the kubelet would restart the container; \
+                      remove the probe or use mode Recreate"
+                .into(),
+        });
+    }
     Ok(ValidatedApp {
         name,
         namespace,
@@ -235,6 +250,24 @@ pub(crate) mod tests {
         assert_eq!(
             validate(&a, &PodAllowance::default()).unwrap_err(),
             SpecError::NoCommand
+        );
+    }
+
+    #[test]
+    fn sleeping_in_place_with_a_liveness_probe_is_refused_naming_the_field() {
+        let mut a = app();
+        a.spec.template.spec.as_mut().unwrap().containers[0].liveness_probe =
+            Some(Default::default());
+        assert!(validate(&a, &PodAllowance::default()).is_ok(), "Recreate");
+        a.spec.scale_to_zero = Some(crac_api::cracapp::ScaleToZeroSpec {
+            mode: Some(crac_api::cracapp::SleepMode::InPlace),
+            ..Default::default()
+        });
+        let err = validate(&a, &PodAllowance::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("spec.scaleToZero.mode: InPlace needs"),
+            "{err}"
         );
     }
 }

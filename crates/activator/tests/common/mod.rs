@@ -316,6 +316,7 @@ pub fn app_config(activator_port: u16, target_port: u16, wake_timeout: Duration)
         serving_mode: Some(crac_api::cracapp::ServingMode::Activator),
         caller_namespaces: Vec::new(),
         probe: None,
+        in_place_uid: None,
     }
 }
 

@@ -2,7 +2,7 @@
 //! claim mounted read-only. A new image rolls out with maxUnavailable 0, so the pods of the
 //! previous image keep serving until the new ones are ready.
 
-use super::inject::{Mode, inject_agent};
+use super::inject::{Mode, inject_agent, mount_control_token};
 use super::{BuildConfig, app_name, labels_for, owner_ref};
 use crate::checkpoint_id::short;
 use crate::image_ref;
@@ -28,12 +28,13 @@ pub fn pod_selector(app: &str) -> BTreeMap<String, String> {
 /// The Deployment restoring the published `image` with `replicas` pods. The pods get the
 /// image's digest in their spec, and restore only an image that matches it. Their app
 /// container runs the container image the checkpoint pod ran, pinned by digest, when the
-/// status records one.
+/// status records one. `in_place`: the app sleeps in place, and its pods get its control token.
 pub fn restore_deployment_for(
     app: &CracApp,
     validated: &ValidatedApp,
     image: &CheckpointStatus,
     replicas: i32,
+    in_place: bool,
     config: &BuildConfig,
 ) -> Deployment {
     let id = image.id.as_str();
@@ -48,6 +49,9 @@ pub fn restore_deployment_for(
     let mut pod_spec = app.spec.template.spec.clone().unwrap_or_default();
     inject_agent(&mut pod_spec, Mode::Restore, app, validated, id, config);
     serve_while_endpoints_move(&mut pod_spec);
+    if in_place {
+        mount_control_token(&mut pod_spec, name);
+    }
     if let Some(container) = pod_spec
         .containers
         .iter_mut()
@@ -129,6 +133,28 @@ fn serve_while_endpoints_move(pod: &mut PodSpec) {
     });
 }
 
+/// The Secret holding the control token of an app that sleeps in place, for its pods.
+pub fn control_secret_for(app: &CracApp, token: &str) -> k8s_openapi::api::core::v1::Secret {
+    let name = app_name(app);
+    k8s_openapi::api::core::v1::Secret {
+        metadata: ObjectMeta {
+            name: Some(crac_api::control::token_secret_name(name)),
+            namespace: app.metadata.namespace.clone(),
+            labels: Some(labels_for(name, "control")),
+            owner_references: Some(vec![owner_ref(app)]),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                crac_api::control::TOKEN_FIELD.to_string(),
+                k8s_openapi::ByteString(token.as_bytes().to_vec()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    }
+}
+
 /// The checkpoint id a Deployment's pods restore from.
 pub fn restored_id(deployment: &Deployment) -> Option<&str> {
     deployment
@@ -156,7 +182,7 @@ mod tests {
         let config = BuildConfig {
             agent_image: "crac-agent:test".into(),
         };
-        restore_deployment_for(&a, &v, &image(), 2, &config)
+        restore_deployment_for(&a, &v, &image(), 2, false, &config)
     }
 
     fn image() -> CheckpointStatus {
@@ -183,7 +209,7 @@ mod tests {
             let config = BuildConfig {
                 agent_image: "crac-agent:test".into(),
             };
-            restore_deployment_for(&a, &v, &image(), 2, &config)
+            restore_deployment_for(&a, &v, &image(), 2, false, &config)
         };
         let short_grace = build(&|pod| pod.termination_grace_period_seconds = Some(3));
         assert_eq!(
@@ -233,7 +259,7 @@ mod tests {
             app_image: recorded.map(str::to_string),
             ..image()
         };
-        let d = restore_deployment_for(&a, &v, &image, 1, &config);
+        let d = restore_deployment_for(&a, &v, &image, 1, false, &config);
         d.spec.unwrap().template.spec.unwrap().containers[0]
             .image
             .clone()
@@ -320,7 +346,7 @@ mod tests {
         let config = BuildConfig {
             agent_image: "crac-agent:test".into(),
         };
-        let d = restore_deployment_for(&a, &v, &image(), 1, &config);
+        let d = restore_deployment_for(&a, &v, &image(), 1, false, &config);
         let pod = d.spec.unwrap().template.spec.unwrap();
         let c = pod.containers.iter().find(|c| c.name == "app").unwrap();
         let probe = c.readiness_probe.as_ref().expect("a probe is added");

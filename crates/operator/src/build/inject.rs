@@ -224,3 +224,35 @@ fn agent_env(app: &CracApp, validated: &ValidatedApp, checkpoint_id: &str) -> Ve
     }
     vars
 }
+
+const CONTROL_VOLUME: &str = "crac-control";
+
+/// Restore pods of an app that sleeps in place: the app's control token, from its Secret, at
+/// [`crac_api::control::TOKEN_FILE`], and the agent told to read it (which turns on its
+/// `/sleep` and `/wake`).
+pub fn mount_control_token(spec: &mut PodSpec, app: &str) {
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: CONTROL_VOLUME.into(),
+        secret: Some(k8s_openapi::api::core::v1::SecretVolumeSource {
+            secret_name: Some(crac_api::control::token_secret_name(app)),
+            items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                key: crac_api::control::TOKEN_FIELD.into(),
+                path: crac_api::control::TOKEN_FIELD.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let Some(container) = spec.containers.iter_mut().find(|c| c.name == APP_CONTAINER) else {
+        return;
+    };
+    container
+        .volume_mounts
+        .get_or_insert_with(Vec::new)
+        .push(mount(CONTROL_VOLUME, crac_api::control::TOKEN_DIR, true));
+    container.env.get_or_insert_with(Vec::new).push(env(
+        contract::ENV_CONTROL_TOKEN_FILE,
+        crac_api::control::TOKEN_FILE,
+    ));
+}

@@ -67,6 +67,9 @@ pub async fn apply(
         }
         None => {}
     }
+    if let Some(secret) = &decision.control_secret {
+        apply_unread(ctx, app, secret).await?;
+    }
     if let Some(deployment) = &decision.deployment {
         let live = seen.deployment.as_deref().map(Live::generation_of);
         refuse_if_taken(ctx, app, deployment, live.is_some()).await?;
@@ -92,6 +95,34 @@ pub async fn apply(
         let live = seen.slice.as_deref().map(Live::version_of);
         apply_changed(ctx, app, slice, live).await?;
     }
+    if let Some(run) = &decision.in_place {
+        for note in super::in_place::carry_out(ctx, &seen.key.0, run).await {
+            super::report::publish(ctx, app, &note).await;
+        }
+    }
+    Ok(())
+}
+
+/// Applies an object the operator may write but not read (the control Secret: reading
+/// Secrets in every namespace is more than the operator needs), once per process and content.
+/// Whoever made an object of that name first, the forced apply makes its data the app's.
+async fn apply_unread<K: Applicable>(ctx: &Context, app: &CracApp, obj: &K) -> Result<()> {
+    let ns = app.namespace().unwrap_or_default();
+    let owner = (ns.clone(), app_name(app).to_string());
+    let key = (
+        K::kind(&()).to_string(),
+        obj.meta().name.clone().unwrap_or_default(),
+    );
+    let body = serde_json::to_value(obj).expect("Kubernetes objects serialize");
+    let hash = cache::body_hash(&body);
+    if ctx.caches.applied.sent(&owner, &key, hash) {
+        return Ok(());
+    }
+    let answer = apply_object(&ctx.client, &ns, obj).await?;
+    let version = answer.meta().resource_version.clone().unwrap_or_default();
+    ctx.caches
+        .applied
+        .record(owner, key, hash, None, version, None);
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use super::status::AVAILABLE;
 use crate::scale::{
     Activity, Cycle, Settings, Situation, Step, cycle_of, next_step, sleeps_first, wake_request,
 };
-use crac_api::cracapp::{CracAppStatus, Phase, ServingMode, WakeStatus};
+use crac_api::cracapp::{CracAppStatus, Phase, ServingMode, SleepMode, WakeStatus};
 use crac_api::{CracApp, labels};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -87,8 +87,9 @@ pub struct Plan {
 impl Plan {
     /// Pods the Deployment should run.
     pub fn replicas(&self, awake_size: i32) -> i32 {
-        match self.cycle {
-            Cycle::Asleep => 0,
+        match (self.cycle, self.settings.mode) {
+            // Asleep in place, the pods stay (their JVMs do not).
+            (Cycle::Asleep, SleepMode::Recreate) => 0,
             _ => awake_size,
         }
     }
@@ -192,7 +193,16 @@ pub fn record(
         Step::Sleep => {
             next.sleep_started_at = None;
             next.slept_at = Some(MicroTime(now));
-            Some(("Sleeping".into(), "drained; scaled to zero".into()))
+            Some((
+                "Sleeping".into(),
+                match plan.settings.mode {
+                    SleepMode::Recreate => "drained; scaled to zero".into(),
+                    SleepMode::InPlace => {
+                        "drained; the pods sleep in place (their JVMs end, their agents stay)"
+                            .into()
+                    }
+                },
+            ))
         }
         // Once: the first wake step still sees the asleep phase.
         Step::Wake => (previous.phase == Some(Phase::ScaledToZero)).then(|| {
@@ -261,6 +271,7 @@ mod tests {
                 policy: Some("cap".into()),
                 max_awake: Some(1),
                 caller_namespaces: Vec::new(),
+                mode: crac_api::cracapp::SleepMode::Recreate,
             },
             requests: Requests {
                 wake: None,

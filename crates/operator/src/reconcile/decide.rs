@@ -11,7 +11,7 @@ use super::status::{
     CheckpointProgress, Rollout, StatusInput, conditions_for, phase_for, transitions,
 };
 use crate::build::BuildConfig;
-use crate::build::deployment::{restore_deployment_for, restored_id};
+use crate::build::deployment::{control_secret_for, restore_deployment_for, restored_id};
 use crate::build::job::checkpoint_job_for;
 use crate::build::pvc::images_claim_for;
 use crate::build::service::{Backends, endpoint_slice_for, service_for};
@@ -57,6 +57,20 @@ pub struct Decision {
     pub stale_image_at: Option<Timestamp>,
     /// Restore pods counted as cold-started for the first time (for the metric).
     pub cold_starts_counted: usize,
+    /// The Secret with the control token of an app that sleeps in place (applied before the
+    /// Deployment whose pods mount it).
+    pub control_secret: Option<k8s_openapi::api::core::v1::Secret>,
+    /// What to do to the pods of an app that sleeps in place.
+    pub in_place: Option<InPlaceRun>,
+}
+
+/// The pods' part of sleeping in place, for the apply step.
+#[derive(Debug)]
+pub struct InPlaceRun {
+    pub token: String,
+    pub work: crate::in_place::Work,
+    /// How long a `/wake` may take (the app's wake timeout).
+    pub wake_limit: Duration,
 }
 
 /// One Event.
@@ -145,6 +159,16 @@ pub fn decide(
     let cycle_event = cycle::record(&plan, &seen.previous, &mut next, seen.now);
     split_wake(seen, &mut next);
     next.caller_namespaces = plan.settings.caller_namespaces.clone();
+    next.sleep_mode = plan.settings.enabled.then_some(plan.settings.mode);
+    let in_place = seen.control_token.clone().map(|token| InPlaceRun {
+        token,
+        work: crate::in_place::work(
+            plan.cycle == Cycle::Asleep,
+            &seen.in_place_pods,
+            &crate::in_place::requests_of(&spec.validated.container),
+        ),
+        wake_limit: plan.settings.wake_timeout,
+    });
 
     let (deployment, scale, rollout) = restore(app, seen, spec, &next, &plan, config);
     let service = service_for(app, &spec.ports);
@@ -185,6 +209,10 @@ pub fn decide(
     } = checkpoint;
     let status = complete(app, seen, next, progress, rollout, asleep, &mut events);
     let cycle_requeue = match plan.step {
+        // Pods to put to sleep, wake or grow that did not take it: look again soon.
+        Step::Stay(after) if in_place.as_ref().is_some_and(|r| !r.work.is_empty()) => {
+            after.min(IN_PLACE_RETRY)
+        }
         Step::Stay(after) => after,
         _ => Duration::from_secs(1),
     };
@@ -209,6 +237,11 @@ pub fn decide(
         events,
         stale_image_at: stale.recheckpoint_at,
         cold_starts_counted: stale.newly_counted,
+        control_secret: seen
+            .control_token
+            .as_deref()
+            .map(|token| control_secret_for(app, token)),
+        in_place,
         // The soonest of: a checkpoint retry's backoff, the sleep cycle's next look, a pod's
         // start still unknown or a stale image's next checkpoint, a resync.
         requeue: Some(
@@ -240,6 +273,9 @@ fn split_wake(seen: &Observed, next: &mut CracAppStatus) {
         wake.restore_ms = start.start_ms.and_then(|ms| i64::try_from(ms).ok());
     }
 }
+
+/// How soon to look again at pods of an app sleeping in place that are not where they should be.
+const IN_PLACE_RETRY: Duration = Duration::from_secs(3);
 
 /// How soon to look again while a restore pod's agent is still to be asked how it started.
 const STARTS_RETRY: Duration = Duration::from_secs(5);
@@ -295,7 +331,9 @@ fn restore(
     match &next.checkpoint {
         None => (None, None, None),
         Some(image) if image.id == spec.id => {
-            let desired = restore_deployment_for(app, &spec.validated, image, wanted, config);
+            let in_place = seen.control_token.is_some();
+            let desired =
+                restore_deployment_for(app, &spec.validated, image, wanted, in_place, config);
             (Some(desired), None, Some(rollout(live)))
         }
         // The spec moved on but its image is not ready: the pods stay on the template that
@@ -507,6 +545,7 @@ mod tests {
                     policy: None,
                     max_awake: None,
                     caller_namespaces: Vec::new(),
+                    mode: crac_api::cracapp::SleepMode::Recreate,
                 },
                 requests,
                 activity: Activity::default(),
@@ -516,6 +555,8 @@ mod tests {
             activator_ports: Vec::new(),
             restore_starts: Vec::new(),
             starts_unsettled: false,
+            in_place_pods: Vec::new(),
+            control_token: None,
         }
     }
 
@@ -554,6 +595,7 @@ mod tests {
                 ..Default::default()
             },
             2,
+            false,
             &config(),
         );
         // The user changes the image: a new id, whose checkpoint has not run yet.

@@ -16,6 +16,7 @@ pub mod cleanup;
 pub mod cycle;
 pub mod decide;
 pub mod fallbacks;
+pub mod in_place;
 pub mod observe;
 pub mod report;
 pub mod status;

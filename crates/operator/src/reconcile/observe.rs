@@ -11,13 +11,15 @@ use crate::build::service::{AppPort, app_ports};
 use crate::cache::cached;
 use crate::checkpoint_id::{checkpoint_id, short};
 use crate::context::Context;
+use crate::error::Error;
 use crate::error::Result;
+use crate::in_place::PodView;
 use crate::ports::{ports_held, reserve};
 use crate::restore_starts::{StartMode, StartSeen};
-use crate::scale::{Activity, governing_policy, settings_for};
+use crate::scale::{Activity, governing_policy, settings_for, sleep_mode};
 use crate::validate::{SpecError, ValidatedApp, validate};
 use crac_api::agent::{ACTIVITY_PATH, ActivityReport, DEFAULT_ACTIVITY_PORT};
-use crac_api::cracapp::{ActivatorPort, CracAppStatus};
+use crac_api::cracapp::{APP_CONTAINER, ActivatorPort, CracAppStatus, SleepMode};
 use crac_api::{CracApp, labels};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
@@ -63,6 +65,10 @@ pub struct Observed {
     /// whether some pod's agent is still to be asked (look again soon).
     pub restore_starts: Vec<RestoreStart>,
     pub starts_unsettled: bool,
+    /// The restore pods, as sleeping in place sees them (only for an app that sleeps in place).
+    pub in_place_pods: Vec<PodView>,
+    /// The app's control token (only for an app that sleeps in place).
+    pub control_token: Option<String>,
 }
 
 /// A valid spec, its checkpoint id and its ports.
@@ -133,7 +139,29 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
     let no_labels = BTreeMap::new();
     let labels_of = |ns: &str| namespace_labels.get(ns).unwrap_or(&no_labels);
     let policy = governing_policy(app, labels_of(&ns), &policies);
-    let settings = settings_for(app.spec.scale_to_zero.as_ref(), policy, now);
+    let mut settings = settings_for(app.spec.scale_to_zero.as_ref(), policy, now);
+    settings.mode = sleep_mode(
+        app.spec.scale_to_zero.as_ref(),
+        policy,
+        has_liveness_probe(app),
+    );
+    let in_place = settings.enabled && settings.mode == SleepMode::InPlace;
+    let control_token = match (in_place, app.metadata.uid.as_deref()) {
+        (true, Some(uid)) => {
+            let key = ctx
+                .control_key
+                .get(&ctx.client, &ctx.activator.namespace)
+                .await
+                .map_err(Error::ControlKey)?;
+            Some(crac_api::control::app_token(&key, uid))
+        }
+        _ => None,
+    };
+    let in_place_pods = if in_place {
+        restore_pods.iter().filter_map(|p| PodView::of(p)).collect()
+    } else {
+        Vec::new()
+    };
     let requests = cycle::requests_of(app, &previous);
     let watching = cycle::watching(&settings, requests.cycle);
     let activity = if watching {
@@ -231,6 +259,8 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
         activator_ports,
         restore_starts,
         starts_unsettled,
+        in_place_pods,
+        control_token,
         spec,
         key,
         previous,
@@ -324,6 +354,16 @@ fn forget_starts(ctx: &Context, key: &AppKey) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(key);
+}
+
+/// Whether the app container has a liveness probe (it cannot sleep in place).
+fn has_liveness_probe(app: &CracApp) -> bool {
+    app.spec
+        .template
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .any(|c| c.name == APP_CONTAINER && c.liveness_probe.is_some())
 }
 
 /// A problem with the images volume that the user must fix, if any.
