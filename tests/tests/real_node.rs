@@ -704,6 +704,232 @@ async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app()
     .await;
     assert_eq!(wake.outcome.as_deref(), Some("restored"), "{wake:?}");
     assert!(wake.restore_ms.is_some_and(|ms| ms > 0), "{wake:?}");
+
+    sleeping_in_place(&ns, &activator_ip).await;
+}
+
+/// Asks an app to sleep now, as `kubectl crac sleep` does.
+async fn ask_to_sleep(apps: &Api<CracApp>, name: &str) {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({ "metadata": { "annotations": {
+        crac_api::labels::SLEEP_REQUESTED_AT: now } } });
+    apps.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
+/// The one restore pod of `app`, once it is marked asleep in place (or, `asleep: false`, once
+/// it is Ready and unmarked).
+async fn the_pod(pods: &Api<Pod>, app: &str, asleep: bool) -> Pod {
+    let selector = format!(
+        "{}={app},{}=restore",
+        crac_api::labels::APP,
+        crac_api::labels::COMPONENT
+    );
+    wait_for(
+        &format!("{app}'s pod {}", if asleep { "asleep in place" } else { "awake and Ready" }),
+        DEADLINE,
+        || async {
+            let list = pods.list(&ListParams::default().labels(&selector)).await.ok()?;
+            let live: Vec<Pod> = list
+                .items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .collect();
+            let [pod] = live.as_slice() else { return None };
+            let marked = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(crac_api::labels::ASLEEP_IN_PLACE_SINCE));
+            let ready = pod
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let wanted = if asleep { marked } else { ready && !marked };
+            wanted.then(|| pod.clone())
+        },
+    )
+    .await
+}
+
+fn app_requests(pod: &Pod) -> (Option<String>, Option<String>) {
+    let c = &pod.spec.as_ref().unwrap().containers;
+    let app = c.iter().find(|c| c.name == "app").unwrap();
+    let requests = app.resources.as_ref().and_then(|r| r.requests.clone()).unwrap_or_default();
+    (
+        requests.get("memory").map(|q| q.0.clone()),
+        app.resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("memory"))
+            .map(|q| q.0.clone()),
+    )
+}
+
+fn restarts(pod: &Pod) -> i32 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.iter().find(|c| c.name == "app"))
+        .map_or(-1, |c| c.restart_count)
+}
+
+/// What the pod's agent says of it (`GET /activity` on its port).
+async fn agent_mode(ip: &str) -> String {
+    let (code, body) = crac_tests::real_node::http_get(ip, contract::DEFAULT_ACTIVITY_PORT, "/activity")
+        .await
+        .expect("the agent answers");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["mode"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The app's activator port, from its status.
+async fn activator_port(apps: &Api<CracApp>, app: &str) -> u16 {
+    wait_for("the app's activator port", DEADLINE, || async {
+        let s = status_of(apps, app).await;
+        s.activator_ports.first().map(|p| p.activator_port as u16)
+    })
+    .await
+}
+
+/// A request through the activator, as a caller of the sleeping app's Service would send it.
+async fn through_the_activator(activator_ip: &str, port: u16) -> (u16, String, Duration) {
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(90),
+        crac_tests::real_node::http_get_waiting(activator_ip, port, "/"),
+    )
+    .await
+    .expect("the held request was answered within the wake timeout")
+    .expect("an answer");
+    (answer.0, answer.1, started.elapsed())
+}
+
+/// `scaleToZero.mode: InPlace` on the real node, under the chart's operator and activator:
+/// asleep, the pod stays (same UID, no restart) with only its agent, its requests shrunk in
+/// place; a request at zero is answered by the JVM restored inside it; a request racing the
+/// sleep (the pod still listed Ready, its JVM gone) is answered the same way; a pod replaced
+/// while the app sleeps is put to sleep too; and a wake whose image is gone starts the JVM cold
+/// in place.
+async fn sleeping_in_place(ns: &TestNamespace, activator_ip: &str) {
+    let apps: Api<CracApp> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let mut app = hello_app("doze", HELLO_IMAGE);
+    app.spec.replicas = 1;
+    app.spec.scale_to_zero = Some(crac_api::cracapp::ScaleToZeroSpec {
+        enabled: Some(true),
+        caller_namespaces: Vec::new(),
+        idle_after: Some("30m".into()),
+        wake_timeout: Some("60s".into()),
+        mode: Some(crac_api::cracapp::SleepMode::InPlace),
+    });
+    apps.create(&PostParams::default(), &app).await.unwrap();
+    let (name, ip) = ready(ns, "doze", 1).await.remove(0);
+    assert_eq!(
+        status_of(&apps, "doze").await.sleep_mode,
+        Some(crac_api::cracapp::SleepMode::InPlace)
+    );
+    let awake = the_pod(&pods, "doze", false).await;
+    assert_eq!(app_requests(&awake).0.as_deref(), Some("256Mi"), "requests default to limits");
+    let uid = awake.metadata.uid.clone().unwrap();
+    let port = activator_port(&apps, "doze").await;
+
+    // Asleep: the same pod, its JVM gone, its agent answering, its requests shrunk (limits
+    // untouched), and its app port refusing.
+    ask_to_sleep(&apps, "doze").await;
+    let asleep = the_pod(&pods, "doze", true).await;
+    assert_eq!(asleep.metadata.uid.as_deref(), Some(uid.as_str()), "the pod stays");
+    assert_eq!(restarts(&asleep), 0);
+    assert_eq!(agent_mode(&ip).await, "sleeping");
+    let shrunk = wait_for("the sleeping pod's requests shrunk", DEADLINE, || async {
+        let p = pods.get(&name).await.ok()?;
+        (app_requests(&p).0.as_deref() == Some("16Mi")).then_some(p)
+    })
+    .await;
+    assert_eq!(app_requests(&shrunk).1.as_deref(), Some("256Mi"), "limits unchanged");
+    assert!(
+        crac_tests::real_node::http_get(&ip, 8080, "/").await.is_none(),
+        "nothing listens on the app's port while it sleeps"
+    );
+    wait_for("the app asleep", DEADLINE, || async {
+        (status_of(&apps, "doze").await.phase? == Phase::ScaledToZero).then_some(())
+    })
+    .await;
+
+    // A request at zero: the activator wakes the pod where it is.
+    let (code, body, took) = through_the_activator(activator_ip, port).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body.trim(), "hello 201", "answered by a JVM restored in place");
+    eprintln!("in place: request at zero answered in {took:?}");
+    let woken = the_pod(&pods, "doze", false).await;
+    assert_eq!(woken.metadata.uid.as_deref(), Some(uid.as_str()), "woken in the same pod");
+    assert_eq!(restarts(&woken), 0, "no container restart");
+    wait_for("the woken pod grown back", DEADLINE, || async {
+        let p = pods.get(&name).await.ok()?;
+        (app_requests(&p).0.as_deref() == Some("256Mi")).then_some(())
+    })
+    .await;
+    let status = wait_for("the app awake again", DEADLINE, || async {
+        let s = status_of(&apps, "doze").await;
+        (s.phase? == Phase::Ready).then_some(s)
+    })
+    .await;
+    assert!(status.last_wake.is_some(), "the wake is recorded");
+
+    // A request racing the sleep: sent the moment the app is recorded asleep, while the pod is
+    // still listed Ready (the kubelet probes every 10 s) and its JVM is already gone.
+    ask_to_sleep(&apps, "doze").await;
+    wait_for("the app asleep again", DEADLINE, || async {
+        status_of(&apps, "doze").await.slept_at.map(|_| ())
+    })
+    .await;
+    let (code, body, took) = through_the_activator(activator_ip, port).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body.trim(), "hello 201", "{body}");
+    eprintln!("in place: request racing the sleep answered in {took:?}");
+    let woken = the_pod(&pods, "doze", false).await;
+    assert_eq!(woken.metadata.uid.as_deref(), Some(uid.as_str()));
+    assert_eq!(restarts(&woken), 0);
+    wait_for("the app awake after the race", DEADLINE, || async {
+        (status_of(&apps, "doze").await.phase? == Phase::Ready).then_some(())
+    })
+    .await;
+
+    // A pod replaced while the app sleeps (evicted, its node drained) restores at start, and
+    // is put to sleep as well.
+    ask_to_sleep(&apps, "doze").await;
+    the_pod(&pods, "doze", true).await;
+    pods.delete(&name, &DeleteParams::default()).await.unwrap();
+    let replacement = wait_for("the replacement asleep in place", DEADLINE, || async {
+        let p = the_pod(&pods, "doze", true).await;
+        (p.metadata.name.as_deref() != Some(name.as_str())).then_some(p)
+    })
+    .await;
+    let replacement_ip = replacement.status.as_ref().unwrap().pod_ip.clone().unwrap();
+    assert_eq!(agent_mode(&replacement_ip).await, "sleeping");
+
+    // The image gone while the app sleeps: the wake cannot restore, and the JVM starts cold in
+    // place (fallback: ColdStart), still answering the held request.
+    let claims: Api<PersistentVolumeClaim> = ns.api();
+    let dir = claim_dir(&claims, "doze-crac-images").await;
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        if entry.path().is_dir() {
+            std::fs::remove_dir_all(entry.path()).unwrap();
+        }
+    }
+    let (code, body, _) = through_the_activator(activator_ip, port).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body.trim(), "hello 1", "a cold JVM answers: {body}");
+    let woken = the_pod(&pods, "doze", false).await;
+    assert_eq!(woken.metadata.uid, replacement.metadata.uid, "still in place");
+    assert_eq!(agent_mode(&replacement_ip).await, "coldStarted");
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -5,7 +5,10 @@
 //! ([`labels::ASLEEP_IN_PLACE_SINCE`]). While the app is asleep every unmarked pod (a new one,
 //! or one the marking missed) is put to sleep; a marked pod is never put back to sleep, since
 //! the activator may have just woken it for a request. While the app is not asleep, a marked
-//! pod is grown back, woken if it is not Ready, and unmarked once it is.
+//! pod is grown back and sent `POST /wake` (at once answered when the activator woke it
+//! already), and unmarked once its agent says it is awake. Its Ready condition says nothing
+//! here: the kubelet notices a sleeping JVM only at its next probe, so a marked pod never
+//! counts as a ready one.
 
 use crac_api::cracapp::APP_CONTAINER;
 use crac_api::labels;
@@ -102,20 +105,14 @@ pub struct Resize {
 pub struct Work {
     /// `POST /sleep`, then (on success) mark, and shrink to these requests (a resizable pod).
     pub sleep: Vec<(Target, Option<Requests>)>,
-    /// Grow back now.
-    pub grow: Vec<Resize>,
-    /// `POST /wake` (a pod that cannot be woken is deleted: its replacement restores).
-    pub wake: Vec<Target>,
-    /// Awake and Ready again: remove the mark.
-    pub unmark: Vec<String>,
+    /// Grow back to these requests (a resizable pod that shrank), `POST /wake`, then (once
+    /// awake) unmark. A pod that cannot be woken is deleted: its replacement restores.
+    pub wake: Vec<(Target, Option<Requests>)>,
 }
 
 impl Work {
     pub fn is_empty(&self) -> bool {
-        self.sleep.is_empty()
-            && self.grow.is_empty()
-            && self.wake.is_empty()
-            && self.unmark.is_empty()
+        self.sleep.is_empty() && self.wake.is_empty()
     }
 }
 
@@ -161,23 +158,18 @@ pub fn work(asleep: bool, pods: &[PodView], awake: &Requests) -> Work {
             }
             continue;
         }
-        if !pod.marked {
+        let (true, Some(ip)) = (pod.marked, &pod.ip) else {
             continue;
-        }
-        if pod.resizable && !awake.is_empty() && !same_requests(&pod.requests, awake) {
-            w.grow.push(Resize {
-                pod: pod.name.clone(),
-                requests: awake.clone(),
-            });
-        }
-        match (&pod.ip, pod.ready) {
-            (_, true) => w.unmark.push(pod.name.clone()),
-            (Some(ip), false) => w.wake.push(Target {
+        };
+        let grow = (pod.resizable && !awake.is_empty() && !same_requests(&pod.requests, awake))
+            .then(|| awake.clone());
+        w.wake.push((
+            Target {
                 pod: pod.name.clone(),
                 ip: ip.clone(),
-            }),
-            (None, false) => {}
-        }
+            },
+            grow,
+        ));
     }
     w
 }
@@ -288,16 +280,16 @@ mod tests {
             ..pod("guaranteed", true, false, awake.clone())
         }];
         assert_eq!(work(true, &fixed, &awake).sleep[0].1, None);
-        assert!(w.grow.is_empty() && w.wake.is_empty() && w.unmark.is_empty());
     }
 
     #[test]
-    fn awake_marked_pods_grow_wake_and_are_unmarked_once_ready() {
+    fn awake_marked_pods_are_grown_and_woken_whatever_their_ready_condition() {
         let awake = reqs("500m", "256Mi");
         let small = reqs(SLEEP_CPU, SLEEP_MEMORY);
         let pods = [
             pod("asleep", false, true, small.clone()),
-            pod("woken", true, true, small.clone()),
+            // Ready by the kubelet's last probe, which may predate its sleep.
+            pod("listed", true, true, small.clone()),
             pod("never", false, false, awake.clone()),
             PodView {
                 resizable: false,
@@ -305,17 +297,17 @@ mod tests {
             },
         ];
         let w = work(false, &pods, &awake);
-        let names = |v: Vec<&str>| v.into_iter().map(String::from).collect::<Vec<_>>();
+        assert!(w.sleep.is_empty());
+        let woken: Vec<(&str, bool)> = w
+            .wake
+            .iter()
+            .map(|(t, grow)| (t.pod.as_str(), grow.is_some()))
+            .collect();
         assert_eq!(
-            w.grow.iter().map(|r| r.pod.clone()).collect::<Vec<_>>(),
-            names(vec!["asleep", "woken"])
-        );
-        assert!(w.grow.iter().all(|r| r.requests == awake));
-        assert_eq!(
-            w.wake.iter().map(|t| t.pod.clone()).collect::<Vec<_>>(),
-            names(vec!["asleep", "guaranteed"]),
+            woken,
+            [("asleep", true), ("listed", true), ("guaranteed", false)],
             "an unmarked pod that is not Ready is starting, not asleep"
         );
-        assert_eq!(w.unmark, names(vec!["woken"]));
+        assert!(w.wake.iter().filter_map(|(_, g)| g.as_ref()).all(|g| *g == awake));
     }
 }

@@ -96,7 +96,7 @@ pub async fn apply(
         apply_changed(ctx, app, slice, live).await?;
     }
     if let Some(run) = &decision.in_place {
-        for note in super::in_place::carry_out(ctx, &seen.key.0, run).await {
+        for note in super::in_place::carry_out(ctx, &seen.key, run).await {
             super::report::publish(ctx, app, &note).await;
         }
     }

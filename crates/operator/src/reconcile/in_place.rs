@@ -3,6 +3,7 @@
 //! woken in place is deleted, and the Deployment replaces it with one that restores at start
 //! (today's wake); a pod that cannot be put to sleep is tried again at the next look.
 
+use super::cycle::AppKey;
 use super::decide::{InPlaceRun, Note};
 use crate::agent_control::{self, CallFailure};
 use crate::context::Context;
@@ -18,18 +19,11 @@ use tracing::{info, warn};
 /// How long a `/sleep` may take: the agent may finish a wake first.
 const SLEEP_LIMIT: Duration = Duration::from_secs(30);
 
-/// Carries out `run` on the app's pods in `ns`; returns Events for what went wrong.
-pub async fn carry_out(ctx: &Context, ns: &str, run: &InPlaceRun) -> Vec<Note> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+/// Carries out `run` on the pods of the app `key`; returns Events for what went wrong.
+pub async fn carry_out(ctx: &Context, key: &AppKey, run: &InPlaceRun) -> Vec<Note> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.0);
     let mut notes = Vec::new();
     let w = &run.work;
-
-    // Grown first: the scheduler's account is right before the JVM is back.
-    for grow in &w.grow {
-        if let Err(e) = resize(&pods, &grow.pod, &grow.requests).await {
-            warn!(pod = %grow.pod, error = %e, "growing a pod back failed; will retry");
-        }
-    }
 
     let slept = futures::future::join_all(
         w.sleep
@@ -41,6 +35,11 @@ pub async fn carry_out(ctx: &Context, ns: &str, run: &InPlaceRun) -> Vec<Note> {
         match answer {
             Ok(a) => {
                 info!(pod = %target.pod, ms = ?a.sleep_ms, "pod asleep in place");
+                // How it starts next is for its agent to say again after the wake.
+                ctx.restore_starts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(key);
                 if let Some(small) = shrink
                     && let Err(e) = resize(&pods, &target.pod, small).await
                 {
@@ -63,16 +62,27 @@ pub async fn carry_out(ctx: &Context, ns: &str, run: &InPlaceRun) -> Vec<Note> {
         }
     }
 
+    // Grown first: the scheduler's account is right before the JVM is back.
+    for (target, grow) in &w.wake {
+        if let Some(requests) = grow
+            && let Err(e) = resize(&pods, &target.pod, requests).await
+        {
+            warn!(pod = %target.pod, error = %e, "growing a pod back failed; will retry");
+        }
+    }
     let woken = futures::future::join_all(
         w.wake
             .iter()
-            .map(|t| agent_control::call(&t.ip, WAKE_PATH, &run.token, run.wake_limit)),
+            .map(|(t, _)| agent_control::call(&t.ip, WAKE_PATH, &run.token, run.wake_limit)),
     )
     .await;
-    for (target, answer) in w.wake.iter().zip(woken) {
+    for ((target, _), answer) in w.wake.iter().zip(woken) {
         match answer {
             Ok(a) => {
-                info!(pod = %target.pod, mode = %a.mode, ms = ?a.restore_ms, "pod awake in place")
+                info!(pod = %target.pod, mode = %a.mode, ms = ?a.restore_ms, "pod awake in place");
+                if let Err(e) = mark(&pods, &target.pod, false).await {
+                    warn!(pod = %target.pod, error = %e, "unmarking a woken pod failed");
+                }
             }
             // The agent is ending after a wake that could neither restore nor start cold: the
             // kubelet restarts the container, which restores at start.
@@ -84,12 +94,6 @@ pub async fn carry_out(ctx: &Context, ns: &str, run: &InPlaceRun) -> Vec<Note> {
                 ),
             )),
             Err(e) => notes.push(replace(&pods, target, &e).await),
-        }
-    }
-
-    for pod in &w.unmark {
-        if let Err(e) = mark(&pods, pod, false).await {
-            warn!(%pod, error = %e, "unmarking a woken pod failed");
         }
     }
     notes

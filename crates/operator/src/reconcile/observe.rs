@@ -119,7 +119,7 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
         None => Vec::new(),
     };
     let restore_pods = caches.restore_pods(&ns, &name);
-    let ready_ips: Vec<String> = restore_pods
+    let mut ready_ips: Vec<String> = restore_pods
         .iter()
         .filter_map(|p| crac_api::serving::serving_address(p).map(String::from))
         .collect();
@@ -157,11 +157,17 @@ pub async fn observe(app: &CracApp, ctx: &Context) -> Result<Observed> {
         }
         _ => None,
     };
-    let in_place_pods = if in_place {
+    let in_place_pods: Vec<PodView> = if in_place {
         restore_pods.iter().filter_map(|p| PodView::of(p)).collect()
     } else {
         Vec::new()
     };
+    // A pod asleep in place is no ready pod, whatever the kubelet's last probe said.
+    ready_ips.retain(|ip| {
+        !in_place_pods
+            .iter()
+            .any(|p| p.marked && p.ip.as_deref() == Some(ip.as_str()))
+    });
     let requests = cycle::requests_of(app, &previous);
     let watching = cycle::watching(&settings, requests.cycle);
     let activity = if watching {
