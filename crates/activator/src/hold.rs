@@ -349,10 +349,11 @@ impl AppState {
                     // Also when the pods this request was refused by have gone since.
                     self.ensure_waking(ctx);
                     self.ensure_probing();
-                } else if honour_exclude {
+                } else if honour_exclude && self.wake_in_place(exclude) {
                     // Listed ready but refusing: pods that have just gone to sleep in place,
-                    // before the kubelet noticed. Woken where they are.
-                    self.wake_in_place(exclude);
+                    // before the kubelet noticed, woken where they are. The operator is told
+                    // too: it grows them back and points the Service at them again.
+                    self.ensure_waking(ctx);
                 }
                 if honour_exclude {
                     tokio::select! {
@@ -560,11 +561,11 @@ impl AppState {
 
     /// Asks each of `ips` not being woken already to wake in place (`POST /wake` with the app's
     /// control token), in the background; a pod that woke takes the held requests at once.
-    /// Nothing when the app does not sleep in place. A pod that cannot be woken is left to the
-    /// operator, which replaces it.
-    fn wake_in_place(self: &Arc<Self>, ips: &[IpAddr]) {
+    /// Nothing when the app does not sleep in place (then returns `false`). A pod that cannot
+    /// be woken is left to the operator, which replaces it.
+    fn wake_in_place(self: &Arc<Self>, ips: &[IpAddr]) -> bool {
         let Some(token) = self.pod_sets().token.clone() else {
-            return;
+            return false;
         };
         for &ip in ips {
             if !self.lock_waking_in_place().insert(ip) {
@@ -601,6 +602,7 @@ impl AppState {
                 app.lock_waking_in_place().remove(&ip);
             });
         }
+        true
     }
 
     fn lock_waking_in_place(&self) -> std::sync::MutexGuard<'_, HashSet<IpAddr>> {
