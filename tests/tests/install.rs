@@ -504,6 +504,12 @@ async fn run_an_app_through_the_operator(
     })
     .await;
 
+    // No control key yet, so this run creates it (as the first app sleeping in place does).
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), release_ns);
+    let _ = secrets
+        .delete(crac_api::control::KEY_SECRET, &DeleteParams::default())
+        .await;
+
     // A policy that governs this test's namespace only (by its name label), with a cap: the
     // operator reads namespace labels and counts awake apps for it.
     let policies = Api::<CracScalePolicy>::all(admin.clone());
@@ -568,8 +574,13 @@ async fn run_an_app_through_the_operator(
     let mut app = example_app("demo", "demo:1");
     app.spec.checkpoint.storage.storage_class_name = Some("standard".into());
     // Scale to zero on (it will not fall asleep during the test): the policy's cap applies.
+    // Sleeping in place: the operator reads (here: creates) the cluster key and writes the
+    // app's control-token Secret.
     app.spec.scale_to_zero = Some(
-        serde_json::from_value(serde_json::json!({ "enabled": true, "idleAfter": "1h" })).unwrap(),
+        serde_json::from_value(
+            serde_json::json!({ "enabled": true, "idleAfter": "1h", "mode": "InPlace" }),
+        )
+        .unwrap(),
     );
     // On the node whose pods get addresses an EndpointSlice accepts (see tests/cluster/up).
     let pod_spec = app.spec.template.spec.as_mut().unwrap();
@@ -640,6 +651,18 @@ async fn run_an_app_through_the_operator(
         (phase == crac_api::cracapp::Phase::Ready).then_some(())
     })
     .await;
+    // Its pods mount the token the operator wrote, derived from the key it created.
+    let key = secrets.get(crac_api::control::KEY_SECRET).await.unwrap();
+    let key = key.data.unwrap()[crac_api::control::KEY_FIELD].0.clone();
+    let token = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &ns.name)
+        .get(&crac_api::control::token_secret_name("demo"))
+        .await
+        .unwrap();
+    let uid = apps.get("demo").await.unwrap().metadata.uid.unwrap();
+    assert_eq!(
+        token.data.unwrap()[crac_api::control::TOKEN_FIELD].0,
+        crac_api::control::app_token(&key, &uid).into_bytes()
+    );
     wait_for(
         "the controller's watches synced (/readyz)",
         DEADLINE,
@@ -717,6 +740,20 @@ async fn rules_of(
 /// The Event recorder patches an Event only when the same Event repeats; these flows publish
 /// each transition once.
 const EVENT_SERIES: (&str, &str) = ("patch events.k8s.io/events", "series of a repeated Event");
+/// Rights used only while an app sleeps and wakes in place, which needs pods that run an agent
+/// (kwok's run nothing, and their addresses must not be dialled): tests/tests/real_node.rs
+/// exercises them under the chart's ServiceAccount, where a refusal fails the test.
+const SLEEPING_IN_PLACE: [(&str, &str); 3] = [
+    ("patch core/pods", "marking a pod asleep in place"),
+    (
+        "delete core/pods",
+        "replacing a pod that cannot wake in place",
+    ),
+    (
+        "patch core/pods/resize",
+        "shrinking a sleeping pod's requests",
+    ),
+];
 
 /// The whole install: helm, then the real operator under the chart's ServiceAccount takes an
 /// app to Ready and deletes it, and the activator's watches and wake request run under its
@@ -773,6 +810,11 @@ async fn helm_install_runs_the_operator_with_minimal_rbac() {
         )),
         tokio::spawn(crac_activator::kube::watch_pods(
             activator_client.clone(),
+            activator_registry.clone(),
+        )),
+        tokio::spawn(crac_activator::kube::load_control_key(
+            activator_client.clone(),
+            SYSTEM_NS.into(),
             activator_registry,
         )),
     ];
@@ -794,7 +836,10 @@ async fn helm_install_runs_the_operator_with_minimal_rbac() {
     let operator_rules = rules_of(
         &admin,
         "crac-operator.crac-system",
-        &[(SYSTEM_NS, "crac-operator-leader-election")],
+        &[
+            (SYSTEM_NS, "crac-operator-leader-election"),
+            (SYSTEM_NS, "crac-operator-control-key"),
+        ],
     )
     .await;
     assert_minimal(
@@ -804,6 +849,9 @@ async fn helm_install_runs_the_operator_with_minimal_rbac() {
         &refused,
         &[
             EVENT_SERIES,
+            SLEEPING_IN_PLACE[0],
+            SLEEPING_IN_PLACE[1],
+            SLEEPING_IN_PLACE[2],
             // Reconciling every namespace, the binary keeps the policies' status; this
             // operator watches only the test's namespace (the control plane is shared), and
             // watching one namespace it leaves that status alone (policies.rs).
@@ -815,7 +863,12 @@ async fn helm_install_runs_the_operator_with_minimal_rbac() {
     );
 
     let (used, refused) = accesses_since(offset, &activator_token);
-    let activator_rules = rules_of(&admin, "crac-activator.crac-system", &[]).await;
+    let activator_rules = rules_of(
+        &admin,
+        "crac-activator.crac-system",
+        &[(SYSTEM_NS, "crac-activator-control-key")],
+    )
+    .await;
     assert_minimal(
         "the activator",
         &granted(&activator_rules),
@@ -880,15 +933,18 @@ async fn watching_one_namespace_the_operator_needs_no_cluster_wide_write() {
             (&ns.name, "crac-operator"),
             (SYSTEM_NS, "crac-operator-leader-election"),
             (SYSTEM_NS, "crac-operator-activator-pods"),
+            (SYSTEM_NS, "crac-operator-control-key"),
         ],
     )
     .await;
+    let mut exceptions = vec![EVENT_SERIES];
+    exceptions.extend(SLEEPING_IN_PLACE);
     assert_minimal(
         "the operator watching one namespace",
         &granted(&rules),
         &used,
         &refused,
-        &[EVENT_SERIES],
+        &exceptions,
     );
 }
 

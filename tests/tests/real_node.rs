@@ -727,10 +727,20 @@ async fn the_pod(pods: &Api<Pod>, app: &str, asleep: bool) -> Pod {
         crac_api::labels::COMPONENT
     );
     wait_for(
-        &format!("{app}'s pod {}", if asleep { "asleep in place" } else { "awake and Ready" }),
+        &format!(
+            "{app}'s pod {}",
+            if asleep {
+                "asleep in place"
+            } else {
+                "awake and Ready"
+            }
+        ),
         DEADLINE,
         || async {
-            let list = pods.list(&ListParams::default().labels(&selector)).await.ok()?;
+            let list = pods
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?;
             let live: Vec<Pod> = list
                 .items
                 .into_iter()
@@ -759,7 +769,11 @@ async fn the_pod(pods: &Api<Pod>, app: &str, asleep: bool) -> Pod {
 fn app_requests(pod: &Pod) -> (Option<String>, Option<String>) {
     let c = &pod.spec.as_ref().unwrap().containers;
     let app = c.iter().find(|c| c.name == "app").unwrap();
-    let requests = app.resources.as_ref().and_then(|r| r.requests.clone()).unwrap_or_default();
+    let requests = app
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.clone())
+        .unwrap_or_default();
     (
         requests.get("memory").map(|q| q.0.clone()),
         app.resources
@@ -780,9 +794,10 @@ fn restarts(pod: &Pod) -> i32 {
 
 /// What the pod's agent says of it (`GET /activity` on its port).
 async fn agent_mode(ip: &str) -> String {
-    let (code, body) = crac_tests::real_node::http_get(ip, contract::DEFAULT_ACTIVITY_PORT, "/activity")
-        .await
-        .expect("the agent answers");
+    let (code, body) =
+        crac_tests::real_node::http_get(ip, contract::DEFAULT_ACTIVITY_PORT, "/activity")
+            .await
+            .expect("the agent answers");
     assert_eq!(code, 200, "{body}");
     serde_json::from_str::<serde_json::Value>(&body).unwrap()["mode"]
         .as_str()
@@ -837,7 +852,11 @@ async fn sleeping_in_place(ns: &TestNamespace, activator_ip: &str) {
         Some(crac_api::cracapp::SleepMode::InPlace)
     );
     let awake = the_pod(&pods, "doze", false).await;
-    assert_eq!(app_requests(&awake).0.as_deref(), Some("256Mi"), "requests default to limits");
+    assert_eq!(
+        app_requests(&awake).0.as_deref(),
+        Some("256Mi"),
+        "requests default to limits"
+    );
     let uid = awake.metadata.uid.clone().unwrap();
     let port = activator_port(&apps, "doze").await;
 
@@ -845,7 +864,11 @@ async fn sleeping_in_place(ns: &TestNamespace, activator_ip: &str) {
     // untouched), and its app port refusing.
     ask_to_sleep(&apps, "doze").await;
     let asleep = the_pod(&pods, "doze", true).await;
-    assert_eq!(asleep.metadata.uid.as_deref(), Some(uid.as_str()), "the pod stays");
+    assert_eq!(
+        asleep.metadata.uid.as_deref(),
+        Some(uid.as_str()),
+        "the pod stays"
+    );
     assert_eq!(restarts(&asleep), 0);
     assert_eq!(agent_mode(&ip).await, "sleeping");
     let shrunk = wait_for("the sleeping pod's requests shrunk", DEADLINE, || async {
@@ -853,9 +876,15 @@ async fn sleeping_in_place(ns: &TestNamespace, activator_ip: &str) {
         (app_requests(&p).0.as_deref() == Some("16Mi")).then_some(p)
     })
     .await;
-    assert_eq!(app_requests(&shrunk).1.as_deref(), Some("256Mi"), "limits unchanged");
+    assert_eq!(
+        app_requests(&shrunk).1.as_deref(),
+        Some("256Mi"),
+        "limits unchanged"
+    );
     assert!(
-        crac_tests::real_node::http_get(&ip, 8080, "/").await.is_none(),
+        crac_tests::real_node::http_get(&ip, 8080, "/")
+            .await
+            .is_none(),
         "nothing listens on the app's port while it sleeps"
     );
     wait_for("the app asleep", DEADLINE, || async {
@@ -866,10 +895,18 @@ async fn sleeping_in_place(ns: &TestNamespace, activator_ip: &str) {
     // A request at zero: the activator wakes the pod where it is.
     let (code, body, took) = through_the_activator(activator_ip, port).await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(body.trim(), "hello 201", "answered by a JVM restored in place");
+    assert_eq!(
+        body.trim(),
+        "hello 201",
+        "answered by a JVM restored in place"
+    );
     eprintln!("in place: request at zero answered in {took:?}");
     let woken = the_pod(&pods, "doze", false).await;
-    assert_eq!(woken.metadata.uid.as_deref(), Some(uid.as_str()), "woken in the same pod");
+    assert_eq!(
+        woken.metadata.uid.as_deref(),
+        Some(uid.as_str()),
+        "woken in the same pod"
+    );
     assert_eq!(restarts(&woken), 0, "no container restart");
     wait_for("the woken pod grown back", DEADLINE, || async {
         let p = pods.get(&name).await.ok()?;
@@ -928,7 +965,10 @@ async fn sleeping_in_place(ns: &TestNamespace, activator_ip: &str) {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body.trim(), "hello 1", "a cold JVM answers: {body}");
     let woken = the_pod(&pods, "doze", false).await;
-    assert_eq!(woken.metadata.uid, replacement.metadata.uid, "still in place");
+    assert_eq!(
+        woken.metadata.uid, replacement.metadata.uid,
+        "still in place"
+    );
     assert_eq!(agent_mode(&replacement_ip).await, "coldStarted");
 }
 

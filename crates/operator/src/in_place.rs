@@ -86,6 +86,21 @@ pub fn requests_of(container: &Container) -> Requests {
         .unwrap_or_default()
 }
 
+/// What a template's container requests once the API server has defaulted it: its requests,
+/// and its limits for any resource it sets no request for.
+pub fn template_requests(container: &Container) -> Requests {
+    let mut requests = requests_of(container);
+    let limits = container
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.clone())
+        .unwrap_or_default();
+    for (resource, limit) in limits {
+        requests.entry(resource).or_insert(limit);
+    }
+    requests
+}
+
 /// A pod to call, by name and address.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Target {
@@ -108,11 +123,14 @@ pub struct Work {
     /// Grow back to these requests (a resizable pod that shrank), `POST /wake`, then (once
     /// awake) unmark. A pod that cannot be woken is deleted: its replacement restores.
     pub wake: Vec<(Target, Option<Requests>)>,
+    /// Awake, unmarked, but still at a sleeping pod's requests (its growing failed once):
+    /// grown back.
+    pub grow: Vec<Resize>,
 }
 
 impl Work {
     pub fn is_empty(&self) -> bool {
-        self.sleep.is_empty() && self.wake.is_empty()
+        self.sleep.is_empty() && self.wake.is_empty() && self.grow.is_empty()
     }
 }
 
@@ -157,6 +175,16 @@ pub fn work(asleep: bool, pods: &[PodView], awake: &Requests) -> Work {
                 ));
             }
             continue;
+        }
+        let shrunk = pod.resizable
+            && !awake.is_empty()
+            && !same_requests(awake, &sleeping_requests(awake))
+            && same_requests(&pod.requests, &sleeping_requests(awake));
+        if !pod.marked && shrunk {
+            w.grow.push(Resize {
+                pod: pod.name.clone(),
+                requests: awake.clone(),
+            });
         }
         let (true, Some(ip)) = (pod.marked, &pod.ip) else {
             continue;
@@ -236,6 +264,16 @@ mod tests {
     }
 
     #[test]
+    fn a_template_requests_its_limits_where_it_sets_no_request() {
+        let c: Container = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "resources": { "limits": { "memory": "256Mi", "cpu": "1" }, "requests": { "cpu": "100m" } }
+        }))
+        .unwrap();
+        assert_eq!(template_requests(&c), reqs("100m", "256Mi"));
+    }
+
+    #[test]
     fn quantities_are_compared_by_value() {
         assert_eq!(quantity("100m"), Some(0.1));
         assert_eq!(quantity("1Gi"), quantity("1024Mi"));
@@ -308,6 +346,23 @@ mod tests {
             [("asleep", true), ("listed", true), ("guaranteed", false)],
             "an unmarked pod that is not Ready is starting, not asleep"
         );
-        assert!(w.wake.iter().filter_map(|(_, g)| g.as_ref()).all(|g| *g == awake));
+        assert!(
+            w.wake
+                .iter()
+                .filter_map(|(_, g)| g.as_ref())
+                .all(|g| *g == awake)
+        );
+        assert!(w.grow.is_empty());
+        // Woken and unmarked, but its growing failed: grown at the next look.
+        let left_small = [pod("left", true, false, small.clone())];
+        let w = work(false, &left_small, &awake);
+        assert_eq!(
+            w.grow,
+            [Resize {
+                pod: "left".into(),
+                requests: awake.clone()
+            }]
+        );
+        assert!(w.wake.is_empty());
     }
 }

@@ -165,7 +165,7 @@ pub fn decide(
         work: crate::in_place::work(
             plan.cycle == Cycle::Asleep,
             &seen.in_place_pods,
-            &crate::in_place::requests_of(&spec.validated.container),
+            &crate::in_place::template_requests(&spec.validated.container),
         ),
         wake_limit: plan.settings.wake_timeout,
     });

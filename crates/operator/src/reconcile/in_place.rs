@@ -62,6 +62,11 @@ pub async fn carry_out(ctx: &Context, key: &AppKey, run: &InPlaceRun) -> Vec<Not
         }
     }
 
+    for left in &w.grow {
+        if let Err(e) = resize(&pods, &left.pod, &left.requests).await {
+            warn!(pod = %left.pod, error = %e, "growing a woken pod back failed; will retry");
+        }
+    }
     // Grown first: the scheduler's account is right before the JVM is back.
     for (target, grow) in &w.wake {
         if let Some(requests) = grow
