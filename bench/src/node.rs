@@ -9,7 +9,11 @@
 //!   wake request and scale-up (→ pod created), scheduling, sandbox and network (→ address),
 //!   container start and restore (→ Ready; the agent's own restore time from its log), address
 //!   → first byte, and how long before Ready the first byte came (the activator forwards once
-//!   the app answers its own probe).
+//!   the app answers its own probe);
+//! - the two sleep modes side by side: the same app twice, `Recreate` and `InPlace`, put to
+//!   sleep and woken by one request at zero in turn (`--mode-wakes` each): p50 and p99 of
+//!   request → first byte, their ratio, and what a pod sleeping in place holds (the resident
+//!   memory of its processes, read from this machine's /proc, and its requests).
 //!
 //! The operator and the activator must already run (scripts/bench installs the chart onto the
 //! real node, watching `--namespace`). Prints a Markdown block on stdout, progress on stderr.
@@ -17,7 +21,7 @@
 //! ```text
 //! crac-bench-node --namespace bench-node --name hello --image crac.dev/test/hello-app:1 \
 //!     --command 'java -XX:-UsePerfData -Xmx64m -cp /app Hello 8080' --ready-path /ready \
-//!     [--runs 5] [--wakes 5] [--warmup 200]
+//!     [--runs 5] [--wakes 5] [--mode-wakes 20] [--warmup 200]
 //! ```
 
 use anyhow::{Context as _, Result, bail};
@@ -40,6 +44,7 @@ struct Args {
     ready_path: String,
     runs: usize,
     wakes: usize,
+    mode_wakes: usize,
     warmup: u32,
 }
 
@@ -62,6 +67,7 @@ fn parse_args() -> Result<Args> {
         ready_path: "/ready".into(),
         runs: 5,
         wakes: 5,
+        mode_wakes: 20,
         warmup: 200,
     };
     let mut it = std::env::args().skip(1);
@@ -75,6 +81,7 @@ fn parse_args() -> Result<Args> {
             "--ready-path" => args.ready_path = value,
             "--runs" => args.runs = value.parse()?,
             "--wakes" => args.wakes = value.parse()?,
+            "--mode-wakes" => args.mode_wakes = value.parse()?,
             "--warmup" => args.warmup = value.parse()?,
             other => bail!("unknown flag {other}"),
         }
@@ -91,7 +98,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn app(args: &Args) -> Result<CracApp> {
+fn app(args: &Args, name: &str, mode: &str) -> Result<CracApp> {
     let mut pod = placement();
     pod["containers"] = serde_json::json!([{
         "name": "app", "image": args.image, "imagePullPolicy": "Never",
@@ -103,7 +110,7 @@ fn app(args: &Args) -> Result<CracApp> {
     }]);
     Ok(serde_json::from_value(serde_json::json!({
         "apiVersion": "crac.dev/v1alpha1", "kind": "CracApp",
-        "metadata": { "name": args.name },
+        "metadata": { "name": name },
         "spec": {
             "replicas": 1,
             "template": { "spec": pod },
@@ -113,7 +120,7 @@ fn app(args: &Args) -> Result<CracApp> {
                 "storage": { "size": "2Gi", "storageClassName": STORAGE_CLASS },
                 "timeout": "5m"
             },
-            "scaleToZero": { "enabled": true, "idleAfter": "6h", "wakeTimeout": "120s" }
+            "scaleToZero": { "enabled": true, "idleAfter": "6h", "wakeTimeout": "120s", "mode": mode }
         }
     }))?)
 }
@@ -213,7 +220,8 @@ async fn main() -> Result<()> {
         crac_api::labels::APP,
         crac_api::labels::COMPONENT
     ));
-    apps.create(&PostParams::default(), &app(&args)?).await?;
+    apps.create(&PostParams::default(), &app(&args, &name, "Recreate")?)
+        .await?;
     until("the checkpoint pod", || async {
         let l = pods.list(&checkpoint_pods).await.ok()?;
         (!l.items.is_empty()).then_some(())
@@ -430,11 +438,226 @@ async fn main() -> Result<()> {
     for (i, label) in labels.iter().enumerate() {
         out.push(row(label, parts.iter().map(|p| p[i]).collect()));
     }
-    apps.delete(&name, &DeleteParams::default()).await?;
-    until("the app deleted", || async {
-        apps.get_opt(&name).await.ok()?.is_none().then_some(())
+
+    // --- the two sleep modes, side by side
+    let dozing = format!("{name}-inplace");
+    eprintln!("node bench: {dozing}: checkpoint (sleeps in place)");
+    apps.create(&PostParams::default(), &app(&args, &dozing, "InPlace")?)
+        .await?;
+    until("the in-place app Ready", || async {
+        (apps.get(&dozing).await.ok()?.status?.phase? == Phase::Ready).then_some(())
     })
     .await?;
+    let waker = Waker {
+        client: client.clone(),
+        apps: apps.clone(),
+        pods: pods.clone(),
+        namespace: args.namespace.clone(),
+    };
+    let (mut recreate, mut in_place) = (Vec::new(), Vec::new());
+    let mut held = Vec::new();
+    for i in 0..args.mode_wakes {
+        eprintln!(
+            "node bench: {name}: wake {}/{} in each mode",
+            i + 1,
+            args.mode_wakes
+        );
+        recreate.push(waker.wake(&name, false).await?);
+        let (first_byte, asleep) = waker.wake_in_place(&dozing).await?;
+        in_place.push(first_byte);
+        held.push(asleep);
+    }
+    out.push(format!(
+        "\nThe two sleep modes side by side: request at zero → first byte through the activator pod, {} wakes each, interleaved (ms):\n",
+        args.mode_wakes
+    ));
+    out.push("| mode | p50 | p99 | min | max |\n| --- | --- | --- | --- | --- |".into());
+    for (label, v) in [("`Recreate`", &mut recreate), ("`InPlace`", &mut in_place)] {
+        v.sort_by(f64::total_cmp);
+        out.push(format!(
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            v.first().copied().unwrap_or(0.0),
+            v.last().copied().unwrap_or(0.0)
+        ));
+    }
+    out.push(format!(
+        "\nRecreate / InPlace, p50: **{:.1}×**\n",
+        percentile(&recreate, 0.5) / percentile(&in_place, 0.5)
+    ));
+    held.sort_by(|a, b| a.rss_kib.cmp(&b.rss_kib));
+    if let Some(h) = held.get(held.len() / 2) {
+        out.push(format!(
+            "- a pod sleeping in place holds **{:.1} MiB** resident ({} process(es) in its cgroup, median of {} sleeps; from /proc on this machine) and requests {}\n",
+            h.rss_kib as f64 / 1024.0,
+            h.processes,
+            held.len(),
+            h.requests
+        ));
+    }
+    for app in [&name, &dozing] {
+        apps.delete(app, &DeleteParams::default()).await?;
+        until("the app deleted", || async {
+            apps.get_opt(app).await.ok()?.is_none().then_some(())
+        })
+        .await?;
+    }
     println!("{}\n", out.join("\n"));
     Ok(())
+}
+
+/// What a pod sleeping in place holds.
+struct Held {
+    rss_kib: u64,
+    processes: usize,
+    requests: String,
+}
+
+/// Puts an app to sleep and wakes it with one request at zero, timing the first byte.
+struct Waker {
+    client: Client,
+    apps: Api<CracApp>,
+    pods: Api<Pod>,
+    namespace: String,
+}
+
+impl Waker {
+    fn restore_pods(name: &str) -> ListParams {
+        ListParams::default().labels(&format!(
+            "{}={name},{}=restore",
+            crac_api::labels::APP,
+            crac_api::labels::COMPONENT
+        ))
+    }
+
+    /// Asks the app to sleep and waits until it does (`in_place`: its pod marked asleep;
+    /// else: its pods gone).
+    async fn put_to_sleep(&self, name: &str, in_place: bool) -> Result<Option<Pod>> {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let sleep = serde_json::json!({ "metadata": { "annotations": {
+            crac_api::labels::SLEEP_REQUESTED_AT: now } } });
+        self.apps
+            .patch(name, &PatchParams::default(), &Patch::Merge(sleep))
+            .await?;
+        until("asleep", || async {
+            let s = self.apps.get(name).await.ok()?.status?;
+            (s.phase? == Phase::ScaledToZero).then_some(())?;
+            let pods = self.pods.list(&Self::restore_pods(name)).await.ok()?.items;
+            if !in_place {
+                return pods.is_empty().then_some(None);
+            }
+            let pod = pods.into_iter().find(|p| {
+                p.metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(crac_api::labels::ASLEEP_IN_PLACE_SINCE))
+            })?;
+            Some(Some(pod))
+        })
+        .await
+    }
+
+    /// One request at zero through the activator pod: ms to its first byte; then waits until
+    /// the app is awake on its pods again.
+    async fn request_at_zero(&self, name: &str) -> Result<f64> {
+        let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+            Api::namespaced(self.client.clone(), &self.namespace);
+        let (ip, port) = until("the slice at the activator", || async {
+            let l = slices
+                .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={name}")))
+                .await
+                .ok()?;
+            let s = l.items.into_iter().next()?;
+            let ip = s.endpoints.as_ref()?.first()?.addresses.first()?.clone();
+            let port = s.ports.as_ref()?.first()?.port?;
+            Some((ip, port as u16))
+        })
+        .await?;
+        let t0 = Instant::now();
+        let mut stream = send_get(&ip, port, "/")
+            .await
+            .context("connecting to the activator")?;
+        let mut b = [0u8; 1];
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut b))
+            .await
+            .context("no first byte")??;
+        let first_byte = ms(t0.elapsed());
+        until("awake on its pods", || async {
+            let s = self.apps.get(name).await.ok()?.status?;
+            (s.phase? == Phase::Ready && s.serving_mode? == crac_api::cracapp::ServingMode::Pods)
+                .then_some(())
+        })
+        .await?;
+        Ok(first_byte)
+    }
+
+    async fn wake(&self, name: &str, in_place: bool) -> Result<f64> {
+        self.put_to_sleep(name, in_place).await?;
+        self.request_at_zero(name).await
+    }
+
+    /// A wake in place, with what the sleeping pod held just before it.
+    async fn wake_in_place(&self, name: &str) -> Result<(f64, Held)> {
+        let pod = self
+            .put_to_sleep(name, true)
+            .await?
+            .context("the sleeping pod")?;
+        let uid = pod.metadata.uid.clone().context("pod uid")?;
+        let name_of_pod = pod.metadata.name.clone().context("pod name")?;
+        // Its requests once shrunk (the resize follows the sleep).
+        let requests = until("the sleeping pod's requests shrunk", || async {
+            let p = self.pods.get(&name_of_pod).await.ok()?;
+            let c = p.spec?.containers.into_iter().find(|c| c.name == "app")?;
+            let r = c.resources?.requests?;
+            let memory = r.get("memory")?.0.clone();
+            (memory == "16Mi").then(|| {
+                r.iter()
+                    .map(|(k, v)| format!("{k} {}", v.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+        })
+        .await?;
+        let (rss_kib, processes) = pod_rss(&uid);
+        let first_byte = self.request_at_zero(name).await?;
+        Ok((
+            first_byte,
+            Held {
+                rss_kib,
+                processes,
+                requests,
+            },
+        ))
+    }
+}
+
+/// The resident memory (KiB) of every process on this machine in the pod's cgroup (the pod
+/// sandbox's pause process included), and how many there are: the pod's UID appears in each
+/// one's cgroup path (`pod<uid>`, with dashes or underscores by cgroup driver).
+fn pod_rss(uid: &str) -> (u64, usize) {
+    let marks = [format!("pod{uid}"), format!("pod{}", uid.replace('-', "_"))];
+    let mut total = 0;
+    let mut count = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let path = entry.path();
+        let Ok(cgroup) = std::fs::read_to_string(path.join("cgroup")) else {
+            continue;
+        };
+        if !marks.iter().any(|m| cgroup.contains(m.as_str())) {
+            continue;
+        }
+        let rss = std::fs::read_to_string(path.join("status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            });
+        if let Some(kib) = rss {
+            total += kib;
+            count += 1;
+        }
+    }
+    (total, count)
 }

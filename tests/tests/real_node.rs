@@ -521,6 +521,12 @@ struct Uninstall;
 
 impl Drop for Uninstall {
     fn drop(&mut self) {
+        // The components' logs outlive their pods, for whoever reads a failure.
+        let logs = crac_tests::repo_root().join("target/cluster/logs");
+        for name in ["crac-operator", "crac-activator"] {
+            let out = crac_tests::kubectl(&["-n", SYSTEM_NS, "logs", &format!("deploy/{name}")]);
+            let _ = std::fs::write(logs.join(format!("chart-{name}.log")), out.stdout);
+        }
         let _ = helm(&[
             "uninstall",
             "crac-operator",

@@ -2,6 +2,7 @@
 
 use crac_api::CracApp;
 use crac_api::agent::AgentSummary;
+use crac_api::cracapp::{Phase, SleepMode};
 use k8s_openapi::jiff::Timestamp;
 use std::fmt::Write;
 
@@ -97,10 +98,14 @@ pub fn status_table(apps: &[CracApp], all_namespaces: bool, now: Timestamp) -> S
             let checkpoint = status.checkpoint.as_ref();
             row.extend([
                 app.metadata.name.clone().unwrap_or_default(),
-                status
-                    .phase
-                    .map(|p| p.as_str().to_string())
-                    .unwrap_or_else(|| "Pending".into()),
+                match (status.phase, status.sleep_mode) {
+                    // Its pods are there, each with only its agent: say so.
+                    (Some(Phase::ScaledToZero), Some(SleepMode::InPlace)) => {
+                        "ScaledToZero (in place)".into()
+                    }
+                    (Some(p), _) => p.as_str().to_string(),
+                    (None, _) => "Pending".into(),
+                },
                 format!("{}/{}", status.ready_replicas, app.spec.replicas),
                 checkpoint
                     .map(|c| age(c.created_at.as_ref().map(|t| t.0), now))
@@ -372,6 +377,15 @@ mod tests {
             "{}",
             status_table(&[], false, now)
         );
+        // Asleep in place.
+        let dozing = app(
+            "doze",
+            serde_json::json!({ "phase": "ScaledToZero", "sleepMode": "InPlace" }),
+        );
+        let recreated = app("nap", serde_json::json!({ "phase": "ScaledToZero" }));
+        let out = status_table(&[dozing, recreated], false, now);
+        assert!(out.contains("doze  ScaledToZero (in place)"), "{out}");
+        assert!(out.contains("nap   ScaledToZero  "), "{out}");
     }
 
     #[test]
