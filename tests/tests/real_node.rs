@@ -8,7 +8,7 @@
 
 use crac_api::CracApp;
 use crac_api::agent::{self as contract, AgentSummary, Outcome};
-use crac_api::cracapp::Phase;
+use crac_api::cracapp::{Phase, ServingMode};
 use crac_tests::operator::{start_operator_with, status_of};
 use crac_tests::real_node::{
     AGENT_IMAGE, DEADLINE, HELLO_IMAGE, HELLO_IMAGE_2, claim_dir, hello_app, http_get, logs,
@@ -919,12 +919,14 @@ async fn sleeping_in_place(ns: &TestNamespace, activator_ip: &str) {
         (app_requests(&p).0.as_deref() == Some("256Mi")).then_some(())
     })
     .await;
-    let status = wait_for("the app awake again", DEADLINE, || async {
+    // Awake on its pods again, the wake recorded (the phase alone may say Ready a moment
+    // earlier: the kubelet may not have seen the pod sleep at all).
+    let status = wait_for("the app awake on its pods again", DEADLINE, || async {
         let s = status_of(&apps, "doze").await;
-        (s.phase? == Phase::Ready).then_some(s)
+        (s.phase? == Phase::Ready && s.serving_mode? == ServingMode::Pods).then_some(s)
     })
     .await;
-    assert!(status.last_wake.is_some(), "the wake is recorded");
+    let first_wake = status.last_wake.expect("the wake is recorded").at;
 
     // A request racing the sleep: sent the moment the app is recorded asleep, while the pod is
     // still listed Ready (the kubelet probes every 10 s) and its JVM is already gone.
@@ -940,8 +942,11 @@ async fn sleeping_in_place(ns: &TestNamespace, activator_ip: &str) {
     let woken = the_pod(&pods, "doze", false).await;
     assert_eq!(woken.metadata.uid.as_deref(), Some(uid.as_str()));
     assert_eq!(restarts(&woken), 0);
-    wait_for("the app awake after the race", DEADLINE, || async {
-        (status_of(&apps, "doze").await.phase? == Phase::Ready).then_some(())
+    wait_for("the app awake on its pods after the race", DEADLINE, || async {
+        let s = status_of(&apps, "doze").await;
+        let woke = s.last_wake?.at;
+        (s.phase? == Phase::Ready && s.serving_mode? == ServingMode::Pods && woke > first_wake)
+            .then_some(())
     })
     .await;
 
