@@ -329,6 +329,8 @@ pub fn activator_args(kubeconfig: &str, address: IpAddr, admin: &str) -> Vec<Str
         admin,
         "--trusted-callers",
         "127.0.0.0/8",
+        "--control-key-namespace",
+        ACTIVATOR_NAMESPACE,
     ]
     .map(String::from)
     .to_vec()

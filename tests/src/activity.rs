@@ -6,8 +6,13 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// Answers a control request (`POST /sleep`, `POST /wake`): given the path and the
+/// `Authorization` header, the status and body (see [`ActivityServer::set_control`]).
+pub type Control = Arc<dyn Fn(&str, Option<&str>) -> (u16, String) + Send + Sync>;
+
 pub struct ActivityServer {
     report: Arc<Mutex<ActivityReport>>,
+    control: Arc<Mutex<Option<Control>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -23,24 +28,58 @@ impl ActivityServer {
         )
         .await;
         let report = Arc::new(Mutex::new(report));
-        let shared = report.clone();
+        let control: Arc<Mutex<Option<Control>>> = Arc::default();
+        let (shared, controls) = (report.clone(), control.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
-                let body = serde_json::to_string(&*shared.lock().unwrap()).unwrap();
+                let (shared, controls) = (shared.clone(), controls.clone());
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     let n = stream.read(&mut buf).await.unwrap_or(0);
-                    let asked = String::from_utf8_lossy(&buf[..n]);
-                    let response = if asked.starts_with(&format!("GET {ACTIVITY_PATH} ")) {
-                        format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}")
-                    } else {
-                        "HTTP/1.0 404 Not Found\r\n\r\n".to_string()
+                    let asked = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let line = asked.lines().next().unwrap_or("");
+                    let authorization = asked
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Authorization:"))
+                        .map(str::trim);
+                    let control = controls.lock().unwrap().clone();
+                    let response = match (line.split(' ').nth(1), control) {
+                        _ if line.starts_with(&format!("GET {ACTIVITY_PATH} ")) => {
+                            let body = serde_json::to_string(&*shared.lock().unwrap()).unwrap();
+                            format!(
+                                "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}"
+                            )
+                        }
+                        (Some(path @ ("/sleep" | "/wake")), Some(control))
+                            if line.starts_with("POST ") =>
+                        {
+                            let (code, body) = control(path, authorization);
+                            format!(
+                                "HTTP/1.0 {code} X\r\nContent-Type: application/json\r\n\r\n{body}"
+                            )
+                        }
+                        _ => "HTTP/1.0 404 Not Found\r\n\r\n".to_string(),
                     };
                     let _ = stream.write_all(response.as_bytes()).await;
                 });
             }
         });
-        ActivityServer { report, task }
+        ActivityServer {
+            report,
+            control,
+            task,
+        }
+    }
+
+    /// Serves `POST /sleep` and `POST /wake` with `control` (`None`: 404, as an agent with no
+    /// control token does).
+    pub fn set_control(&self, control: Option<Control>) {
+        *self.control.lock().unwrap() = control;
+    }
+
+    /// The `mode` the activity report says (`sleeping` while asleep in place).
+    pub fn set_mode(&self, mode: &str) {
+        self.report.lock().unwrap().mode = mode.into();
     }
 
     pub fn set(&self, open_connections: u32, last_activity_time: Option<String>) {

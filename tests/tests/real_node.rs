@@ -942,12 +942,16 @@ async fn sleeping_in_place(ns: &TestNamespace, activator_ip: &str) {
     let woken = the_pod(&pods, "doze", false).await;
     assert_eq!(woken.metadata.uid.as_deref(), Some(uid.as_str()));
     assert_eq!(restarts(&woken), 0);
-    wait_for("the app awake on its pods after the race", DEADLINE, || async {
-        let s = status_of(&apps, "doze").await;
-        let woke = s.last_wake?.at;
-        (s.phase? == Phase::Ready && s.serving_mode? == ServingMode::Pods && woke > first_wake)
-            .then_some(())
-    })
+    wait_for(
+        "the app awake on its pods after the race",
+        DEADLINE,
+        || async {
+            let s = status_of(&apps, "doze").await;
+            let woke = s.last_wake?.at;
+            (s.phase? == Phase::Ready && s.serving_mode? == ServingMode::Pods && woke > first_wake)
+                .then_some(())
+        },
+    )
     .await;
 
     // A pod replaced while the app sleeps (evicted, its node drained) restores at start, and

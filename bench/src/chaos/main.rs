@@ -14,6 +14,9 @@
 //! - `hostile`: slow heads, oversized heads, silent sockets and a connection flood at one
 //!   activator while normal callers sleep and wake the app; every normal caller answered and
 //!   the activators' peak RSS under `--activator-memory-limit-mib`.
+//! - `in-place`: the app switched to `scaleToZero.mode: InPlace`, then 100 callers while it
+//!   sleeps and wakes in place `--cycles` times (the pods' agents played with the app's real
+//!   control token); lost 0, the same pods throughout, and the wakes done in place.
 //!
 //! The driver plays what no process plays here: the app's pods (see `pods`), kube-proxy
 //! (`service`), and the kubelet's readiness probe of the activators (`activators`).
@@ -22,7 +25,7 @@
 //!
 //! ```text
 //! crac-chaos --operator BIN --activator BIN [--logs DIR] [--namespace chaos]
-//!     [--only "callers activator-restart activator-kill hostile"] [--cycles 4] [--callers 200]
+//!     [--only "callers activator-restart activator-kill hostile in-place"] [--cycles 4] [--callers 200]
 //!     [--node-cidr 127.152.0.0/24] [--addresses 127.0.0.81,127.0.0.82,127.0.0.83,127.0.0.84]
 //!     [--app-port 18182] [--activator-memory-limit-mib 256]
 //! ```
@@ -85,7 +88,13 @@ struct Args {
     logs: PathBuf,
 }
 
-const SCENARIOS: [&str; 4] = ["callers", "activator-restart", "activator-kill", "hostile"];
+const SCENARIOS: [&str; 5] = [
+    "callers",
+    "activator-restart",
+    "activator-kill",
+    "hostile",
+    "in-place",
+];
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
@@ -225,6 +234,7 @@ async fn run(
         client: client.clone(),
         ns: ns.clone(),
         launcher,
+        pods: pods.clone(),
         service,
         replicas: Vec::new(),
         started: 0,
@@ -259,6 +269,7 @@ async fn run(
             "activator-restart" => chaos.activator_restart().await,
             "activator-kill" => chaos.activator_kill().await,
             "hostile" => chaos.hostile().await,
+            "in-place" => chaos.in_place().await,
             _ => unreachable!("checked in parse_args"),
         };
         let mut verdict = match verdict {
@@ -294,6 +305,7 @@ struct Chaos {
     ns: String,
     args: Args,
     launcher: Launcher,
+    pods: Pods,
     service: Service,
     replicas: Vec<Replica>,
     /// Replicas started so far (for their names).
@@ -660,6 +672,113 @@ impl Chaos {
         Ok(Verdict {
             name: "hostile",
             extra,
+            tally,
+            failures,
+        })
+    }
+}
+
+impl Chaos {
+    /// The app's restore pods' names, sorted.
+    async fn pod_names(&self) -> Result<Vec<String>> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        let selector = crac_api::serving::restore_pods_selector(Some(APP));
+        let mut names: Vec<String> = pods
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Sleeping in place: the app switched to `mode: InPlace` (its pods replaced once, to
+    /// mount the token), then callers while it sleeps and wakes in place.
+    async fn in_place(&mut self) -> Result<Verdict> {
+        let patch = serde_json::json!({ "spec": { "scaleToZero": { "mode": "InPlace" } } });
+        self.apps()
+            .patch(APP, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        // The token the operator gives the pods: the app's UID under the cluster key it keeps
+        // in the activators' namespace.
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(
+            self.client.clone(),
+            crac_tests::operator::ACTIVATOR_NAMESPACE,
+        );
+        let key = crac_bench::until(
+            "the control key",
+            Duration::from_millis(50),
+            DEADLINE,
+            || async {
+                let s = secrets
+                    .get_opt(crac_api::control::KEY_SECRET)
+                    .await
+                    .ok()??;
+                Some(s.data?.remove(crac_api::control::KEY_FIELD)?.0)
+            },
+        )
+        .await?;
+        let uid = self
+            .apps()
+            .get(APP)
+            .await?
+            .metadata
+            .uid
+            .context("app uid")?;
+        let wakes = self
+            .pods
+            .sleep_in_place(&crac_api::control::app_token(&key, &uid));
+        // Rolled out on the template with the token, and awake.
+        let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        crac_bench::until(
+            "the pods of the in-place template",
+            Duration::from_millis(50),
+            DEADLINE,
+            || async {
+                let s = self.status().await;
+                (s.sleep_mode? == crac_api::cracapp::SleepMode::InPlace).then_some(())?;
+                let d = deployments.get(APP).await.ok()?;
+                let generation = d.metadata.generation?;
+                let st = d.status?;
+                let want = d.spec?.replicas?;
+                (st.observed_generation? == generation
+                    && st.updated_replicas? == want
+                    && st.replicas? == want
+                    && st.ready_replicas? == want)
+                    .then_some(())
+            },
+        )
+        .await?;
+        self.wait_awake().await?;
+        let before = self.pod_names().await?;
+
+        let callers = Callers::start(&self.service, self.bursty(100), 5);
+        let (done, failure) = self.cycles(self.args.cycles).await;
+        let tally = callers.stop().await;
+        let after = self.pod_names().await?;
+        let woken = wakes.load(std::sync::atomic::Ordering::Acquire);
+        let mut failures: Vec<String> = failure.into_iter().collect();
+        if tally.lost() > 0 {
+            failures.push(format!("{} requests lost", tally.lost()));
+        }
+        if before != after {
+            failures.push(format!("pods replaced: {before:?} then {after:?}"));
+        }
+        if (woken as usize) < done {
+            failures.push(format!("{woken} wakes in place for {done} sleeps"));
+        }
+        Ok(Verdict {
+            name: "in-place",
+            extra: vec![
+                ("callers".into(), "100".into()),
+                ("cycles".into(), format!("{done}/{}", self.args.cycles)),
+                ("pod wakes in place".into(), woken.to_string()),
+            ],
             tally,
             failures,
         })

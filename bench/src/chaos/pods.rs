@@ -6,6 +6,12 @@
 //! served by a socket no real pod would have. Connections already accepted finish, as a
 //! gracefully stopping app would finish them.
 //!
+//! Sleeping in place ([`Pods::sleep_in_place`]): each address's agent also answers `POST /sleep`
+//! (the app's listener closes, as a JVM ended in place stops listening) and `POST /wake` (it
+//! opens again) when they carry the app's control token, 401 otherwise. The pod stays, Ready as
+//! kwok keeps it, so a request sent to it while it sleeps is refused, as on a real node before
+//! the kubelet's next probe.
+//!
 //! What the app answers (every response `Connection: close`):
 //! - `GET /get/ID`: 200, body `get ID`;
 //! - `POST /upload/ID` with a body: reads it all, checks every byte against [`body_byte`], 200,
@@ -15,7 +21,7 @@
 //!   reset).
 
 use crac_api::agent::ActivityReport;
-use crac_tests::activity::ActivityServer;
+use crac_tests::activity::{ActivityServer, Control};
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::{self, Event};
@@ -41,6 +47,8 @@ struct Address {
     open: Arc<AtomicU32>,
     /// The pod that has this address, and the listener serving for it.
     owner: Option<(String, JoinHandle<()>)>,
+    /// Asleep in place: its listener is closed, the pod stays.
+    asleep: bool,
 }
 
 /// The node's addresses, and the app's ready pods (what the EndpointSlice would list if it took
@@ -70,6 +78,7 @@ impl Pods {
                     activity,
                     open: Arc::default(),
                     owner: None,
+                    asleep: false,
                 },
             );
         }
@@ -143,6 +152,8 @@ impl Pods {
                     self.addresses.clone(),
                 ));
                 address.owner = Some((name.clone(), task));
+                address.asleep = false;
+                address.activity.set_mode("restored");
             }
         }
         let mut ready = self.ready.lock().expect("pods lock");
@@ -151,6 +162,49 @@ impl Pods {
         } else {
             ready.remove(&name);
         }
+    }
+
+    /// From now on every address's agent sleeps and wakes its pod's app on request, given
+    /// `token`, and counts the wakes it did.
+    pub fn sleep_in_place(&self, token: &str) -> Arc<AtomicU32> {
+        let wakes = Arc::new(AtomicU32::new(0));
+        let addresses = self.addresses.lock().expect("pods lock");
+        for (&ip, address) in addresses.iter() {
+            let (all, port, wakes) = (self.addresses.clone(), self.port, wakes.clone());
+            let expected = format!("Bearer {token}");
+            let control: Control = Arc::new(move |path, authorization| {
+                if authorization != Some(expected.as_str()) {
+                    return (
+                        401,
+                        r#"{"error":"a valid bearer token is required"}"#.into(),
+                    );
+                }
+                let mut addresses = all.lock().expect("pods lock");
+                let Some(a) = addresses.get_mut(&ip) else {
+                    return (503, "{}".into());
+                };
+                match (path, a.asleep, &a.owner) {
+                    ("/sleep", false, Some((_, task))) => {
+                        task.abort();
+                        a.asleep = true;
+                        a.activity.set_mode("sleeping");
+                        (200, r#"{"mode":"sleeping","sleepMs":1}"#.into())
+                    }
+                    ("/sleep", _, _) => (200, r#"{"mode":"sleeping"}"#.into()),
+                    ("/wake", true, Some((name, _))) => {
+                        let task = tokio::spawn(serve(ip, port, a.open.clone(), all.clone()));
+                        a.owner = Some((name.clone(), task));
+                        a.asleep = false;
+                        a.activity.set_mode("restored");
+                        wakes.fetch_add(1, Ordering::AcqRel);
+                        (200, r#"{"mode":"restored","restoreMs":1}"#.into())
+                    }
+                    _ => (200, r#"{"mode":"restored"}"#.into()),
+                }
+            });
+            address.activity.set_control(Some(control));
+        }
+        wakes
     }
 
     fn gone(&self, name: &str) {
