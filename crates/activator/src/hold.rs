@@ -2,7 +2,7 @@
 //! wake the instant a pod turns ready, with no polling), the bounded count of held requests
 //! with their deadline, and the single wake task that asks the operator to wake the app.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -77,8 +77,9 @@ pub struct AppState {
     probing: AtomicBool,
     /// How each pod that answered a request at zero started, as its agent said.
     starts: Mutex<HashMap<IpAddr, PodStart>>,
-    /// Pods sleeping in place whose `/wake` is under way.
-    waking_in_place: Mutex<HashSet<IpAddr>>,
+    /// Pods sleeping in place whose `/wake` is under way (`None`), or failed at that instant
+    /// (not asked again before [`WAKE_IN_PLACE_AGAIN`]).
+    waking_in_place: Mutex<HashMap<IpAddr, Option<Instant>>>,
     pub metrics: AppMetrics,
 }
 
@@ -124,6 +125,9 @@ const AGENT_ASK_LIMIT: Duration = Duration::from_secs(2);
 /// How often a starting pod is probed while requests are held, and how long one probe may take.
 const PROBE_EVERY: Duration = Duration::from_millis(20);
 const PROBE_LIMIT: Duration = Duration::from_millis(300);
+
+/// How soon a pod whose wake in place failed is asked again.
+const WAKE_IN_PLACE_AGAIN: Duration = Duration::from_secs(1);
 
 impl AppState {
     pub fn new(
@@ -568,13 +572,25 @@ impl AppState {
             return false;
         };
         for &ip in ips {
-            if !self.lock_waking_in_place().insert(ip) {
-                continue;
+            {
+                let mut waking = self.lock_waking_in_place();
+                // Old failures are forgotten (pods come and go; the map stays small).
+                waking.retain(|_, failed| failed.is_none_or(|t| t.elapsed() < WAKE_IN_PLACE_AGAIN));
+                let busy = match waking.get(&ip) {
+                    Some(None) => true,
+                    Some(Some(failed)) => failed.elapsed() < WAKE_IN_PLACE_AGAIN,
+                    None => false,
+                };
+                if busy {
+                    continue;
+                }
+                waking.insert(ip, None);
             }
             let app = Arc::clone(self);
             let token = token.clone();
             tokio::spawn(async move {
                 let answer = early::wake_in_place(ip, &token, app.wake_timeout()).await;
+                let woke = answer.is_some();
                 match answer {
                     Some(a) => {
                         let start = PodStart {
@@ -599,13 +615,18 @@ impl AppState {
                         tracing::warn!(app = %app.key, %ip, "a pod asleep in place did not wake; the operator replaces it");
                     }
                 }
-                app.lock_waking_in_place().remove(&ip);
+                let mut waking = app.lock_waking_in_place();
+                if woke {
+                    waking.remove(&ip);
+                } else {
+                    waking.insert(ip, Some(Instant::now()));
+                }
             });
         }
         true
     }
 
-    fn lock_waking_in_place(&self) -> std::sync::MutexGuard<'_, HashSet<IpAddr>> {
+    fn lock_waking_in_place(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Option<Instant>>> {
         self.waking_in_place
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
