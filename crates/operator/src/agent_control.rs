@@ -11,6 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub enum CallFailure {
     /// No answer: the pod is gone, its node unreachable, or its agent not listening yet.
     Unreachable(String),
+    /// Connected, but no answer within the limit (a restore slower than that).
+    TimedOut(Duration),
     /// The agent does not take control calls from us: 404 (no token configured: a pod from
     /// before the app slept in place) or 401 (another token).
     NotControllable(u16),
@@ -22,6 +24,7 @@ impl std::fmt::Display for CallFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CallFailure::Unreachable(why) => write!(f, "its agent did not answer ({why})"),
+            CallFailure::TimedOut(limit) => write!(f, "its agent did not answer within {limit:?}"),
             CallFailure::NotControllable(404) => {
                 f.write_str("its agent has no control token (a pod from an earlier template)")
             }
@@ -30,6 +33,9 @@ impl std::fmt::Display for CallFailure {
         }
     }
 }
+
+/// How long connecting to an agent may take.
+const CONNECT_LIMIT: Duration = Duration::from_secs(3);
 
 /// `POST <path>` to the agent at `ip`, waiting at most `limit` (a wake restores before it
 /// answers). The answer is read up to 64 KiB.
@@ -40,8 +46,11 @@ pub async fn call(
     limit: Duration,
 ) -> Result<ControlAnswer, CallFailure> {
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect((ip, DEFAULT_ACTIVITY_PORT))
+        // A node that went away drops the SYN: that is no slow restore.
+        let connect = tokio::net::TcpStream::connect((ip, DEFAULT_ACTIVITY_PORT));
+        let mut stream = tokio::time::timeout(CONNECT_LIMIT, connect)
             .await
+            .map_err(|_| CallFailure::Unreachable(format!("no connection in {CONNECT_LIMIT:?}")))?
             .map_err(|e| CallFailure::Unreachable(e.to_string()))?;
         let request = format!(
             "POST {path} HTTP/1.0\r\nHost: {ip}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
@@ -77,5 +86,5 @@ pub async fn call(
     };
     tokio::time::timeout(limit, exchange)
         .await
-        .unwrap_or_else(|_| Err(CallFailure::Unreachable(format!("no answer in {limit:?}"))))
+        .unwrap_or(Err(CallFailure::TimedOut(limit)))
 }

@@ -98,6 +98,11 @@ pub async fn carry_out(ctx: &Context, key: &AppKey, run: &InPlaceRun) -> Vec<Not
                     target.pod
                 ),
             )),
+            // Still restoring, slower than the wake timeout: left to finish (held requests
+            // got their 503 already); the next look asks again.
+            Err(e @ CallFailure::TimedOut(_)) => {
+                warn!(pod = %target.pod, error = %e, "a wake in place is slow");
+            }
             Err(e) => notes.push(replace(&pods, target, &e).await),
         }
     }
