@@ -353,11 +353,12 @@ impl AppState {
                     // Also when the pods this request was refused by have gone since.
                     self.ensure_waking(ctx);
                     self.ensure_probing();
-                } else if honour_exclude && self.wake_in_place(exclude) {
-                    // Listed ready but refusing: pods that have just gone to sleep in place,
-                    // before the kubelet noticed, woken where they are. The operator is told
-                    // too: it grows them back and points the Service at them again.
-                    self.ensure_waking(ctx);
+                } else if honour_exclude {
+                    // Listed ready but refusing: pods that may have just gone to sleep in
+                    // place, before the kubelet noticed, woken where they are. The operator is
+                    // told of a pod that really slept (not of one that refused for another
+                    // reason: a wake request then would end the app's next drain).
+                    self.wake_in_place(exclude, Some(ctx));
                 }
                 if honour_exclude {
                     tokio::select! {
@@ -531,7 +532,7 @@ impl AppState {
     /// yet, at once.
     async fn probe_starting(self: &Arc<Self>) {
         let asleep = self.pod_sets().asleep.clone();
-        self.wake_in_place(&asleep);
+        self.wake_in_place(&asleep, None);
         let (probe, candidates) = {
             let pods = self.pod_sets();
             let candidates: Vec<IpAddr> = pods
@@ -565,11 +566,12 @@ impl AppState {
 
     /// Asks each of `ips` not being woken already to wake in place (`POST /wake` with the app's
     /// control token), in the background; a pod that woke takes the held requests at once.
-    /// Nothing when the app does not sleep in place (then returns `false`). A pod that cannot
-    /// be woken is left to the operator, which replaces it.
-    fn wake_in_place(self: &Arc<Self>, ips: &[IpAddr]) -> bool {
+    /// Nothing when the app does not sleep in place. A pod that cannot be woken is left to the
+    /// operator, which replaces it. With `tell`, a pod that was asleep and woke also makes the
+    /// app's wake request (the operator grows the pod back and serves from it again).
+    fn wake_in_place(self: &Arc<Self>, ips: &[IpAddr], tell: Option<&HoldContext>) {
         let Some(token) = self.pod_sets().token.clone() else {
-            return false;
+            return;
         };
         for &ip in ips {
             {
@@ -588,9 +590,15 @@ impl AppState {
             }
             let app = Arc::clone(self);
             let token = token.clone();
+            let tell = tell.cloned();
             tokio::spawn(async move {
                 let answer = early::wake_in_place(ip, &token, app.wake_timeout()).await;
                 let woke = answer.is_some();
+                // `restoreMs` only when this call (or one it joined) woke a sleeping pod.
+                let was_asleep = answer.as_ref().is_some_and(|a| a.restore_ms.is_some());
+                if let (true, Some(ctx)) = (was_asleep, &tell) {
+                    app.ensure_waking(ctx);
+                }
                 match answer {
                     Some(a) => {
                         let start = PodStart {
@@ -623,7 +631,6 @@ impl AppState {
                 }
             });
         }
-        true
     }
 
     fn lock_waking_in_place(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Option<Instant>>> {
