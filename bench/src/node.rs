@@ -486,7 +486,7 @@ async fn main() -> Result<()> {
         "\nRecreate / InPlace, p50: **{:.1}×**\n",
         percentile(&recreate, 0.5) / percentile(&in_place, 0.5)
     ));
-    held.sort_by(|a, b| a.rss_kib.cmp(&b.rss_kib));
+    held.sort_by_key(|h| h.rss_kib);
     if let Some(h) = held.get(held.len() / 2) {
         out.push(format!(
             "- a pod sleeping in place holds **{:.1} MiB** resident ({} process(es) in its cgroup, median of {} sleeps; from /proc on this machine) and requests {}\n",
