@@ -614,13 +614,7 @@ async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app()
     let apps: Api<CracApp> = ns.api();
     let mut app = hello_app("nap", HELLO_IMAGE);
     app.spec.replicas = 1;
-    app.spec.scale_to_zero = Some(crac_api::cracapp::ScaleToZeroSpec {
-        enabled: Some(true),
-        caller_namespaces: Vec::new(),
-        idle_after: Some("30m".into()),
-        wake_timeout: Some("60s".into()),
-        mode: None,
-    });
+    app.spec.scale_to_zero = Some(asked_to_sleep_only(None));
     apps.create(&PostParams::default(), &app).await.unwrap();
     ready(&ns, "nap", 1).await;
 
@@ -712,6 +706,20 @@ async fn the_chart_runs_operator_and_activator_pods_that_sleep_and_wake_an_app()
     assert!(wake.restore_ms.is_some_and(|ms| ms > 0), "{wake:?}");
 
     sleeping_in_place(&ns, &activator_ip).await;
+}
+
+/// Scale to zero that the tests drive (idle for half an hour first: the app sleeps when asked),
+/// in `mode`.
+fn asked_to_sleep_only(
+    mode: Option<crac_api::cracapp::SleepMode>,
+) -> crac_api::cracapp::ScaleToZeroSpec {
+    crac_api::cracapp::ScaleToZeroSpec {
+        enabled: Some(true),
+        caller_namespaces: Vec::new(),
+        idle_after: Some("30m".into()),
+        wake_timeout: Some("60s".into()),
+        mode,
+    }
 }
 
 /// Asks an app to sleep now, as `kubectl crac sleep` does.
@@ -844,13 +852,9 @@ async fn sleeping_in_place(ns: &TestNamespace, activator_ip: &str) {
     let pods: Api<Pod> = ns.api();
     let mut app = hello_app("doze", HELLO_IMAGE);
     app.spec.replicas = 1;
-    app.spec.scale_to_zero = Some(crac_api::cracapp::ScaleToZeroSpec {
-        enabled: Some(true),
-        caller_namespaces: Vec::new(),
-        idle_after: Some("30m".into()),
-        wake_timeout: Some("60s".into()),
-        mode: Some(crac_api::cracapp::SleepMode::InPlace),
-    });
+    app.spec.scale_to_zero = Some(asked_to_sleep_only(Some(
+        crac_api::cracapp::SleepMode::InPlace,
+    )));
     apps.create(&PostParams::default(), &app).await.unwrap();
     let (name, ip) = ready(ns, "doze", 1).await.remove(0);
     assert_eq!(

@@ -103,18 +103,41 @@ pub async fn apply(
     Ok(())
 }
 
+/// An object about to be applied, as [`crate::applied::Applied`] keys and hashes it.
+struct Sending {
+    ns: String,
+    owner: (String, String),
+    key: (String, String),
+    body: serde_json::Value,
+    hash: u64,
+}
+
+fn sending<K: Applicable>(app: &CracApp, obj: &K) -> Sending {
+    let ns = app.namespace().unwrap_or_default();
+    let body = serde_json::to_value(obj).expect("Kubernetes objects serialize");
+    Sending {
+        owner: (ns.clone(), app_name(app).to_string()),
+        key: (
+            K::kind(&()).to_string(),
+            obj.meta().name.clone().unwrap_or_default(),
+        ),
+        hash: cache::body_hash(&body),
+        body,
+        ns,
+    }
+}
+
 /// Applies an object the operator may write but not read (the control Secret: reading
 /// Secrets in every namespace is more than the operator needs), once per process and content.
 /// Whoever made an object of that name first, the forced apply makes its data the app's.
 async fn apply_unread<K: Applicable>(ctx: &Context, app: &CracApp, obj: &K) -> Result<()> {
-    let ns = app.namespace().unwrap_or_default();
-    let owner = (ns.clone(), app_name(app).to_string());
-    let key = (
-        K::kind(&()).to_string(),
-        obj.meta().name.clone().unwrap_or_default(),
-    );
-    let body = serde_json::to_value(obj).expect("Kubernetes objects serialize");
-    let hash = cache::body_hash(&body);
+    let Sending {
+        ns,
+        owner,
+        key,
+        hash,
+        ..
+    } = sending(app, obj);
     if ctx.caches.applied.sent(&owner, &key, hash) {
         return Ok(());
     }
@@ -255,14 +278,13 @@ async fn apply_changed<K: Applicable>(
     obj: &K,
     live: Option<Live>,
 ) -> Result<()> {
-    let ns = app.namespace().unwrap_or_default();
-    let owner = (ns.clone(), app_name(app).to_string());
-    let key = (
-        K::kind(&()).to_string(),
-        obj.meta().name.clone().unwrap_or_default(),
-    );
-    let body = serde_json::to_value(obj).expect("Kubernetes objects serialize");
-    let hash = cache::body_hash(&body);
+    let Sending {
+        ns,
+        owner,
+        key,
+        body,
+        hash,
+    } = sending(app, obj);
     if let Some(live) = &live
         && ctx
             .caches
