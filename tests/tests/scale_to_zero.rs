@@ -427,3 +427,113 @@ async fn serve_app(ip: String) {
         });
     }
 }
+
+/// Sleeping in place (`mode: InPlace`) with the operator's side real and the pod's agent a
+/// stand-in on the pod's address: asked to sleep, the operator calls the agent's `POST /sleep`
+/// with the app's control token (the HMAC of its UID under the key it created) and keeps the
+/// pod, marked asleep; asked to wake after the agent is gone (its node lost, say), it cannot
+/// wake the pod in place, so it replaces it, says so in an Event, and the app serves again
+/// from the replacement.
+#[tokio::test]
+async fn a_pod_asleep_in_place_that_cannot_be_woken_is_replaced() {
+    let _serial = SERIAL.lock().await;
+    let ns = TestNamespace::new("stz-in-place").await;
+    install_crds(&ns.client).await;
+    stand_in_activator(&ns.client, &ns.name).await;
+    let _operator = start_operator(&ns.client, &ns.name);
+    let apps: Api<CracApp> = ns.api();
+    let mut app = sleepy_app("doze", "30m");
+    if let Some(s) = app.spec.scale_to_zero.as_mut() {
+        s.mode = Some(crac_api::cracapp::SleepMode::InPlace);
+    }
+    create_and_make_ready(&ns, &app).await;
+    let ip = restore_pod_ips(&ns, "doze").await.pop().unwrap();
+    let agent = ActivityServer::start(&ip, report(0, 600)).await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(ns.client.clone(), ACTIVATOR_NAMESPACE);
+    let key = wait_for("the control key", DEADLINE, || async {
+        let s = secrets
+            .get_opt(crac_api::control::KEY_SECRET)
+            .await
+            .ok()??;
+        Some(s.data?.remove(crac_api::control::KEY_FIELD)?.0)
+    })
+    .await;
+    let uid = apps.get("doze").await.unwrap().metadata.uid.unwrap();
+    let token = crac_api::control::app_token(&key, &uid);
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, bool)>::new()));
+    let seen = calls.clone();
+    let expected = format!("Bearer {token}");
+    agent.set_control(Some(std::sync::Arc::new(move |path, authorization| {
+        let ok = authorization == Some(expected.as_str());
+        seen.lock().unwrap().push((path.to_string(), ok));
+        if ok {
+            (200, r#"{"mode":"sleeping","sleepMs":1}"#.into())
+        } else {
+            (401, "{}".into())
+        }
+    })));
+
+    annotate(&apps, "doze", labels::SLEEP_REQUESTED_AT).await;
+    let pods: Api<Pod> = ns.api();
+    let selector = format!("{}=doze,{}=restore", labels::APP, labels::COMPONENT);
+    let asleep = wait_for("the pod marked asleep in place", DEADLINE, || async {
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .ok()?;
+        list.items.into_iter().find(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(labels::ASLEEP_IN_PLACE_SINCE))
+        })
+    })
+    .await;
+    wait_for("the app asleep", DEADLINE, || async {
+        (status_of(&apps, "doze").await.phase? == Phase::ScaledToZero).then_some(())
+    })
+    .await;
+    assert_eq!(
+        replicas(&ns, "doze").await,
+        1,
+        "asleep in place, the pod stays"
+    );
+    assert_eq!(
+        calls.lock().unwrap().as_slice(),
+        [("/sleep".to_string(), true)],
+        "one sleep, with the app's token"
+    );
+
+    // The agent is gone; a wake cannot reach it.
+    drop(agent);
+    annotate(&apps, "doze", labels::WAKE_REQUESTED_AT).await;
+    let old = asleep.metadata.uid.clone().unwrap();
+    wait_for("the pod replaced", DEADLINE, || async {
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .ok()?;
+        let live: Vec<&Pod> = list
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        (live.len() == 1 && live[0].metadata.uid.as_deref() != Some(old.as_str())).then_some(())
+    })
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
+    wait_for("a WakeInPlaceFellBack Event", DEADLINE, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("WakeInPlaceFellBack"))
+            .then_some(())
+    })
+    .await;
+    wait_for("the app serving from the replacement", DEADLINE, || async {
+        let s = status_of(&apps, "doze").await;
+        (s.phase? == Phase::Ready && s.serving_mode? == ServingMode::Pods).then_some(())
+    })
+    .await;
+}
