@@ -43,6 +43,9 @@ pub struct Backends {
     /// started with.
     pub failures: u64,
     pub last_failure: Option<Arc<str>>,
+    /// Bumped every time a pod is woken in place: requests that pod refused try it again at
+    /// once.
+    pub woken_in_place: u64,
     /// The CracApp is gone.
     pub removed: bool,
     /// Whether the activator still serves the app (its `servingMode` as seen here).
@@ -322,6 +325,7 @@ impl AppState {
         };
         let mut rx = self.backends.subscribe();
         let start_failures = rx.borrow().failures;
+        let mut woken_seen = rx.borrow().woken_in_place;
         let deadline = arrived + self.wake_timeout();
         let mut honour_exclude = !exclude.is_empty();
         let wait = async {
@@ -330,6 +334,11 @@ impl AppState {
                     let b = rx.borrow_and_update();
                     if b.removed {
                         return Pick::Failed("the app was deleted".into());
+                    }
+                    // A pod that refused this request may be one just woken in place.
+                    if b.woken_in_place != woken_seen {
+                        woken_seen = b.woken_in_place;
+                        honour_exclude = false;
                     }
                     if b.failures != start_failures {
                         let reason = b
@@ -618,6 +627,8 @@ impl AppState {
                             pods.answered.push(ip);
                         }
                         app.publish(&pods);
+                        drop(pods);
+                        app.backends.send_modify(|b| b.woken_in_place += 1);
                     }
                     None => {
                         tracing::warn!(app = %app.key, %ip, "a pod asleep in place did not wake; the operator replaces it");
