@@ -349,19 +349,7 @@ async fn main() -> Result<()> {
             (s.phase? == Phase::ScaledToZero && none).then_some(())
         })
         .await?;
-        let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
-            Api::namespaced(client.clone(), &args.namespace);
-        let (ip, port) = until("the slice at the activator", || async {
-            let l = slices
-                .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={name}")))
-                .await
-                .ok()?;
-            let s = l.items.into_iter().next()?;
-            let ip = s.endpoints.as_ref()?.first()?.addresses.first()?.clone();
-            let port = s.ports.as_ref()?.first()?.port?;
-            Some((ip, port as u16))
-        })
-        .await?;
+        let (ip, port) = activator_endpoint(&client, &args.namespace, &name).await?;
         let t0 = Instant::now();
         let caller = tokio::spawn(async move {
             let mut s = send_get(&ip, port, "/").await?;
@@ -507,6 +495,24 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// Where the app's Service sends callers while it sleeps: the activator pod's address and the
+/// app's activator port, from its EndpointSlice.
+async fn activator_endpoint(client: &Client, namespace: &str, name: &str) -> Result<(String, u16)> {
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(client.clone(), namespace);
+    until("the slice at the activator", || async {
+        let l = slices
+            .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={name}")))
+            .await
+            .ok()?;
+        let s = l.items.into_iter().next()?;
+        let ip = s.endpoints.as_ref()?.first()?.addresses.first()?.clone();
+        let port = s.ports.as_ref()?.first()?.port?;
+        Some((ip, port as u16))
+    })
+    .await
+}
+
 /// What a pod sleeping in place holds.
 struct Held {
     rss_kib: u64,
@@ -561,19 +567,7 @@ impl Waker {
     /// One request at zero through the activator pod: ms to its first byte; then waits until
     /// the app is awake on its pods again.
     async fn request_at_zero(&self, name: &str) -> Result<f64> {
-        let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
-            Api::namespaced(self.client.clone(), &self.namespace);
-        let (ip, port) = until("the slice at the activator", || async {
-            let l = slices
-                .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={name}")))
-                .await
-                .ok()?;
-            let s = l.items.into_iter().next()?;
-            let ip = s.endpoints.as_ref()?.first()?.addresses.first()?.clone();
-            let port = s.ports.as_ref()?.first()?.port?;
-            Some((ip, port as u16))
-        })
-        .await?;
+        let (ip, port) = activator_endpoint(&self.client, &self.namespace, name).await?;
         let t0 = Instant::now();
         let mut stream = send_get(&ip, port, "/")
             .await
