@@ -65,12 +65,21 @@ pub struct Decision {
 }
 
 /// The pods' part of sleeping in place, for the apply step.
-#[derive(Debug)]
 pub struct InPlaceRun {
     pub token: String,
     pub work: crate::in_place::Work,
     /// How long a `/wake` may take (the app's wake timeout).
     pub wake_limit: Duration,
+}
+
+/// Without the token: a decision printed in a log or a failed test says nothing of it.
+impl std::fmt::Debug for InPlaceRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InPlaceRun")
+            .field("work", &self.work)
+            .field("wake_limit", &self.wake_limit)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One Event.
