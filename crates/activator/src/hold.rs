@@ -540,15 +540,7 @@ impl AppState {
     /// Wakes the sleeping pods in place, probes every other starting pod that has not answered
     /// yet, at once.
     async fn probe_starting(self: &Arc<Self>) {
-        let asleep: Vec<IpAddr> = {
-            let pods = self.pod_sets();
-            // One that woke is a backend already: not asked again.
-            pods.asleep
-                .iter()
-                .filter(|ip| !pods.answered.contains(ip))
-                .copied()
-                .collect()
-        };
+        let asleep = self.pod_sets().asleep.clone();
         self.wake_in_place(&asleep, None);
         let (probe, candidates) = {
             let pods = self.pod_sets();
@@ -617,7 +609,7 @@ impl AppState {
                     app.ensure_waking(ctx);
                 }
                 match answer {
-                    Some(a) if was_asleep => {
+                    Some(a) => {
                         let start = PodStart {
                             outcome: if a.mode == crac_api::agent::mode::RESTORED {
                                 WakeOutcome::restored
@@ -637,15 +629,6 @@ impl AppState {
                         app.publish(&pods);
                         drop(pods);
                         app.backends.send_modify(|b| b.woken_in_place += 1);
-                    }
-                    // Awake already (woken by another call that this one did not join): a
-                    // backend all the same, counted and timed by that call.
-                    Some(_) => {
-                        let mut pods = app.pod_sets();
-                        if pods.starting.contains(&ip) && !pods.answered.contains(&ip) {
-                            pods.answered.push(ip);
-                        }
-                        app.publish(&pods);
                     }
                     None => {
                         tracing::warn!(app = %app.key, %ip, "a pod asleep in place did not wake; the operator replaces it");
