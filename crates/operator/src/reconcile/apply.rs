@@ -7,6 +7,7 @@
 use super::checkpoint::{Outcome, SupersededJob};
 use super::decide::Decision;
 use super::observe::Observed;
+use super::patch_params;
 use crate::build::app_name;
 use crate::cache::{self, Live};
 use crate::context::Context;
@@ -79,10 +80,7 @@ pub async fn apply(
         // A merge patch of the replicas alone: an apply would have to send the template.
         let api = Api::<Deployment>::namespaced(ctx.client.clone(), &seen.key.0);
         let patch = serde_json::json!({ "spec": { "replicas": replicas } });
-        let params = PatchParams {
-            field_manager: Some(labels::MANAGER.into()),
-            ..Default::default()
-        };
+        let params = patch_params();
         api.patch(&seen.key.1, &params, &Patch::Merge(patch))
             .await?;
     }
@@ -161,10 +159,7 @@ async fn mark_stale(
     let patch = serde_json::json!({
         "metadata": { "annotations": { labels::STALE_IMAGE_AT: at.to_string() } }
     });
-    let params = PatchParams {
-        field_manager: Some(labels::MANAGER.into()),
-        ..Default::default()
-    };
+    let params = patch_params();
     api.patch(&seen.key.1, &params, &Patch::Merge(patch))
         .await?;
     ctx.metrics.stale_images.inc();

@@ -5,6 +5,7 @@
 
 use super::cycle::AppKey;
 use super::decide::{InPlaceRun, Note};
+use super::patch_params;
 use crate::agent_control::{self, CallFailure};
 use crate::context::Context;
 use crate::in_place::{Requests, Target};
@@ -12,7 +13,7 @@ use crac_api::agent::{SLEEP_PATH, WAKE_PATH};
 use crac_api::cracapp::APP_CONTAINER;
 use crac_api::labels;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch};
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -141,17 +142,9 @@ async fn resize(pods: &Api<Pod>, pod: &str, requests: &Requests) -> Result<(), k
     let patch = serde_json::json!({ "spec": { "containers": [
         { "name": APP_CONTAINER, "resources": { "requests": requests } }
     ] } });
-    pods.patch_subresource(
-        "resize",
-        pod,
-        &PatchParams {
-            field_manager: Some(labels::MANAGER.into()),
-            ..Default::default()
-        },
-        &Patch::Strategic(patch),
-    )
-    .await
-    .map(|_| ())
+    pods.patch_subresource("resize", pod, &patch_params(), &Patch::Strategic(patch))
+        .await
+        .map(|_| ())
 }
 
 /// Marks a pod asleep in place (now), or removes the mark.
@@ -160,14 +153,7 @@ async fn mark(pods: &Api<Pod>, pod: &str, asleep: bool) -> Result<(), kube::Erro
     let patch = serde_json::json!({ "metadata": { "annotations": {
         labels::ASLEEP_IN_PLACE_SINCE: value
     } } });
-    pods.patch(
-        pod,
-        &PatchParams {
-            field_manager: Some(labels::MANAGER.into()),
-            ..Default::default()
-        },
-        &Patch::Merge(patch),
-    )
-    .await
-    .map(|_| ())
+    pods.patch(pod, &patch_params(), &Patch::Merge(patch))
+        .await
+        .map(|_| ())
 }

@@ -116,6 +116,14 @@ async fn pipeline(app: &CracApp, ctx: &Context) -> Result<Action> {
     })
 }
 
+/// A merge or strategic patch under the operator's field manager (not an apply).
+pub fn patch_params() -> kube::api::PatchParams {
+    kube::api::PatchParams {
+        field_manager: Some(crac_api::labels::MANAGER.into()),
+        ..Default::default()
+    }
+}
+
 pub fn error_policy(app: Arc<CracApp>, error: &Error, _ctx: Arc<Context>) -> Action {
     match error {
         Error::Finalizer(inner)
